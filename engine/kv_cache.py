@@ -1,0 +1,162 @@
+"""Pre-allocated key/value cache for both model families.
+
+Burkov (*The Hundred-Page Language Models Book*, sec. 4.8): keys and values of earlier tokens never change once
+computed, so store them and compute only the new token's q, k and v. Queries are not cached. Unlike the book's
+growing list (and LLMs-from-scratch's ``torch.cat`` per step), every layer here owns one buffer of shape
+``(batch, n_kv_heads, max_seq_len, head_dim)`` allocated once and written in place, as in gpt-fast's ``KVCache``.
+
+The cache, not the model, owns the position: ``lengths[b]`` is how many tokens row ``b`` holds. Rows may hold
+different lengths (continuous batching); the model then attends with a per-row mask. With learned absolute
+positions (GPT-2) a token's position is its index in the cache, so overflow is an error, never a silent shift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import ModelConfig
+
+
+@dataclass
+class AttentionPlan:
+    """Everything the layers share for one forward pass with a cache: computed once, used by every layer."""
+
+    positions: torch.Tensor  # (B, T) absolute positions of the new tokens
+    start: int | None  # common first position when every row starts at the same place, else None
+    span: int  # number of key positions to attend over: max(positions) + 1
+    mask: torch.Tensor | None  # (B, 1, T, span) bool, True = attend; None when the slice is already causal
+    is_causal: bool  # let SDPA build the causal mask itself (prefill from position 0)
+
+
+class KVCache:
+    """Per-layer K/V buffers ``(B, n_kv_heads, S, head_dim)`` plus per-row lengths."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: torch.Tensor) -> None:
+        self.keys = keys
+        self.values = values
+        self.lengths = lengths  # (B,) int64, on CPU
+
+    @classmethod
+    def build(
+        cls,
+        config: ModelConfig,
+        batch_size: int,
+        max_seq_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> KVCache:
+        """Allocate a cache for ``batch_size`` rows of up to ``max_seq_len`` tokens (default: the context length)."""
+        max_seq_len = max_seq_len or config.context_length
+        if max_seq_len > config.context_length:
+            raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's context_length={config.context_length}")
+        shape = (batch_size, config.n_kv_heads, max_seq_len, config.head_dim)
+        keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        return cls(keys, values, torch.zeros(batch_size, dtype=torch.long))
+
+    @staticmethod
+    def bytes_per_token(config: ModelConfig, dtype: torch.dtype = torch.float32) -> int:
+        """Memory one cached token costs across all layers (K and V)."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.n_layers * config.n_kv_heads * config.head_dim * itemsize
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    @property
+    def pos(self) -> int:
+        """The common length of all rows. Raises if rows differ (use ``lengths`` then)."""
+        first = int(self.lengths[0])
+        if self.batch_size > 1 and not bool((self.lengths == first).all()):
+            raise ValueError(f"rows hold different lengths {self.lengths.tolist()}; read .lengths instead")
+        return first
+
+    def reset(self) -> None:
+        """Forget everything (buffers are reused, not freed)."""
+        self.lengths.zero_()
+
+    def crop(self, n: int) -> None:
+        """Keep only the first ``n`` positions of every row (e.g. to reuse a shared prefix)."""
+        if n < 0:
+            raise ValueError(f"cannot crop to a negative length {n}")
+        self.lengths.clamp_(max=n)
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache over rows ``[start, stop)`` that shares storage (and lengths) with this one."""
+        return KVCache([k[start:stop] for k in self.keys], [v[start:stop] for v in self.values],
+                       self.lengths[start:stop])
+
+    def copy_row_(self, dst: int, src_cache: KVCache, src: int = 0) -> None:
+        """Copy row ``src`` of ``src_cache`` (its valid prefix only) into row ``dst`` of this cache."""
+        n = int(src_cache.lengths[src])
+        if n > self.max_seq_len:
+            raise ValueError(f"row holds {n} tokens but this cache has room for {self.max_seq_len}")
+        for mine, theirs in zip(self.keys + self.values, src_cache.keys + src_cache.values, strict=True):
+            mine[dst, :, :n].copy_(theirs[src, :, :n])
+        self.lengths[dst] = n
+
+    def extract_row(self, row: int) -> KVCache:
+        """A compact batch-1 copy of one row, sized to exactly its length (for keeping a session's prefix)."""
+        n = int(self.lengths[row])
+        keys = [k[row : row + 1, :, :n].clone() for k in self.keys]
+        values = [v[row : row + 1, :, :n].clone() for v in self.values]
+        return KVCache(keys, values, torch.tensor([n], dtype=torch.long))
+
+    def plan(self, n_new: int, positions: torch.Tensor | None = None) -> AttentionPlan:
+        """Work out where ``n_new`` tokens per row go and how they attend. Checks for overflow.
+
+        Args:
+            n_new: tokens being added to every row in this forward pass.
+            positions: optional (B, n_new) explicit positions; by default each row continues at its length.
+        """
+        bsz = self.batch_size
+        if positions is None:
+            positions = self.lengths[:, None] + torch.arange(n_new)
+        elif positions.dim() == 1:
+            positions = positions[None, :].expand(bsz, -1)
+        positions = positions.to(torch.long).cpu()
+        end = int(positions.max()) + 1
+        if end > self.max_seq_len:
+            raise ValueError(
+                f"KV cache overflow: {int(self.lengths.max())} cached + {n_new} new tokens needs {end} positions, "
+                f"but the cache holds {self.max_seq_len}"
+            )
+        first = positions[:, 0]
+        contiguous = bool((positions[:, -1] - first == n_new - 1).all())
+        start = int(first[0]) if contiguous and bool((first == first[0]).all()) else None
+        if start is not None and start == 0:
+            return AttentionPlan(positions, start, end, None, n_new > 1)
+        if start is not None and n_new == 1:
+            return AttentionPlan(positions, start, end, None, False)
+        keys = torch.arange(end)
+        mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, span)
+        return AttentionPlan(positions, start, end, mask, False)
+
+    def write(self, layer: int, plan: AttentionPlan, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store new ``k``/``v`` (B, n_kv_heads, T, head_dim) in place; return the keys/values to attend over."""
+        kc, vc = self.keys[layer], self.values[layer]
+        if plan.start is not None:
+            t = k.shape[2]
+            kc[:, :, plan.start : plan.start + t] = k
+            vc[:, :, plan.start : plan.start + t] = v
+        else:
+            rows = torch.arange(k.shape[0])[:, None]
+            # advanced indices on dims 0 and 2 move to the front: the target is (B, T, n_kv_heads, head_dim)
+            kc[rows, :, plan.positions] = k.transpose(1, 2)
+            vc[rows, :, plan.positions] = v.transpose(1, 2)
+        return kc[:, :, : plan.span], vc[:, :, : plan.span]
+
+    def commit(self, plan: AttentionPlan) -> None:
+        """Advance the lengths after a forward pass has written every layer."""
+        self.lengths.copy_(torch.maximum(self.lengths, plan.positions[:, -1] + 1))
