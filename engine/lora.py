@@ -1,0 +1,316 @@
+"""LoRA adapters applied per request, without touching the base weights.
+
+LoRA (Hu et al. 2021) adds a low-rank update to a frozen linear layer: ``y = W x + (alpha / r) * B (A x)`` with
+``A`` (r, in) and ``B`` (out, r). Adapters arrive as standard PEFT folders (``adapter_config.json`` +
+``adapter_model.safetensors``, keys such as ``base_model.model.blocks.{i}.attn.q_proj.lora_A.weight``) written by
+``finetune`` or any PEFT user, plus our ``scratchchat.json`` naming the base they were trained on.
+
+Serving follows LoRAX/Punica's idea of a heterogeneous batch: row ``i`` of one decode batch may use adapter ``a_i``
+or none. :class:`BatchLora` is the hook the model calls after every q/k/v/o/gate/up/down projection. It stacks
+the rows' ``A``/``B`` once per batch composition (scale folded into ``B``, zero rank for rows without that
+projection), so each hooked projection costs one ``bmm`` plus one ``baddbmm``; a batch whose rows all use the same
+adapter uses two plain matmuls instead. :func:`merge_adapter` folds one adapter into the base weights for maximum
+speed and :meth:`MergedAdapter.unmerge` restores the exact original tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from engine.config import ModelConfig
+from engine.errors import AdapterMismatch
+
+logger = logging.getLogger(__name__)
+
+ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+SCRATCHCHAT_META = "scratchchat.json"
+
+# base_model.model.blocks.3.attn.q_proj.lora_A.weight (older PEFT versions keep the ".default" adapter name)
+_KEY_RE = re.compile(
+    r"^(?:base_model\.model\.)?blocks\.(\d+)\.(attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.default)?\.weight$"
+)
+
+
+def projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of every LoRA-able projection of one block."""
+    d, kv, f = config.d_model, config.n_kv_heads * config.head_dim, config.ffn_dim
+    shapes = {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (d, d), "up_proj": (d, f),
+              "down_proj": (f, d)}
+    if config.mlp == "swiglu":
+        shapes["gate_proj"] = (d, f)
+    return shapes
+
+
+def _block_of(proj: str) -> str:
+    return "attn" if proj in ATTN_PROJS else "mlp"
+
+
+def _pattern_value(patterns: dict, module_name: str, default: float) -> float:
+    """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module name that ends with it (as a regex)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class LoraAdapter:
+    """One loaded adapter: per (layer, projection) the pair ``(A^T (in, r), scale * B^T (r, out))``."""
+
+    name: str
+    base: str | None
+    sha256: str  # of adapter_model.safetensors: the adapter's version
+    rank: int
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    config: dict = field(default_factory=dict)  # adapter_config.json as read
+    meta: dict = field(default_factory=dict)  # scratchchat.json as read ({} when absent)
+    path: Path | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """Identity of this adapter version (name, file hash): what a session's cache key records."""
+        return (self.name, self.sha256)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
+
+    def to(self, dtype: torch.dtype) -> LoraAdapter:
+        weights = {k: (a.to(dtype), b.to(dtype)) for k, (a, b) in self.weights.items()}
+        return LoraAdapter(self.name, self.base, self.sha256, self.rank, weights, self.config, self.meta, self.path)
+
+
+def load_adapter(
+    path: str | Path,
+    config: ModelConfig,
+    *,
+    name: str | None = None,
+    base_name: str | None = None,
+    base_sha256: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> LoraAdapter:
+    """Read a PEFT LoRA folder and check that it fits the base described by ``config``.
+
+    Args:
+        path: the adapter folder (adapter_config.json + adapter_model.safetensors [+ scratchchat.json]).
+        config: the base model's config; every tensor's shape is checked against it.
+        name: the adapter's name (default: the folder name).
+        base_name: the base it is being loaded onto; must equal scratchchat.json's ``base`` when that is present.
+        base_sha256: the base's weights hash; must equal scratchchat.json's ``base_sha256`` when both are present.
+        dtype: compute dtype of the stored A/B (the base model's dtype).
+
+    Raises:
+        FileNotFoundError: the folder lacks adapter_config.json or adapter_model.safetensors.
+        AdapterMismatch: trained for another base, or a tensor's shape does not fit this base, or an unsupported
+            PEFT feature (DoRA, LoRA biases, modules_to_save, embedding LoRA).
+    """
+    path = Path(path)
+    name = name or path.name
+    cfg_path, w_path = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"adapter {name!r}: {p} is missing; a PEFT LoRA folder needs "
+                                    f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    t0 = time.perf_counter()
+    acfg = json.loads(cfg_path.read_text())
+    meta_path = path / SCRATCHCHAT_META
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+
+    trained_on = meta.get("base")
+    if base_name is not None and trained_on is not None and trained_on != base_name:
+        raise AdapterMismatch(f"adapter {name!r} was trained for base model {trained_on!r}, not {base_name!r}; "
+                              f"pick an adapter made for {base_name!r}")
+    want_sha = meta.get("base_sha256")
+    if base_sha256 and want_sha and want_sha != base_sha256:
+        raise AdapterMismatch(f"adapter {name!r} was trained on a different version of {base_name or trained_on!r} "
+                              f"(base sha256 {want_sha[:12]}..., this base is {base_sha256[:12]}...)")
+    if acfg.get("peft_type", "LORA").upper() != "LORA":
+        raise AdapterMismatch(f"adapter {name!r} is a {acfg.get('peft_type')} adapter; only LoRA is supported")
+    if acfg.get("use_dora"):
+        raise AdapterMismatch(f"adapter {name!r} uses DoRA, which this engine does not apply")
+    if acfg.get("bias", "none") != "none" or acfg.get("modules_to_save"):
+        raise AdapterMismatch(f"adapter {name!r} trains biases or whole modules (bias={acfg.get('bias')!r}, "
+                              f"modules_to_save={acfg.get('modules_to_save')!r}); only plain LoRA is supported")
+
+    sha = sha256_file(w_path)
+    tensors = load_file(str(w_path))
+    shapes = projection_shapes(config)
+    alpha = float(acfg.get("lora_alpha", 8))
+    rslora = bool(acfg.get("use_rslora", False))
+    alpha_pattern = acfg.get("alpha_pattern") or {}
+
+    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY_RE.match(key)
+        if m is None:
+            raise AdapterMismatch(f"adapter {name!r} has tensor {key!r}, which is not a LoRA A/B of a "
+                                  f"q/k/v/o/gate/up/down projection of this model")
+        layer, block, proj, ab = int(m[1]), m[2], m[3], m[4]
+        if layer >= config.n_layers or proj not in shapes or block != _block_of(proj):
+            raise AdapterMismatch(f"adapter {name!r} targets {key!r}, which does not exist in this base "
+                                  f"({config.n_layers} layers, projections {sorted(shapes)})")
+        parts.setdefault((layer, proj), {})[ab] = t
+
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    rank = 0
+    for (layer, proj), ab in sorted(parts.items()):
+        if set(ab) != {"A", "B"}:
+            raise AdapterMismatch(f"adapter {name!r}: blocks.{layer}.{proj} has lora_{''.join(ab)} but not both")
+        a, b = ab["A"], ab["B"]
+        n_in, n_out = shapes[proj]
+        r = a.shape[0]
+        if a.dim() != 2 or b.dim() != 2 or a.shape != (r, n_in) or b.shape != (n_out, r):
+            raise AdapterMismatch(
+                f"adapter {name!r}: blocks.{layer}.{_block_of(proj)}.{proj} has lora_A {tuple(a.shape)} and lora_B "
+                f"{tuple(b.shape)}, but this base needs ({r}, {n_in}) and ({n_out}, {r}); it was trained for "
+                f"another model")
+        module = f"blocks.{layer}.{_block_of(proj)}.{proj}"
+        a_alpha = float(_pattern_value(alpha_pattern, module, alpha))
+        scale = a_alpha / math.sqrt(r) if rslora else a_alpha / r
+        # fold the scale into B in float32, then cast once to the compute dtype
+        at = a.float().t().contiguous().to(dtype)  # (in, r)
+        bt = (b.float() * scale).t().contiguous().to(dtype)  # (r, out)
+        weights[(layer, proj)] = (at, bt)
+        rank = max(rank, r)
+    if not weights:
+        raise AdapterMismatch(f"adapter {name!r} holds no LoRA tensors")
+    logger.info("loaded adapter %s (rank %d, %d projections) in %.1f ms", name, rank, len(weights),
+                1e3 * (time.perf_counter() - t0))
+    return LoraAdapter(name=name, base=trained_on, sha256=sha, rank=rank, weights=weights, config=acfg, meta=meta,
+                       path=path)
+
+
+class BatchLora:
+    """The ``lora`` hook for one batch composition: row ``i`` uses ``adapters[i]`` (None = base only).
+
+    Build it when the batch composition changes, not per step. ``merged`` names an adapter already folded into
+    the base weights (see :func:`merge_adapter`): rows that use it need nothing, other rows subtract it.
+    """
+
+    def __init__(self, adapters: Sequence[LoraAdapter | None], *, merged: LoraAdapter | None = None) -> None:
+        # each row's list of (adapter, sign) contributions
+        rows: list[list[tuple[LoraAdapter, float]]] = []
+        for ad in adapters:
+            if merged is not None and ad is not None and ad.key == merged.key:
+                rows.append([])
+            else:
+                rows.append(([(ad, 1.0)] if ad is not None else []) + ([(merged, -1.0)] if merged else []))
+        self.batch_size = len(rows)
+        self.keys = tuple(None if a is None else a.key for a in adapters)
+        self.shared: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.stacked: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        distinct = {tuple((a.key, s) for a, s in r) for r in rows}
+        if len(distinct) == 1 and rows and rows[0]:
+            # every row has the same contribution: plain matmuls with shared weights
+            for proj_key in sorted({k for a, _ in rows[0] for k in a.weights}):
+                self.shared[proj_key] = _concat_rank([(a.weights.get(proj_key), s) for a, s in rows[0]])
+        elif any(rows):
+            for proj_key in sorted({k for r in rows for a, _ in r for k in a.weights}):
+                per_row = [_concat_rank([(a.weights.get(proj_key), s) for a, s in r]) for r in rows]
+                self.stacked[proj_key] = _stack_rows(per_row)
+
+    @property
+    def is_empty(self) -> bool:
+        """True when no row needs any LoRA work: pass ``lora=None`` to the model instead."""
+        return not self.shared and not self.stacked
+
+    def __call__(self, layer: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x (B, T, in), y (B, T, out) = base projection output -> y + row-wise scale * x A^T B^T."""
+        w = self.shared.get((layer, proj))
+        if w is not None:
+            at, bt = w
+            B, T, n_in = x.shape
+            out = torch.addmm(y.reshape(B * T, -1), x.reshape(B * T, n_in) @ at, bt)
+            return out.view(y.shape)
+        w = self.stacked.get((layer, proj))
+        if w is None:
+            return y
+        a, b = w  # (B, in, R), (B, R, out)
+        return torch.baddbmm(y, torch.bmm(x, a), b)
+
+
+def _concat_rank(parts: list[tuple[tuple[torch.Tensor, torch.Tensor] | None, float]]
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Sum of several LoRA deltas as one wider-rank pair: [A1 A2] (in, r1+r2), [s1 B1; s2 B2] (r1+r2, out)."""
+    parts = [(w, s) for w, s in parts if w is not None]
+    if not parts:
+        return None
+    if len(parts) == 1 and parts[0][1] == 1.0:
+        return parts[0][0]
+    at = torch.cat([w[0] for w, _ in parts], dim=1)
+    bt = torch.cat([w[1] if s == 1.0 else -w[1] for w, s in parts], dim=0)
+    return at, bt
+
+
+def _stack_rows(per_row: list[tuple[torch.Tensor, torch.Tensor] | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack per-row pairs into (B, in, R) / (B, R, out), zero-padding ranks; rows with None get zeros."""
+    ref = next(w for w in per_row if w is not None)
+    n_in, n_out = ref[0].shape[0], ref[1].shape[1]
+    R = max(w[0].shape[1] for w in per_row if w is not None)
+    a = ref[0].new_zeros(len(per_row), n_in, R)
+    b = ref[1].new_zeros(len(per_row), R, n_out)
+    for i, w in enumerate(per_row):
+        if w is not None:
+            r = w[0].shape[1]
+            a[i, :, :r] = w[0]
+            b[i, :r] = w[1]
+    return a, b
+
+
+def _projection(model: nn.Module, layer: int, proj: str) -> nn.Linear:
+    block = model.blocks[layer]
+    return getattr(block.attn if proj in ATTN_PROJS else block.mlp, proj)
+
+
+@dataclass
+class MergedAdapter:
+    """An adapter folded into a model's weights; :meth:`unmerge` puts the original tensors back bit for bit."""
+
+    model: nn.Module
+    adapter: LoraAdapter
+    originals: dict[tuple[int, str], torch.Tensor]
+
+    def unmerge(self) -> None:
+        with torch.no_grad():
+            for (layer, proj), w in self.originals.items():
+                _projection(self.model, layer, proj).weight.copy_(w)
+        self.originals.clear()
+
+
+def merge_adapter(model: nn.Module, adapter: LoraAdapter) -> MergedAdapter:
+    """Fold ``adapter`` into ``model``'s weights: ``W += scale * B @ A`` (computed in float32, cast once).
+
+    Returns a handle whose ``unmerge()`` restores the exact original weights (a copy of each touched weight is
+    kept, because ``(W + D) - D != W`` in bf16).
+    """
+    originals: dict[tuple[int, str], torch.Tensor] = {}
+    with torch.no_grad():
+        for (layer, proj), (at, bt) in adapter.weights.items():
+            lin = _projection(model, layer, proj)
+            originals[(layer, proj)] = lin.weight.detach().clone()
+            delta = (at.float() @ bt.float()).t()  # (out, in)
+            lin.weight.copy_((lin.weight.float() + delta).to(lin.weight.dtype))
+    return MergedAdapter(model, adapter, originals)

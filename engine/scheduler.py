@@ -1,0 +1,498 @@
+"""Continuous batching: one background thread owns every forward pass and interleaves all requests.
+
+Orca-style iteration-level scheduling (Yu et al. 2022; vLLM, LoRAX): requests join or leave a batch between
+decode steps. Each base model has a pool, one pre-allocated :class:`~engine.kv_cache.KVCache` of ``max_batch``
+rows. Decoding rows are kept compact at the front, so a decode step is one call
+``model(tokens (A, 1), cache=pool.rows(0, A), lora=hook)``; the cache builds the per-row position masks since
+rows hold different lengths. A joining request is prefilled on row ``A`` (the first free one) in chunks, so a long
+prompt never stalls the others for more than one chunk, then becomes decoding row ``A``. A finished row is
+replaced by the last decoding row (one row copy), keeping the front compact.
+
+Each loop iteration gives every pool at most one prefill chunk and one decode step (round-robin: no request
+starves). Limits: a bounded wait queue (:class:`~engine.errors.EngineBusy` when full) and a byte budget for all
+pools' KV caches (a pool gets fewer rows when the budget is short). Cancellation is checked before every step: a
+cancelled request ends within one decode step, reports ``finish_reason="cancelled"`` and frees its row.
+
+Per-row sampling settings and seeded generators (:func:`engine.sampling.sample_rows`), per-row LoRA adapters
+(:class:`engine.lora.BatchLora`, rebuilt only when the batch composition changes), per-row stop ids/strings and
+UTF-8-safe text (:class:`engine.generate.TextStream`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.errors import EngineBusy, EngineError
+from engine.generate import Delta, TextStream, Usage
+from engine.kv_cache import KVCache
+from engine.lora import BatchLora, LoraAdapter
+from engine.registry import LoadedModel
+from engine.sampling import GenerationConfig, build_generator, sample_rows
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH = 8
+DEFAULT_MAX_QUEUE = 64
+DEFAULT_KV_MEMORY = 2 << 30  # bytes for all pools' KV caches together
+DEFAULT_MAX_CONTEXT = 4096  # tokens per row; a model's own context_length is used when smaller
+DEFAULT_PREFILL_CHUNK = 256  # tokens per prefill step while other rows are decoding
+
+
+@dataclass
+class Request:
+    """A generation request for the scheduler (built by :mod:`engine.sessions` or the API).
+
+    Attributes:
+        lm: the loaded base model.
+        adapter: the LoRA adapter for this request, or None.
+        prompt_ids: the full prompt.
+        cfg: sampling settings (max_new_tokens, temperature, ..., seed, stop).
+        stop_ids: token ids that end the answer (not emitted).
+        stop_strings: strings that end the answer (never partly streamed).
+        should_stop: polled before every step; True cancels the request.
+        prefix: optional batch-1 cache whose first ``prefix_len`` positions hold ``prompt_ids[:prefix_len]``.
+        keep_cache: hand the request's KV cache back when it ends (for the next turn of a session).
+    """
+
+    lm: LoadedModel
+    adapter: LoraAdapter | None
+    prompt_ids: list[int]
+    cfg: GenerationConfig
+    stop_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    should_stop: Callable[[], bool] | None = None
+    prefix: KVCache | None = None
+    prefix_len: int = 0
+    keep_cache: bool = False
+
+
+@dataclass
+class Result:
+    """How a request ended."""
+
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int  # prompt tokens reused from the prefix instead of prefilled
+    ttft_s: float
+    decode_tokens_per_s: float
+    text: str
+    token_ids: list[int]
+    cache: KVCache | None = None  # batch-1 cache of prompt + fed tokens (when keep_cache)
+    cache_ids: list[int] = field(default_factory=list)  # the token ids that cache holds
+
+
+_DONE = object()
+
+
+class Handle:
+    """The caller's side of a request: iterate it for :class:`Delta` s; ``result`` once it has ended."""
+
+    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.request = request
+        self.result: Result | None = None
+        self.error: BaseException | None = None
+        self._cancel = threading.Event()
+        self._loop = loop
+        self._q: queue.SimpleQueue | asyncio.Queue = asyncio.Queue() if loop is not None else queue.SimpleQueue()
+
+    def cancel(self) -> None:
+        """Ask the scheduler to end this request (within one decode step)."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        if self._cancel.is_set():
+            return True
+        stop = self.request.should_stop
+        if stop is not None:
+            try:
+                if stop():
+                    self._cancel.set()
+            except Exception:  # a broken callback must not kill the scheduler; treat it as "stop"
+                logger.exception("should_stop raised; cancelling the request")
+                self._cancel.set()
+        return self._cancel.is_set()
+
+    def _post(self, item: object) -> None:
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._q.put_nowait, item)
+            except RuntimeError:  # the caller's loop is closed: nobody is listening any more
+                self._cancel.set()
+        else:
+            self._q.put(item)
+
+    def __iter__(self) -> Iterator[Delta]:
+        try:
+            while True:
+                item = self._q.get()
+                if item is _DONE:
+                    break
+                yield item
+        finally:  # the consumer stopped early (closed generator): free the row
+            if self.result is None and self.error is None:
+                self.cancel()
+        if self.error is not None:
+            raise self.error
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        try:
+            while True:
+                item = await self._q.get()
+                if item is _DONE:
+                    break
+                yield item
+        finally:
+            if self.result is None and self.error is None:
+                self.cancel()
+        if self.error is not None:
+            raise self.error
+
+
+class _Active:
+    """Scheduler-side state of one admitted request."""
+
+    def __init__(self, handle: Handle) -> None:
+        r = handle.request
+        self.handle = handle
+        self.req = r
+        self.stream = TextStream(r.lm.tokenizer, stop_strings=r.stop_strings + r.cfg.stop, stop_ids=r.stop_ids)
+        self.generator = build_generator(r.cfg.seed)
+        self.generated: list[int] = []
+        self.prefilled = 0  # prompt tokens in the cache so far
+        self.next_token: int | None = None  # sampled but not yet fed to the model
+        self.t_submit = time.perf_counter()
+        self.t_first: float | None = None
+        self.t_last: float | None = None
+
+
+class _Pool:
+    """One base model's KV cache rows: decoding rows at [0, A), a prefilling one (if any) at row A."""
+
+    def __init__(self, lm: LoadedModel, rows: int, seq_len: int) -> None:
+        self.lm = lm
+        self.cache = KVCache.build(lm.config, rows, seq_len, dtype=lm.dtype)
+        self.decoding: list[_Active] = []
+        self.prefilling: _Active | None = None
+        self._hook_key: tuple | None = None
+        self._hook: BatchLora | None = None
+
+    @property
+    def max_rows(self) -> int:
+        return self.cache.batch_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.cache.nbytes
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.decoding) or self.prefilling is not None
+
+    def hook(self, adapters: list[LoraAdapter | None]) -> BatchLora | None:
+        """The LoRA hook for this composition, cached until the composition changes."""
+        merged = self.lm.merged.adapter if self.lm.merged is not None else None
+        key = (tuple(None if a is None else a.key for a in adapters), None if merged is None else merged.key)
+        if key != self._hook_key:
+            hook = BatchLora(adapters, merged=merged)
+            self._hook_key, self._hook = key, (None if hook.is_empty else hook)
+        return self._hook
+
+
+class Scheduler:
+    """Owns the forward passes of all loaded models in one background thread.
+
+    Args:
+        max_batch: rows per base model decoded together (``$SCRATCHCHAT_MAX_BATCH``).
+        max_queue: requests allowed to wait for a row; more raise :class:`EngineBusy`.
+        kv_memory: bytes for all pools' KV caches (``$SCRATCHCHAT_KV_MEMORY``).
+        max_context: tokens per row (``$SCRATCHCHAT_MAX_CONTEXT``), capped by each model's context_length.
+        prefill_chunk: prompt tokens per prefill step while other rows decode.
+    """
+
+    def __init__(self, *, max_batch: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
+                 kv_memory: int | None = None, max_context: int | None = None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
+        env = os.environ.get
+        self.max_batch = max_batch or int(env("SCRATCHCHAT_MAX_BATCH", DEFAULT_MAX_BATCH))
+        self.max_queue = max_queue
+        self.kv_memory = kv_memory or int(env("SCRATCHCHAT_KV_MEMORY", DEFAULT_KV_MEMORY))
+        self.max_context = max_context or int(env("SCRATCHCHAT_MAX_CONTEXT", DEFAULT_MAX_CONTEXT))
+        self.prefill_chunk = prefill_chunk
+        self._waiting: deque[Handle] = deque()
+        self._pools: dict[str, _Pool] = {}
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.steps = 0  # decode steps run (for tests and stats)
+
+    # ---- caller side
+    def context_length(self, lm: LoadedModel) -> int:
+        """Tokens one request may hold (prompt + answer) on this model."""
+        return min(lm.config.context_length, self.max_context)
+
+    def submit(self, request: Request, loop: asyncio.AbstractEventLoop | None = None) -> Handle:
+        """Queue a request; returns its handle at once.
+
+        Raises:
+            EngineBusy: the wait queue is full.
+            ValueError: an empty prompt or a prompt that leaves no room to answer.
+        """
+        n_ctx = self.context_length(request.lm)
+        if not request.prompt_ids:
+            raise ValueError("the prompt is empty; nothing to continue from")
+        if len(request.prompt_ids) >= n_ctx:
+            raise ValueError(f"prompt of {len(request.prompt_ids)} tokens leaves no room in a context of {n_ctx}")
+        if not 0 <= request.prefix_len < len(request.prompt_ids):
+            raise ValueError(f"prefix_len {request.prefix_len} must be < the prompt length {len(request.prompt_ids)}")
+        handle = Handle(request, loop)
+        with self._cv:
+            if self._closed:
+                raise EngineError("the engine is shut down")
+            if len(self._waiting) >= self.max_queue:
+                raise EngineBusy(f"the engine is busy ({len(self._waiting)} requests waiting); retry in a moment")
+            self._waiting.append(handle)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="scratchchat-scheduler", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+        return handle
+
+    def is_busy(self, model_name: str) -> bool:
+        """True while requests for ``model_name`` wait or run (the registry must not evict it then)."""
+        with self._cv:
+            pool = self._pools.get(model_name)
+            return (pool is not None and pool.busy) or any(h.request.lm.name == model_name for h in self._waiting)
+
+    def stats(self) -> dict:
+        with self._cv:
+            return {"waiting": len(self._waiting),
+                    "pools": {n: {"rows": p.max_rows, "decoding": len(p.decoding), "prefilling": p.prefilling
+                                  is not None, "kv_bytes": p.nbytes} for n, p in self._pools.items()},
+                    "decode_steps": self.steps}
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    # ---- scheduler thread
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cv:
+                while not self._closed and not self._waiting and not any(p.busy for p in self._pools.values()):
+                    self._cv.wait()
+                if self._closed:
+                    break
+                self._admit()
+                pools = [p for p in self._pools.values() if p.busy]
+            for pool in pools:
+                try:
+                    with pool.lm.lock:  # merge/unmerge of this base's weights waits for the step
+                        if pool.prefilling is not None:
+                            self._prefill_chunk(pool)
+                        if pool.decoding:
+                            self._decode_step(pool)
+                except Exception as e:  # fail this pool's requests, keep serving the rest
+                    logger.exception("forward pass failed for %s", pool.lm.name)
+                    self._fail_pool(pool, e)
+        self._shutdown()
+
+    def _admit(self) -> None:
+        """Move waiting requests into free rows (at most one prefilling request per pool). Holds ``_cv``."""
+        kept: deque[Handle] = deque()
+        while self._waiting:
+            h = self._waiting.popleft()
+            if h.cancelled:
+                self._finish_unstarted(h)
+                continue
+            pool = self._pools.get(h.request.lm.name)
+            if pool is not None and pool.lm is not h.request.lm:  # the base was reloaded: new pool when idle
+                if pool.busy:
+                    kept.append(h)
+                    continue
+                del self._pools[pool.lm.name]
+                pool = None
+            if pool is None:
+                pool = self._new_pool(h.request.lm)
+                if pool is None:
+                    kept.append(h)
+                    continue
+            if pool.prefilling is None and len(pool.decoding) < pool.max_rows:
+                self._start(pool, h)
+            else:
+                kept.append(h)
+        self._waiting = kept
+
+    def _new_pool(self, lm: LoadedModel) -> _Pool | None:
+        seq = self.context_length(lm)
+        per_row = KVCache.bytes_per_token(lm.config, lm.dtype) * seq
+        used = sum(p.nbytes for p in self._pools.values())
+        if used + per_row > self.kv_memory:  # drop idle pools to make room
+            for name, p in list(self._pools.items()):
+                if not p.busy:
+                    used -= p.nbytes
+                    del self._pools[name]
+        rows = min(self.max_batch, (self.kv_memory - used) // per_row)
+        if rows < 1:
+            if not self._pools:  # a single row is over budget: serve it anyway rather than hang
+                rows = 1
+                logger.warning("one KV row of %s (%d bytes) exceeds SCRATCHCHAT_KV_MEMORY", lm.name, per_row)
+            else:
+                return None
+        pool = _Pool(lm, int(rows), seq)
+        self._pools[lm.name] = pool
+        logger.info("KV pool for %s: %d rows x %d tokens (%.1f MB)", lm.name, rows, seq, pool.nbytes / 2**20)
+        return pool
+
+    def _start(self, pool: _Pool, h: Handle) -> None:
+        act = _Active(h)
+        row = len(pool.decoding)
+        r = h.request
+        if r.prefix is not None and r.prefix_len > 0:
+            pool.cache.copy_row_(row, r.prefix, 0)
+            pool.cache.lengths[row] = r.prefix_len
+            act.prefilled = r.prefix_len
+        else:
+            pool.cache.lengths[row] = 0
+        pool.prefilling = act
+
+    def _prefill_chunk(self, pool: _Pool) -> None:
+        act = pool.prefilling
+        row = len(pool.decoding)
+        if act.handle.cancelled:
+            pool.prefilling = None
+            pool.cache.lengths[row] = 0
+            self._finish(pool, act, "cancelled", row=None)
+            return
+        ids = act.req.prompt_ids
+        # alone on the model: prefill in one go; otherwise in chunks so decoding rows keep moving
+        chunk = len(ids) if not pool.decoding else self.prefill_chunk
+        piece = ids[act.prefilled : act.prefilled + chunk]
+        x = torch.tensor([piece], dtype=torch.long)
+        hook = BatchLora([act.req.adapter], merged=pool.lm.merged.adapter if pool.lm.merged else None)
+        logits = pool.lm.model(x, cache=pool.cache.rows(row, row + 1), lora=None if hook.is_empty else hook,
+                               last_only=True)
+        act.prefilled += len(piece)
+        if act.prefilled < len(ids):
+            return
+        pool.prefilling = None
+        pool.decoding.append(act)
+        token = int(sample_rows(logits[:, -1], [act.req.cfg], [act.generator], [act.generated])[0, 0])
+        self._emit(pool, act, token, row)
+
+    def _decode_step(self, pool: _Pool) -> None:
+        # cancellations first: they return within one step and free their row before it is computed
+        for i in range(len(pool.decoding) - 1, -1, -1):
+            if pool.decoding[i].handle.cancelled:
+                self._finish(pool, pool.decoding[i], "cancelled", row=i)
+        rows = pool.decoding
+        if not rows:
+            return
+        A = len(rows)
+        x = torch.tensor([[a.next_token] for a in rows], dtype=torch.long)  # (A, 1)
+        hook = pool.hook([a.req.adapter for a in rows])
+        logits = pool.lm.model(x, cache=pool.cache.rows(0, A), lora=hook)  # (A, 1, vocab)
+        self.steps += 1
+        tokens = sample_rows(logits[:, -1], [a.req.cfg for a in rows], [a.generator for a in rows],
+                             [a.generated for a in rows])[:, 0].tolist()
+        # emit in reverse so that a finished row's removal never moves a row not yet handled
+        for i in range(A - 1, -1, -1):
+            self._emit(pool, rows[i], tokens[i], i)
+
+    def _emit(self, pool: _Pool, act: _Active, token: int, row: int) -> None:
+        """Account a sampled token of decoding row ``row``; finish the request if it ends here."""
+        now = time.perf_counter()
+        if act.t_first is None:
+            act.t_first = now
+        if token in act.stream.stop_ids:  # EOS: not part of the answer, never fed back
+            self._finish(pool, act, "stop", row)
+            return
+        act.t_last = now
+        act.generated.append(token)
+        text = act.stream.push(token)
+        act.handle._post(Delta(text, [token]))
+        if act.stream.stopped:  # a stop string appeared
+            self._finish(pool, act, "stop", row)
+            return
+        n_ctx = pool.cache.max_seq_len
+        if len(act.generated) >= act.req.cfg.max_new_tokens or int(pool.cache.lengths[row]) >= n_ctx:
+            self._finish(pool, act, "length", row)
+            return
+        act.next_token = token
+
+    def _finish(self, pool: _Pool, act: _Active, reason: str, row: int | None) -> None:
+        """End a request: hand back its cache, free its row (keeping decoding rows compact), post the result."""
+        cache = None
+        n = 0
+        if row is not None:
+            n = int(pool.cache.lengths[row])
+            if act.req.keep_cache and n > 0:
+                cache = pool.cache.extract_row(row)
+            self._remove_row(pool, row)
+        tail = act.stream.finish(reason)  # releases held-back text unless a stop string was found
+        fed = (act.req.prompt_ids + act.generated)[:n]
+        decode_s = (act.t_last - act.t_first) if act.t_first is not None and act.t_last is not None else 0.0
+        n_dec = max(len(act.generated) - 1, 0)
+        result = Result(
+            finish_reason=reason, prompt_tokens=len(act.req.prompt_ids), completion_tokens=len(act.generated),
+            cached_tokens=act.req.prefix_len if act.req.prefix is not None else 0,
+            ttft_s=(act.t_first - act.t_submit) if act.t_first is not None else 0.0,
+            decode_tokens_per_s=n_dec / decode_s if decode_s > 0 else 0.0, text=act.stream.text,
+            token_ids=list(act.generated), cache=cache, cache_ids=fed if cache is not None else [],
+        )
+        act.handle.result = result
+        usage = Usage(result.prompt_tokens, result.completion_tokens, result.ttft_s, result.decode_tokens_per_s,
+                      reason)
+        act.handle._post(Delta(tail, [], reason, usage))
+        act.handle._post(_DONE)
+
+    def _remove_row(self, pool: _Pool, row: int) -> None:
+        rows = pool.decoding
+        last = len(rows) - 1
+        if row != last:  # move the last decoding row into the hole
+            pool.cache.copy_row_(row, pool.cache, last)
+            rows[row] = rows[last]
+        rows.pop()
+        pool.cache.lengths[last] = 0
+        if pool.prefilling is not None:  # the prefilling row sits right after the decoding rows
+            pool.cache.copy_row_(last, pool.cache, last + 1)
+            pool.cache.lengths[last + 1] = 0
+
+    def _finish_unstarted(self, h: Handle) -> None:
+        h.result = Result("cancelled", len(h.request.prompt_ids), 0, 0, 0.0, 0.0, "", [])
+        h._post(Delta("", [], "cancelled", Usage(len(h.request.prompt_ids), 0, 0.0, 0.0, "cancelled")))
+        h._post(_DONE)
+
+    def _fail_pool(self, pool: _Pool, exc: Exception) -> None:
+        err = exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {type(exc).__name__}: {exc}")
+        acts = pool.decoding + ([pool.prefilling] if pool.prefilling else [])
+        pool.decoding, pool.prefilling = [], None
+        pool.cache.reset()
+        for act in acts:
+            act.handle.error = err
+            act.handle._post(_DONE)
+
+    def _shutdown(self) -> None:
+        err = EngineError("the engine shut down")
+        with self._cv:
+            for h in self._waiting:
+                h.error = err
+                h._post(_DONE)
+            self._waiting.clear()
+            for pool in self._pools.values():
+                self._fail_pool(pool, err)
