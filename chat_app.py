@@ -24,7 +24,10 @@ from typing import Any
 import chainlit as cl
 from chainlit.input_widget import NumberInput, Select, Slider, Switch, TextInput
 
+# imported here, while Chainlit's load_module has this folder on sys.path (it takes it off afterwards)
+from engine.api import build_router
 from engine.errors import EngineError
+from engine.sessions import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +43,6 @@ def get_engine():
     """The process-wide engine (registry + scheduler), created on first use."""
     global _engine
     if _engine is None:
-        from engine.sessions import Engine
-
         _engine = Engine.default()
     return _engine
 
@@ -92,7 +93,7 @@ def footer(usage: Any, *, stopped: bool = False) -> str:
         bits.append(f"first token {ttft:.2f} s")
     finish = getattr(usage, "finish_reason", None)
     if stopped or finish == "cancelled":
-        bits.append("⏹ stopped")
+        bits.append("stopped by the user")
     elif finish == "length":
         bits.append("hit max new tokens")
     dropped = getattr(usage, "truncated_turns", 0) or 0
@@ -472,28 +473,29 @@ async def on_compare(action: cl.Action) -> None:
 # the OpenAI-compatible API on the same server
 
 
-def mount_api(app: Any, api: Any, prefix: str = "/v1") -> None:
-    """Serve the engine's FastAPI app under `prefix` on Chainlit's server.
+CATCH_ALL = "/{full_path:path}"
+
+
+def mount_api(app: Any, api_router: Any) -> None:
+    """Serve the engine's OpenAI-compatible routes (engine.api.build_router: paths under /v1) on Chainlit's server.
 
     Chainlit 2.12 registers a catch-all `GET /{full_path:path}` (the UI) when chainlit.server is imported, before
-    the user's module loads, and Starlette matches routes in order; so the mount goes in front of the catch-all.
-    If the API's own routes already start with the prefix (`/v1/models`), the mount hands them the full path.
+    the user's module loads, and routes match in order, so a plain include_router would leave GET /v1/models to
+    the UI. /v1 belongs to the API alone, so its routes go first.
     """
-    from starlette.routing import Mount
-
-    if any(p.startswith(prefix + "/") for p in _api_paths(api)):
-        target = _KeepPrefix(api, prefix)
-    else:
-        target = api
-    _insert_before_catch_all(app, Mount(prefix, app=target, name="openai_api"))
-
-
-def _insert_before_catch_all(app: Any, route: Any) -> None:
-    """Put route in front of Chainlit's `GET /{full_path:path}` (the UI), which would otherwise shadow it."""
     routes = app.router.routes
-    catch_all = next((i for i, r in enumerate(routes) if getattr(r, "path", "") == "/{full_path:path}"
-                      and getattr(r, "name", "") != "offline_index"), len(routes))
-    routes.insert(catch_all, route)
+    n = len(routes)
+    app.include_router(api_router)
+    routes[:] = routes[n:] + routes[:n]
+    _routes_changed(app.router)
+
+
+def _routes_changed(router: Any) -> None:
+    # FastAPI 0.165 caches the flattened routes of included routers per routes version; editing the list by hand
+    # must bump it (a no-op on versions without the cache)
+    mark = getattr(router, "_mark_routes_changed", None)
+    if mark is not None:
+        mark()
 
 
 _EXTERNAL_LINK = re.compile(
@@ -506,52 +508,37 @@ def offline_index_html(html: str) -> str:
     return _EXTERNAL_LINK.sub("", html)
 
 
-def serve_offline_index(app: Any) -> None:
-    """Serve the UI's index page through offline_index_html, in front of Chainlit's own catch-all."""
+def serve_offline_index(router: Any) -> bool:
+    """Serve the UI's index page through offline_index_html: a route just in front of the catch-all in Chainlit's
+    router (chainlit.server.router). Returns False (and leaves the router alone) if there is no catch-all."""
     from chainlit.server import get_html_template
     from starlette.responses import HTMLResponse
-    from starlette.routing import Route
 
-    async def index(request: Any) -> HTMLResponse:
+    routes = router.routes
+    at = next((i for i, r in enumerate(routes) if str(getattr(r, "path", "")).endswith(CATCH_ALL)), None)
+    if at is None:
+        logger.warning("no catch-all route in Chainlit's router; the index page keeps its external links")
+        return False
+
+    async def index() -> HTMLResponse:
         # the root path Chainlit's own `serve` route uses (set by --root-path / a parent app)
         root_path = os.getenv("CHAINLIT_PARENT_ROOT_PATH", "") + os.getenv("CHAINLIT_ROOT_PATH", "")
         return HTMLResponse(offline_index_html(get_html_template(root_path)))
 
-    _insert_before_catch_all(app, Route("/{full_path:path}", index, methods=["GET"], name="offline_index"))
-
-
-def _api_paths(api: Any) -> list[str]:
-    """The API's route paths (from its OpenAPI schema: FastAPI >= 0.165 keeps included routers unflattened)."""
-    try:
-        return list(api.openapi().get("paths", {}))
-    except Exception:
-        return [getattr(r, "path", "") for r in getattr(api, "routes", [])]
-
-
-class _KeepPrefix:
-    """ASGI wrapper: undo the mount's root_path so an app whose routes include the prefix sees the full path."""
-
-    def __init__(self, app: Any, prefix: str) -> None:
-        self.app, self.prefix = app, prefix
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] in ("http", "websocket"):
-            scope = dict(scope)
-            root = scope.get("root_path", "")
-            if root.endswith(self.prefix):
-                scope["root_path"] = root[: -len(self.prefix)]
-        await self.app(scope, receive, send)
+    router.add_api_route(CATCH_ALL, index, methods=["GET"], response_class=HTMLResponse, include_in_schema=False,
+                         name="offline_index")
+    routes.insert(at, routes.pop())
+    _routes_changed(router)
+    return True
 
 
 @cl.on_app_startup
 async def on_app_startup() -> None:
     """Mount engine.api's routes under /v1 on Chainlit's FastAPI app, and serve the index page offline."""
-    from chainlit.server import app
+    from chainlit.server import app, router
 
-    serve_offline_index(app)
+    serve_offline_index(router)
     try:
-        from engine.api import build_app
-
-        mount_api(app, build_app(get_engine()))
+        mount_api(app, build_router(get_engine()))
     except Exception:  # the chat UI still works without the API
         logger.exception("could not mount the OpenAI-compatible API under /v1")

@@ -97,6 +97,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # bench parses its own options
+        from engine import bench
+
+        return bench.main(argv[1:])
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.split("\n")[0], formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,9 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     _add_models_dir(s)
 
-    b = sub.add_parser("bench", help="speed figures vs transformers (Markdown + JSON)", formatter_class=fmt,
-                       add_help=False)
-    b.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("bench", help="speed figures vs transformers (Markdown + JSON); see bench --help")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -133,11 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    if args.command == "serve":
-        return _serve(args)
-    from engine import bench
-
-    return bench.main(args.rest)
+    return _serve(args)
 
 
 if __name__ == "__main__":

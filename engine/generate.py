@@ -350,8 +350,10 @@ async def astream_generate(
 ) -> AsyncIterator[Delta]:
     """Async version of :func:`stream_generate`: the blocking loop runs in a worker thread.
 
-    Leaving the ``async for`` early (break, task cancellation) sets a stop flag that the worker checks before its
-    next decode step; the wrapper then waits for the worker to finish, so the model is free when it returns.
+    Closing the iterator (``contextlib.aclosing`` around an ``async for`` that breaks, or cancelling the consuming
+    task) sets a stop flag that the worker checks before its next decode step; the wrapper then waits for the worker
+    to finish, so the model is free when it returns. A bare ``break`` without ``aclosing`` only closes the iterator
+    when it is garbage-collected.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()

@@ -22,16 +22,24 @@ Formats (exact strings pinned in tests/test_prompts.py):
 
   Multi-turn: the preamble once, then every turn as a repeated ``\\n\\n### Instruction:\\n{user}`` /
   ``\\n\\n### Response:\\n{assistant}`` pair; the generation prompt ends with ``\\n\\n### Response:\\n``. A system
-  prompt *replaces* the preamble (the preamble is Alpaca's system prompt); ``None`` keeps the preamble.
+  prompt *replaces* the preamble (the preamble is Alpaca's system prompt); ``None`` keeps the preamble. The book
+  prompts with ``format_input`` alone and lets the model write ``### Response:``; opening the answer ourselves
+  tokenizes identically to training (the text before ``\\n\\n### Response:`` is a whole BPE prefix) and
+  ``extract_response`` handles both.
 * ``phi3``: the book's exercise 7.1 form (seed g3), ``<|user|>\\n{instruction}`` (+ ``\\n{input}``), response
   ``\\n<|assistant|>:\\n{output}``. Multi-turn: repeated ``<|user|>`` / ``<|assistant|>:`` blocks joined by ``\\n``. A
   system prompt goes first as ``<|system|>\\n{system}\\n``; without one nothing is added (the book has no system part).
 * ``chatml``: the HF / SmolLM2 chat template, ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message and
-  ``<|im_start|>assistant\\n`` as the generation prompt (``format`` already ends with it, as the seed's ChatML prompt
-  does); the response part is ``{output}<|im_end|>``. Burkov's
-  variant (seed i.11) puts a ``\\n`` before every ``<|im_end|>`` and no ``\\n`` after ``assistant``; we use the HF
-  form because SmolLM2 was trained on it. No system message means no system block.
+  ``<|im_start|>assistant\\n`` as the generation prompt (``format`` already ends with it); the response part is
+  ``{output}<|im_end|>``. Burkov's variant (seed i.11) puts a ``\\n`` before every ``<|im_end|>`` and no ``\\n``
+  after ``assistant``; we use the HF form because SmolLM2 was trained on it (pinned against SmolLM2's own template
+  in the tests). No system message means no system block; SmolLM2's template would insert its default system
+  prompt there, which the store records as the manifest's ``system_prompt`` for the engine to pass.
 * ``none``: raw text. Turns are joined with ``\\n``; nothing is added.
+
+Stop strings: Alpaca stops where a new section would begin (``\\n\\n### Instruction:``, ``### Input:``,
+``### Response:``), Phi-3 at ``\\n<|user|>`` (and a new assistant/system block), ChatML at ``<|im_end|>`` as text
+(for GPT-2 models finetuned on ChatML) on top of the tokenizer's EOS ids (SmolLM2's ``<|im_end|>`` id).
 
 Template markers (``<|im_start|>``, ``<|user|>``, ...) become special ids only when the tokenizer has them as special
 tokens (ChatML with SmolLM2's tokenizer); for GPT-2 they are plain text, as in the book. Message content is always

@@ -71,6 +71,7 @@ class LoadedModel:
     # (size, mtime_ns) of each adapter's weights file when it was loaded, to notice files rewritten on disk
     adapter_stats: dict[str, tuple[int, int]] = field(default_factory=dict)
     lock: threading.RLock = field(default_factory=threading.RLock)
+    stamp: tuple[int, int] = (0, 0)  # model.json's (mtime_ns, inode) when loaded
 
     @property
     def family(self) -> str:
@@ -96,7 +97,8 @@ class Registry:
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.RLock()
         self._load_locks: dict[str, threading.Lock] = {}
-        self.is_busy: Callable[[str], bool] = lambda name: False  # set by the scheduler
+        self.is_busy: Callable[[str], bool] = lambda name: False  # set by the engine (scheduler.is_busy)
+        self.on_evict: Callable[[str], None] = lambda name: None  # set by the engine (scheduler.release)
 
     @property
     def root(self) -> Path:
@@ -135,9 +137,12 @@ class Registry:
         """The loaded base ``name``, loading it (and evicting others) if needed."""
         with self._lock:
             lm = self._loaded.get(name)
-            if lm is not None:
+            if lm is not None and lm.stamp == self._stamp(name):
                 self._loaded.move_to_end(name)
                 return lm
+            if lm is not None:  # re-imported on disk: load the new files (running requests finish on the old)
+                logger.info("model %s changed on disk; reloading it", name)
+                del self._loaded[name]
             load_lock = self._load_locks.setdefault(name, threading.Lock())
         with load_lock:  # one loader per name; other names load concurrently
             with self._lock:
@@ -149,9 +154,18 @@ class Registry:
                 self._evict(keep=name)
             return lm
 
+    def _stamp(self, name: str) -> tuple[int, int]:
+        """(mtime_ns, inode) of model.json: an atomic re-import replaces the file, so either changes."""
+        try:
+            st = (store.model_dir(name, self.root) / "model.json").stat()
+        except (OSError, ValueError):
+            return (0, 0)
+        return (st.st_mtime_ns, st.st_ino)
+
     def unload(self, name: str) -> None:
         with self._lock:
-            self._loaded.pop(name, None)
+            if self._loaded.pop(name, None) is not None:
+                self.on_evict(name)
 
     def _evict(self, keep: str) -> None:
         total = sum(m.nbytes for m in self._loaded.values())
@@ -161,12 +175,14 @@ class Registry:
             if other == keep or self.is_busy(other):
                 continue
             total -= self._loaded.pop(other).nbytes
+            self.on_evict(other)
             logger.info("evicted %s from memory (cap %d bytes)", other, self.memory_cap)
         if total > self.memory_cap:
             logger.warning("loaded models use %d bytes, over the cap of %d (the others are busy)", total,
                            self.memory_cap)
 
     def _load(self, name: str) -> LoadedModel:
+        stamp = self._stamp(name)
         manifest = self.read_manifest(name)
         t0 = time.perf_counter()
         try:
@@ -191,7 +207,8 @@ class Registry:
         nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
         logger.info("loaded %s (%s, %.1f MB) in %.2f s", name, self.dtype, nbytes / 2**20, time.perf_counter() - t0)
         return LoadedModel(name=name, manifest=manifest, config=config, model=model, tokenizer=tokenizer,
-                           prompt_format=fmt, dtype=self.dtype, sha256=manifest.get("sha256") or "", nbytes=nbytes)
+                           prompt_format=fmt, dtype=self.dtype, sha256=manifest.get("sha256") or "", nbytes=nbytes,
+                           stamp=stamp)
 
     # ---- adapters
     def get_adapter(self, base: str | LoadedModel, adapter: str) -> LoraAdapter:

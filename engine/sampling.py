@@ -218,8 +218,37 @@ def sample(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generat
                                  frequency_penalty=cfg.frequency_penalty, presence_penalty=cfg.presence_penalty)
     if cfg.greedy:
         return torch.argmax(logits, dim=-1, keepdim=True)
-    probs = logits_to_probs(logits, cfg)
+    # The fast paths below draw from exactly the distribution logits_to_probs describes, without sorting V logits.
+    if cfg.top_k and cfg.top_k < logits.shape[-1]:
+        # temperature, top-p and softmax then work on k values instead of V
+        values, indices = torch.topk(logits, cfg.top_k, dim=-1)  # (B, k), sorted descending
+        probs = torch.softmax(apply_top_p(apply_temperature(values, cfg.temperature), cfg.top_p), dim=-1)
+        return indices.gather(-1, torch.multinomial(probs, num_samples=1, generator=generator))
+    probs = torch.softmax(apply_temperature(logits, cfg.temperature), dim=-1)
+    if cfg.top_p < 1.0:
+        return _sample_nucleus(probs, cfg.top_p, generator)
     return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def _sample_nucleus(probs: torch.Tensor, top_p: float, generator: torch.Generator | None,
+                    first_k: int = 256) -> torch.Tensor:
+    """Top-p sampling that sorts only as many candidates as the nucleus needs.
+
+    The nucleus is a prefix of the tokens sorted by probability, so once the ``k`` most likely tokens hold at least
+    ``top_p`` of the mass the nucleus lies among them; ``k`` grows 4x until that holds (or covers the vocabulary).
+    """
+    V = probs.shape[-1]
+    k = min(first_k, V)
+    while True:
+        values, indices = torch.topk(probs, k, dim=-1)  # (B, k), sorted descending
+        if k == V or bool((values.sum(-1) >= top_p).all()):
+            break
+        k = min(4 * k, V)
+    mass_before = torch.cumsum(values, dim=-1) - values
+    keep = mass_before < top_p
+    keep[..., 0] = True
+    choice = torch.multinomial(values * keep, num_samples=1, generator=generator)  # weights need not sum to 1
+    return indices.gather(-1, choice)
 
 
 def sample_rows(logits: torch.Tensor, cfgs: Sequence[GenerationConfig],

@@ -275,6 +275,13 @@ class Scheduler:
             pool = self._pools.get(model_name)
             return (pool is not None and pool.busy) or any(h.request.lm.name == model_name for h in self._waiting)
 
+    def release(self, model_name: str) -> None:
+        """Free the KV pool of ``model_name`` if it is idle (its base was unloaded)."""
+        with self._cv:
+            pool = self._pools.get(model_name)
+            if pool is not None and not pool.busy:
+                del self._pools[model_name]
+
     def stats(self) -> dict:
         with self._cv:
             return {"waiting": len(self._waiting),
@@ -380,8 +387,9 @@ class Scheduler:
             self._finish(pool, act, "cancelled", row=None)
             return
         ids = act.req.prompt_ids
-        # alone on the model: prefill in one go; otherwise in chunks so decoding rows keep moving
-        chunk = len(ids) if not pool.decoding else self.prefill_chunk
+        # alone on the model: big chunks (bounded, for activation memory); otherwise small ones so that decoding
+        # rows keep moving
+        chunk = 4 * self.prefill_chunk if not pool.decoding else self.prefill_chunk
         piece = ids[act.prefilled : act.prefilled + chunk]
         x = torch.tensor([piece], dtype=torch.long)
         hook = BatchLora([act.req.adapter], merged=pool.lm.merged.adapter if pool.lm.merged else None)

@@ -87,6 +87,7 @@ class Engine:
         self.registry = registry or Registry(root, memory_cap=memory_cap, dtype=dtype)
         self.scheduler = scheduler or Scheduler(**scheduler_kwargs)
         self.registry.is_busy = self.scheduler.is_busy
+        self.registry.on_evict = self.scheduler.release
 
     @classmethod
     def default(cls) -> Engine:
@@ -120,6 +121,19 @@ class Engine:
     def adapter(self, model: str | LoadedModel, adapter: str | None) -> LoraAdapter | None:
         """The loaded adapter (UnknownModel / AdapterMismatch on failure), or None."""
         return None if adapter is None else self.registry.get_adapter(model, adapter)
+
+    def unload_adapter(self, model: str, adapter: str) -> None:
+        """Drop a loaded adapter (it is reloaded from disk on next use)."""
+        self.registry.unload_adapter(model, adapter)
+
+    def merge_adapter(self, model: str, adapter: str) -> None:
+        """Fold ``adapter`` into ``model``'s weights for maximum speed with it; other requests still get their own
+        adapter (or none) by subtracting it. Sessions' caches on that model are rebuilt on their next turn."""
+        self.registry.merge(model, adapter)
+
+    def unmerge_adapter(self, model: str) -> None:
+        """Restore ``model``'s original weights exactly."""
+        self.registry.unmerge(model)
 
     def generation_defaults(self, model: str) -> GenerationConfig:
         """Sampling defaults from the manifest's ``generation`` dict (unknown keys are ignored with a warning)."""

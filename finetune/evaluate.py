@@ -14,7 +14,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -68,7 +67,8 @@ def generate_response(model: nn.Module, tokenizer: Any, fmt: Any, entry: dict[st
 def generate_responses(model: nn.Module, tokenizer: Any, fmt: Any, entries: Sequence[dict[str, str]], *,
                        max_new_tokens: int = 256, lora: Any = None, key: str = "model_response",
                        progress: bool = True) -> list[dict[str, Any]]:
-    """Copies of ``entries`` with ``entry[key]`` = the model's answer (the book's ``test_data[i]["model_response"]``)."""
+    """Copies of ``entries`` with ``entry[key]`` = the model's answer (the book's ``test_data[i]["model_response"]``).
+    """
     from tqdm.auto import tqdm
 
     model.eval()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from finetune.sft import hyperparameters
@@ -78,7 +79,8 @@ def target_modules(model: nn.Module, targets: str) -> list[str]:
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     found = [t for t in wanted if t in present]
     if not found:
-        raise ValueError(f"none of --targets {wanted} exist in this model (it has {sorted(present & set(ALL_TARGETS))})")
+        have = sorted(present & set(ALL_TARGETS))
+        raise ValueError(f"none of --targets {wanted} exist in this model (it has {have})")
     return found
 
 
@@ -90,6 +92,7 @@ def apply_lora(model: nn.Module, args: LoraArgs) -> nn.Module:
         raise ValueError(f"--rank must be >= 1, got {args.rank}")
     if not 0.0 <= args.dropout < 1.0:
         raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+    torch.manual_seed(args.seed)  # lora_A's random init (lora_B starts at zero, so the model is unchanged)
     config = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout,
                         target_modules=target_modules(model, args.targets), bias="none")
     peft_model = get_peft_model(model, config)

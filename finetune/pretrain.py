@@ -18,7 +18,7 @@ import json
 import logging
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 class PretrainArgs(TrainArgs):
     """Options of ``python -m finetune pretrain`` (defaults: the book's ch. 5 main-chapter run)."""
 
-    format: str = "none"
+    format: str = field(default="none", metadata={"choices": ("alpaca", "phi3", "chatml", "none")})
     """Prompt format recorded for the new model (plain text: none)."""
     epochs: int = 10
     """Passes over the training text."""

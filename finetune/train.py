@@ -6,13 +6,13 @@ every ``eval_freq`` steps over ``eval_iter`` batches, ``generate_and_print_sampl
 workbench needs on top, shaped like litgpt's ``finetune/lora.py`` (``TrainArgs``, global vs micro batch).
 
 Batching is defined globally so that every run is reproducible across process counts and resumes:
-``--batch-size`` is the global batch of one optimizer step. Each epoch draws one permutation from
-``(seed, epoch)`` (the book's order in the first epoch); global batch ``k`` is rows ``[k*B, (k+1)*B)`` of it (``drop_last``); each of the ``world_size``
-DDP ranks takes a contiguous slice and splits it into ``grad_accum`` micro-batches. The loss of a step is the mean
-over every target token of the global batch (the book's ``cross_entropy`` mean when there is one micro-batch and one
-process), so one process and N processes, with or without accumulation, compute the same losses. A resumed run
-skips the batches already done and restores weights, optimizer, RNG and loss history, so it continues to the same
-losses as an uninterrupted run.
+``--batch-size`` is the global batch of one optimizer step. Each epoch draws one permutation from ``(seed, epoch)``
+(the book's order in the first epoch); global batch ``k`` is rows ``[k*B, (k+1)*B)`` of it (``drop_last``); each of
+the ``world_size`` DDP ranks takes a contiguous slice and splits it into ``grad_accum`` micro-batches. The loss of a
+step is the mean over every target token of the global batch (the book's ``cross_entropy`` mean when there is one
+micro-batch and one process), so one process and N processes, with or without accumulation, compute the same losses.
+A resumed run skips the batches already done and restores weights, optimizer, RNG and loss history, so it continues
+to the same losses as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ class TrainArgs:
     data: str | None = None
     """Training data file; for sft/lora a JSON/JSONL with instruction/input/output (default: the book's
     instruction-data.json, downloaded once into the cache)."""
-    format: str = "alpaca"
-    """Prompt format: alpaca, phi3 or chatml."""
+    format: str = field(default="alpaca", metadata={"choices": ("alpaca", "phi3", "chatml", "none")})
+    """Prompt format: alpaca, phi3 or chatml (none: plain text, for pretraining)."""
     out: str | None = None
     """Name of the new model (sft/pretrain) or adapter (lora) in the store."""
     epochs: int = 2
@@ -80,7 +80,7 @@ class TrainArgs:
     """Ignore the prompt tokens in the loss (the book's exercise 7.2)."""
     seed: int = 123
     """Seed for initialisation, data order and dropout."""
-    dtype: str = "fp32"
+    dtype: str = field(default="fp32", metadata={"choices": ("fp32", "bf16")})
     """Compute dtype: fp32, or bf16 (autocast on CPU and GPU; master weights stay fp32)."""
     resume: bool = False
     """Continue from the run directory's checkpoint (written on Ctrl-C/SIGTERM or every --save-every steps)."""
@@ -144,7 +144,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, skip:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, type=base, default=default, help=help_text)
+            parser.add_argument(flag, dest=f.name, type=base, default=default, help=help_text,
+                                choices=f.metadata.get("choices"))
 
 
 def build_parser(cls: type, prog: str, description: str, *, skip: Sequence[str] = ()) -> argparse.ArgumentParser:
@@ -342,8 +343,9 @@ def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     weights = load_file(str(ckpt / "trainable.safetensors"))
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(weights) != expected:
+        missing, unexpected = sorted(expected - set(weights))[:3], sorted(set(weights) - expected)[:3]
         raise ValueError(f"checkpoint in {ckpt} holds {len(weights)} tensors but the model trains {len(expected)}; "
-                         f"missing {sorted(expected - set(weights))[:3]}, unexpected {sorted(set(weights) - expected)[:3]}")
+                         f"missing {missing}, unexpected {unexpected}")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in weights.items():
@@ -497,7 +499,6 @@ def train(
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
     autocast = make_autocast(args.dtype, device)
-    micro = global_batch // (info.world_size * args.grad_accum)
 
     torch.manual_seed(args.seed)
     model.to(device)
@@ -538,9 +539,18 @@ def train(
     def checkpoint_state() -> dict[str, Any]:
         return {"step": step, "args": json.dumps(asdict(args)), "history": json.dumps(history)}
 
+    def record_sample(label: str) -> None:
+        if info.is_main and sample_fn is not None and args.sample_tokens:
+            core = core_module(model)
+            core.eval()
+            text = sample_fn(core)
+            core.train()
+            history["samples"].append({"step": step, "text": text})
+            (bar.write if bar is not None else log.info)(f"{label} sample: {text!r}")
+
+    bar = None
     if step == 0:
         record_val(0)
-    bar = None
     if args.progress and info.is_main:
         from tqdm.auto import tqdm
 
@@ -586,16 +596,9 @@ def train(
             history["tokens_seen"].append(seen)
             if args.eval_every and step % args.eval_every == 0:
                 record_val(step)
-            epoch_done = step % steps_per_epoch == 0
-            if epoch_done:
+            if step % steps_per_epoch == 0:
                 history["epoch_end_steps"].append(step)
-                if info.is_main and sample_fn is not None and args.sample_tokens:
-                    core = core_module(model)
-                    core.eval()
-                    text = sample_fn(core)
-                    core.train()
-                    history["samples"].append({"step": step, "text": text})
-                    (bar.write if bar else log.info)(f"epoch {step // steps_per_epoch} sample: {text!r}")
+                record_sample(f"epoch {step // steps_per_epoch}")
             if bar is not None:
                 elapsed = time.perf_counter() - start
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{run_tokens / max(elapsed, 1e-9):.0f}",
@@ -622,6 +625,8 @@ def train(
         _barrier(info)
     else:
         record_val(step)
+        if step % steps_per_epoch:  # stopped by --max-steps inside an epoch: still show where the model is
+            record_sample(f"step {step}")
     history["wall_time_s"] = history.get("wall_time_s", 0.0) + wall
     history["run_tokens"] = history.get("run_tokens", 0) + run_tokens
     result = TrainResult(steps=step, interrupted=interrupted, history=history, wall_time_s=history["wall_time_s"],

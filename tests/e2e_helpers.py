@@ -61,7 +61,8 @@ class ChainlitServer:
     def start(self, timeout: float = 90.0) -> None:
         """Start the server and wait until GET /health answers; raise with the log tail if it dies or times out."""
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-m", "chainlit", "run", str(self.app), "--headless",
+        # the `chainlit` script, as users run it (not `python -m chainlit`, which would put cwd on sys.path)
+        cmd = [str(Path(sys.executable).parent / "chainlit"), "run", str(self.app), "--headless",
                "--host", "127.0.0.1", "--port", str(self.port)]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)

@@ -264,7 +264,7 @@ def test_footer_lists_model_adapter_tokens_speed_ttft():
     assert text == ("*smollm2-135m-instruct + adapter tiny · 12 prompt + 34 completion tokens · 25.3 tokens/s · "
                     "first token 0.21 s*")
     stopped = chat_app.footer(dataclasses.replace(usage, finish_reason="cancelled", adapter=None))
-    assert "smollm2-135m-instruct (no adapter)" in stopped and stopped.endswith("⏹ stopped*")
+    assert "smollm2-135m-instruct (no adapter)" in stopped and stopped.endswith("stopped by the user*")
     assert "hit max new tokens" in chat_app.footer(dataclasses.replace(usage, finish_reason="length"))
     assert "2 oldest turn(s) dropped" in chat_app.footer(dataclasses.replace(usage, truncated_turns=2))
 
@@ -487,7 +487,7 @@ async def test_stop_ends_generation_and_marks_the_partial_answer(engine):
     assert 5 <= s.last_usage.completion_tokens < 100
     assert s.history[-1]["role"] == "assistant" and s.history[-1]["content"], "the partial answer stays in history"
     final = rec.messages()[-1]["output"]
-    assert final.endswith("⏹ stopped*")
+    assert final.endswith("stopped by the user*")
     assert final.startswith(s.history[-1]["content"].rstrip())
 
 
@@ -503,7 +503,7 @@ async def test_stop_from_on_stop_alone_is_enough(engine):
         await chat_app.on_stop()
         await asyncio.wait_for(task, timeout=5)
     assert engine.sessions[0].last_usage.finish_reason == "cancelled"
-    assert "⏹ stopped" in rec.texts()[-1]
+    assert "stopped by the user" in rec.texts()[-1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -641,35 +641,71 @@ async def test_compare_without_a_finetune_explains_what_to_do(engine):
 
 
 def _app_with_catch_all():
-    from fastapi import FastAPI
+    """Chainlit's shape: an APIRouter whose last route is the UI's catch-all, included into the app."""
+    from fastapi import APIRouter, FastAPI
 
-    app = FastAPI()
+    app, router = FastAPI(), APIRouter()
 
-    @app.get("/{full_path:path}")
+    @router.get("/project/settings")
+    async def settings():
+        return {"settings": True}
+
+    @router.get("/{full_path:path}")
     async def ui(full_path: str):
         return {"ui": full_path}
 
-    return app
+    app.include_router(router)
+    return app, router
 
 
-@pytest.mark.parametrize("prefixed", [True, False])
-def test_mount_api_goes_before_the_catch_all(prefixed):
-    from fastapi import APIRouter, FastAPI
+def test_mount_api_goes_before_the_catch_all():
+    from fastapi import APIRouter
     from fastapi.testclient import TestClient
 
-    api = FastAPI()
-    router = APIRouter(prefix="/v1" if prefixed else "")
+    api = APIRouter()
 
-    @router.get("/models")
+    @api.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": "smollm2-135m-instruct"}]}
 
-    api.include_router(router)
-    app = _app_with_catch_all()
-    chat_app.mount_api(app, api)
+    app, _ = _app_with_catch_all()
     client = TestClient(app)
+    assert client.get("/v1/models").json() == {"ui": "v1/models"}, "the catch-all shadows what comes after it"
+    chat_app.mount_api(app, api)
     assert client.get("/v1/models").json()["data"][0]["id"] == "smollm2-135m-instruct"
     assert client.get("/anything").json() == {"ui": "anything"}
+    assert client.get("/project/settings").json() == {"settings": True}
+
+
+def test_real_api_router_on_a_chainlit_shaped_app(real_engine):
+    from fastapi.testclient import TestClient
+
+    from engine.api import build_router
+
+    app, _ = _app_with_catch_all()
+    chat_app.mount_api(app, build_router(real_engine))
+    ids = [m["id"] for m in TestClient(app).get("/v1/models").json()["data"]]
+    assert ids == ["tiny-base", "tiny-base:tiny-lora", "tiny-ft"]
+
+
+def test_index_page_links_nothing_external():
+    from chainlit.server import get_html_template
+
+    html = chat_app.offline_index_html(get_html_template(""))
+    assert "https://fonts.googleapis.com" not in html and "cdn.jsdelivr.net" not in html
+    assert '<script type="module" crossorigin src="/assets/' in html and "<title>ScratchChat</title>" in html
+
+
+def test_offline_index_route_goes_before_the_catch_all():
+    from fastapi.testclient import TestClient
+
+    app, router = _app_with_catch_all()
+    client = TestClient(app)
+    assert client.get("/thread/123").json() == {"ui": "thread/123"}
+    assert chat_app.serve_offline_index(router)
+    page = client.get("/thread/123")
+    assert page.status_code == 200 and "<title>ScratchChat</title>" in page.text and "googleapis" not in page.text
+    assert client.get("/project/settings").json() == {"settings": True}, "only the catch-all is replaced"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -678,13 +714,14 @@ def test_mount_api_goes_before_the_catch_all(prefixed):
 
 @pytest.fixture
 def real_engine(tmp_path, monkeypatch):
-    sessions = pytest.importorskip("engine.sessions")
     from e2e_helpers import add_tiny_adapter, add_tiny_model, copy_model
+
+    from engine.sessions import Engine
 
     add_tiny_model(tmp_path, "tiny-base", generation={"max_new_tokens": 16, "temperature": 1.0, "seed": 0})
     copy_model(tmp_path, "tiny-base", "tiny-ft", created_from={"name": "tiny-base"})
     add_tiny_adapter(tmp_path, "tiny-base", "tiny-lora")
-    eng = sessions.Engine(tmp_path)
+    eng = Engine(tmp_path)
     monkeypatch.setattr(chat_app, "_engine", eng)
     monkeypatch.setattr(chat_app, "DEFAULT_MODEL", "tiny-base")
     yield eng
@@ -695,25 +732,25 @@ def _streamed(rec: Recorder) -> str:
     return "".join(d["output"] for d in rec.of("stream_start")) + "".join(rec.tokens())
 
 
+def _chat_session(rec: Recorder):
+    from chainlit.user_session import user_sessions
+
+    return user_sessions[rec.session.id]["chat"]
+
+
 async def test_real_engine_two_turns_stream_and_footer(real_engine):
     with chainlit_context() as rec:
         await start_and_ask("hello there")
         first = rec.messages()[-1]["output"]
         await chat_app.on_message(user_message("and again"))
     assert "tiny-base (no adapter) · " in first and " completion tokens · " in first
-    final = rec.messages()[-1]["output"]
     streamed = _streamed(rec)
-    assert streamed and first.split("\n\n*tiny-base")[0] in streamed
-    assert "tiny-base (no adapter)" in final
-    history = chat_app_session(rec).history
+    answer = first.split("\n\n*tiny-base")[0]
+    assert streamed and answer in streamed, "the message holds exactly what was streamed"
+    assert "tiny-base (no adapter)" in rec.messages()[-1]["output"]
+    history = _chat_session(rec).history
     assert [h["role"] for h in history] == ["user", "assistant", "user", "assistant"]
     assert [h["content"] for h in history if h["role"] == "user"] == ["hello there", "and again"]
-
-
-def chat_app_session(rec: Recorder):
-    from chainlit.user_session import user_sessions
-
-    return user_sessions[rec.session.id]["chat"]
 
 
 async def test_real_engine_adapter_swap_and_unknown_adapter(real_engine):
@@ -731,7 +768,7 @@ async def test_real_engine_adapter_swap_and_unknown_adapter(real_engine):
     errors = [m for m in rec.messages() if m.get("isError")]
     assert len(errors) == 1 and "no-such-adapter" in errors[0]["output"]
     assert "tiny-base + adapter tiny-lora" in rec.texts()[-1], "a failed switch keeps the working adapter"
-    assert len(chat_app_session(rec).history) == 6
+    assert len(_chat_session(rec).history) == 6
 
 
 async def test_real_engine_stop_keeps_partial_answer(real_engine):
@@ -744,10 +781,10 @@ async def test_real_engine_stop_keeps_partial_answer(real_engine):
         task.cancel()
         await chat_app.on_stop()
         await asyncio.wait_for(task, timeout=10)
-    usage = chat_app_session(rec).last_usage
+    usage = _chat_session(rec).last_usage
     assert usage.finish_reason == "cancelled" and usage.completion_tokens < 700
-    assert chat_app_session(rec).history[-1]["role"] == "assistant"
-    assert rec.texts()[-1].endswith("⏹ stopped*")
+    assert _chat_session(rec).history[-1]["role"] == "assistant"
+    assert rec.texts()[-1].endswith("stopped by the user*")
 
 
 async def test_real_engine_long_message_and_special_text(real_engine):
@@ -758,7 +795,7 @@ async def test_real_engine_long_message_and_special_text(real_engine):
     errors = [m for m in rec.messages() if m.get("isError")]
     assert len(errors) == 1 and "shorten the message" in errors[0]["output"]
     assert "tiny-base (no adapter)" in rec.texts()[-1]
-    assert chat_app_session(rec).history[0]["content"] == "<|endoftext|> ### Response: hi"
+    assert _chat_session(rec).history[0]["content"] == "<|endoftext|> ### Response: hi"
 
 
 async def test_real_engine_compare_finetune_with_base(real_engine):
@@ -771,20 +808,3 @@ async def test_real_engine_compare_finetune_with_base(real_engine):
     assert base["title"] == "tiny-base" and tuned["title"] == "tiny-ft"
     assert "tiny-base (no adapter)" in base["footer"] and "tiny-ft (no adapter)" in tuned["footer"]
     assert "error" not in base["footer"] + tuned["footer"]
-
-
-def test_index_page_links_nothing_external():
-    from chainlit.server import get_html_template
-
-    html = chat_app.offline_index_html(get_html_template(""))
-    assert "https://fonts.googleapis.com" not in html and "cdn.jsdelivr.net" not in html
-    assert '<script type="module" crossorigin src="/assets/' in html and "<title>ScratchChat</title>" in html
-
-
-def test_offline_index_route_goes_before_the_catch_all():
-    from fastapi.testclient import TestClient
-
-    app = _app_with_catch_all()
-    chat_app.serve_offline_index(app)
-    page = TestClient(app).get("/thread/123")
-    assert page.status_code == 200 and "<title>ScratchChat</title>" in page.text and "googleapis" not in page.text

@@ -17,7 +17,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from e2e_helpers import REPO, ChatPage, add_tiny_adapter, launch_chromium, running_server
 
 pytestmark = pytest.mark.browser
@@ -161,11 +160,11 @@ def test_stop_during_a_long_answer(chat):
     t0 = time.monotonic()
     page.locator("#stop-button").click()
     chat.wait_idle(15_000)
-    page.get_by_text("⏹ stopped").wait_for(timeout=15_000)
+    page.get_by_text("stopped by the user").wait_for(timeout=15_000)
     assert time.monotonic() - t0 < 10
     answers = chat.answers()
     texts = [answers.nth(i).inner_text() for i in range(before, answers.count())]
-    stopped = [t for t in texts if "⏹ stopped" in t]
+    stopped = [t for t in texts if "stopped by the user" in t]
     assert len(stopped) == 1 and "completion tokens" in stopped[0]
     tokens = int(stopped[0].split(" completion tokens")[0].rsplit("+ ", 1)[1])
     assert tokens < 2048
@@ -173,7 +172,13 @@ def test_stop_during_a_long_answer(chat):
     page.wait_for_timeout(1500)
     assert len(chat.last_answer_text()) == length, "nothing streams after stop"
     chat.screenshot("05-stopped")
-    again = chat.ask("Thanks. Now just say hello.", timeout=ANSWER_TIMEOUT * 2)
+    chat.open_settings()
+    slider = page.locator("#max_new_tokens [role=slider]")
+    slider.press("Home")  # 1 token, then 31 steps right: back to 32
+    for _ in range(31):
+        slider.press("ArrowRight")
+    chat.confirm_settings()
+    again = chat.ask("Thanks. Now just say hello.", timeout=ANSWER_TIMEOUT)
     assert "completion tokens" in again, "the chat goes on after a stop"
 
 
@@ -250,7 +255,7 @@ def test_openai_api_on_the_chainlit_port(server):
         pytest.fail(f"GET /v1/models -> {e.code}: {server.log_tail(20)}")
     assert BASE in [m["id"] for m in body["data"]]
     with urllib.request.urlopen(server.url + "/", timeout=10) as r:
-        assert b"<div id=\"root\">" in r.read(), "the UI is still served"
+        assert b'<div id="root">' in r.read(), "the UI is still served"
 
 
 def test_page_loads_nothing_from_the_internet(browser, server):

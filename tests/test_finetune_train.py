@@ -112,19 +112,20 @@ def result_model_logits(root: Path, tmp_path: Path, x: torch.Tensor, args: sft.S
 
 
 def test_resume_after_sigterm_matches_uninterrupted_run(tiny_store, tmp_path):
-    full, _ = sft.run(_args(tiny_store, tmp_path / "a", out="tiny-full", limit=40))
+    # 24 entries -> 20 train -> 5 steps per epoch; interrupted inside the second epoch
+    full, _ = sft.run(_args(tiny_store, tmp_path / "a", out="tiny-full", limit=24, eval_iter=1))
 
     def interrupt(step: int, loss: float) -> None:
-        if step == 3:
+        if step == 7:
             os.kill(os.getpid(), signal.SIGTERM)  # the real handler: finish the step, save a checkpoint
 
-    part_args = _args(tiny_store, tmp_path / "b", out="tiny-resumed", limit=40)
+    part_args = _args(tiny_store, tmp_path / "b", out="tiny-resumed", limit=24, eval_iter=1)
     part, manifest = sft.run(part_args, on_step=interrupt)
-    assert part.interrupted and part.steps == 3 and manifest is None
+    assert part.interrupted and part.steps == 7 and manifest is None
     assert (tmp_path / "b" / "run" / "checkpoint" / "state.pt").is_file()
     assert not store.model_dir("tiny-resumed", tiny_store).exists()
     state = torch.load(tmp_path / "b" / "run" / "checkpoint" / "state.pt", weights_only=True)
-    assert state["step"] == 3 and isinstance(state["rng"]["torch"], torch.Tensor)
+    assert state["step"] == 7 and isinstance(state["rng"]["torch"], torch.Tensor)
 
     part_args.resume = True
     resumed, manifest = sft.run(part_args)

@@ -5,6 +5,8 @@ with SmolLM2-135M-Instruct from the store."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,7 @@ from engine.kv_cache import KVCache
 from engine.model import GPT
 from engine.prompts import get_prompt_format
 from engine.sampling import GenerationConfig
-from engine.tokenizer import Tokenizer, load_gpt2_tokenizer
+from engine.tokenizer import Tokenizer, load_gpt2_tokenizer, load_tokenizer
 
 GPT2_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2"
 GREEDY = GenerationConfig(max_new_tokens=64, temperature=0.0)
@@ -278,28 +280,47 @@ def test_astream_matches_sync_and_cancels():
     model = tiny("gpt2")
     tok = ScriptedTokenizer([bytes([i]) for i in range(32, 127)] + [b"?"] * (256 - 95))
     cfg = GenerationConfig(max_new_tokens=12)
+    calls = {"n": 0}
+    model.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
 
     async def collect(limit=None):
         out = []
-        async for d in astream_generate(model, tok, [1, 2, 3], cfg, stop_ids=()):
-            out.append(d)
-            if limit is not None and len(out) == limit:
-                break
-        return out
+        async with contextlib.aclosing(astream_generate(model, tok, [1, 2, 3], cfg, stop_ids=())) as deltas:
+            async for d in deltas:
+                out.append(d)
+                if limit is not None and len(out) == limit:
+                    break
+        return out, calls["n"]  # read right after the generator closed, inside the running loop
 
     sync = list(stream_generate(model, tok, [1, 2, 3], cfg, stop_ids=()))
-    got = asyncio.run(collect())
+    calls["n"] = 0
+    got, _ = asyncio.run(collect())
     assert [(d.text, d.token_ids) for d in got] == [(d.text, d.token_ids) for d in sync]
     assert isinstance(got[-1], Delta) and got[-1].finish_reason == "length"
 
-    calls = {"n": 0}
-    handle = model.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
-    try:
-        partial = asyncio.run(collect(limit=3))
-    finally:
-        handle.remove()
+    calls["n"] = 0
+    partial, n_calls = asyncio.run(collect(limit=3))
     assert len(partial) == 3
-    assert calls["n"] <= 4  # at most one step beyond what was consumed, then the worker stopped
+    assert n_calls <= 4  # at most one step beyond what was consumed; the worker has finished when aclose returns
+
+    async def cancel_task():
+        seen = asyncio.Event()
+
+        async def consume():
+            async for d in astream_generate(model, tok, [1, 2, 3], GenerationConfig(max_new_tokens=40), stop_ids=()):
+                if d.token_ids:
+                    seen.set()
+
+        task = asyncio.create_task(consume())
+        await seen.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return calls["n"]
+
+    calls["n"] = 0
+    model.register_forward_hook(lambda *a: time.sleep(0.02))  # 40 tokens would take >= 0.8 s
+    assert asyncio.run(cancel_task()) < 20  # the stop flag ended the worker long before max_new_tokens
 
 
 def test_astream_propagates_errors():
@@ -326,8 +347,6 @@ def test_smollm2_chat_answers_paris(request):
     except pytest.FixtureLookupError:
         pytest.skip("smollm2_store fixture (tests/conftest.py) not available")
     from weights import store
-
-    from engine.tokenizer import load_tokenizer
 
     name = "smollm2-135m-instruct"
     manifest, state_dict = store.read(name, root=root)

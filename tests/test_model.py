@@ -35,6 +35,7 @@ def hf_gpt2(cfg: ModelConfig):
         vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.d_model, n_layer=cfg.n_layers,
         n_head=cfg.n_heads, n_inner=cfg.ffn_dim, activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+        bos_token_id=cfg.vocab_size - 1, eos_token_id=cfg.vocab_size - 1,
     )
     hf_cfg._attn_implementation = "eager"
     return transformers.GPT2LMHeadModel(hf_cfg).eval()

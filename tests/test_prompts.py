@@ -83,7 +83,8 @@ def test_phi3_golden_exercise_7_1():
     assert fmt.format(DATA_50["instruction"], DATA_50["input"]) == (
         "<|user|>\nIdentify the correct spelling of the following word.\nOcassion")
     assert fmt.format(DATA_999["instruction"]) == "<|user|>\nWhat is an antonym of 'complicated'?"
-    assert fmt.response("The correct spelling is 'Occasion.'") == "\n<|assistant|>:\nThe correct spelling is 'Occasion.'"
+    assert fmt.response("The correct spelling is 'Occasion.'") == (
+        "\n<|assistant|>:\nThe correct spelling is 'Occasion.'")
 
 
 def test_chatml_hf_convention():
@@ -250,3 +251,29 @@ def test_finetune_data_renders(gpt2):
             ids, n = fmt.encode_example(e["instruction"], e["input"], e["output"], gpt2)
             assert 0 < n < len(ids)
             assert ids == gpt2.encode(fmt.format(e["instruction"], e["input"]) + fmt.response(e["output"]))
+
+
+@pytest.mark.slow
+def test_chatml_matches_smollm2_own_chat_template(request):
+    """The real SmolLM2 tokenizer from the store vs transformers' tokenizer and chat template from the same GGUF."""
+    transformers = pytest.importorskip("transformers")
+    try:
+        gguf = request.getfixturevalue("smollm2_gguf")
+        root = request.getfixturevalue("smollm2_store")
+    except pytest.FixtureLookupError:
+        pytest.skip("smollm2 fixtures (tests/conftest.py) not available")
+    from engine.tokenizer import load_tokenizer
+    from weights import store
+
+    manifest = store.read_manifest("smollm2-135m-instruct", root=root)
+    tok = load_tokenizer(store.model_dir("smollm2-135m-instruct", root=root), manifest["tokenizer"])
+    oracle = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    fmt = get_prompt_format(manifest["prompt_format"])
+    history = [{"role": "system", "content": manifest["system_prompt"]}] + HISTORY[1:] + [
+        {"role": "assistant", "content": "Paris. 🇫🇷"}, {"role": "user", "content": "And of 中国?"}]
+    for gen in (True, False):
+        expected = oracle.apply_chat_template(history, tokenize=True, add_generation_prompt=gen)
+        expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+        assert fmt.encode_chat(history, tok, add_generation_prompt=gen) == list(expected)
+        assert fmt.render(history, add_generation_prompt=gen) == oracle.apply_chat_template(
+            history, tokenize=False, add_generation_prompt=gen)

@@ -135,6 +135,20 @@ def test_sampling_respects_filters():
     assert math.isclose(freq, 0.4 / 0.7, abs_tol=0.04)  # renormalised over the nucleus
 
 
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.97])
+def test_fast_nucleus_draws_only_from_the_reference_nucleus(top_p):
+    """sample() avoids sorting the vocabulary; its draws must stay inside apply_top_p's nucleus (V = 5000, with a
+    nucleus of hundreds to thousands of tokens, so the candidate set has to grow)."""
+    logits = torch.randn(2, 5000, generator=torch.Generator().manual_seed(3)) * 0.5
+    cfg = GenerationConfig(temperature=0.9, top_p=top_p)
+    allowed = torch.isfinite(apply_top_p(apply_temperature(logits, 0.9), top_p))
+    gen = build_generator(0)
+    draws = torch.cat([sample(logits, cfg, gen) for _ in range(300)], dim=1)  # (2, 300)
+    for row in range(2):
+        assert bool(allowed[row, draws[row]].all())
+    assert len(set(draws[0].tolist())) > (1 if top_p == 0.05 else 100)
+
+
 def test_sample_rows_per_row_configs():
     torch.manual_seed(0)
     logits = torch.randn(3, 30)

@@ -22,6 +22,7 @@ gguf = pytest.importorskip("gguf")
 from tokenizers import Tokenizer  # noqa: E402
 
 from engine.config import ModelConfig  # noqa: E402
+from engine.kv_cache import KVCache  # noqa: E402
 from engine.model import GPT  # noqa: E402
 from weights import store  # noqa: E402
 from weights.__main__ import main  # noqa: E402
@@ -39,14 +40,26 @@ def _ours(root: Path, name: str) -> GPT:
     return model.eval()
 
 
-def _greedy(forward, idx: torch.Tensor, n: int, stop: int | None = None) -> list[int]:
-    out = []
+def _greedy(model: GPT, idx: torch.Tensor, n: int, stop: int | None = None) -> list[int]:
+    """Argmax decoding of one row with our KV cache (prefill once, then one token per step)."""
+    cache = KVCache.build(model.config, 1, idx.shape[1] + n)
+    logits, out = model(idx, cache=cache, last_only=True), []
     for _ in range(n):
-        nxt = int(forward(idx)[0, -1].argmax())
+        nxt = int(logits[0, -1].argmax())
         if nxt == stop:
             break
         out.append(nxt)
-        idx = torch.cat([idx, torch.tensor([[nxt]])], dim=1)
+        logits = model(torch.tensor([[nxt]]), cache=cache)
+    return out
+
+
+def _hf_greedy(model, idx: torch.Tensor, n: int) -> list[int]:
+    """The same with transformers' own cache."""
+    res, out = model(idx, use_cache=True), []
+    for _ in range(n):
+        nxt = int(res.logits[0, -1].argmax())
+        out.append(nxt)
+        res = model(torch.tensor([[nxt]]), past_key_values=res.past_key_values, use_cache=True)
     return out
 
 
@@ -82,9 +95,10 @@ def test_smollm2_logits_and_greedy_match_transformers(smollm2_store: Path, hf_sm
         ref = hf_smollm2(idx).logits
         got = ours(idx)
         # same dequantized weights on both sides: only float32 summation order differs
-        assert (got - ref).abs().max().item() <= 2e-4
+        diff = (got - ref).abs().max().item()
+        assert diff <= 2e-4, diff
         assert torch.equal(got.argmax(-1), ref.argmax(-1))
-        assert _greedy(ours, idx, 20) == _greedy(lambda x: hf_smollm2(x).logits, idx, 20)
+        assert _greedy(ours, idx, 20) == _hf_greedy(hf_smollm2, idx, 20)
 
 
 def test_smollm2_tokenizer_matches_transformers(smollm2_store: Path, smollm2_gguf: Path) -> None:
@@ -126,7 +140,7 @@ def _tiny_hf_llama(tie: bool):
 
 
 def _write_llama_gguf(path: Path, model, qtype: str, extra_tensor: tuple | None = None) -> None:
-    """Write ``model`` as llama.cpp would; returns nothing, and rounds ``model``'s 2-D weights to what the file holds."""
+    """Write ``model`` as llama.cpp would, and round ``model``'s 2-D weights to the values the file holds."""
     cfg = model.config
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(cfg.num_hidden_layers)
@@ -209,3 +223,17 @@ def test_unsupported_quant_type_is_refused(tmp_path: Path, capsys: pytest.Captur
     assert "unsupported GGUF quantization Q2_K in tensor blk.0.extra.weight" in err and str(path) in err
     assert "Q4_1" in err  # the supported list
     assert list(root.iterdir()) == []
+
+
+def test_smollm2_export_loads_in_transformers(smollm2_store: Path, hf_smollm2, tmp_path: Path) -> None:
+    out = tmp_path / "hf"
+    assert main(["--models-dir", str(smollm2_store), "export", SMOLLM2_NAME, "--to", "hf", "--out", str(out)]) == 0
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tok.encode(MIXED, add_special_tokens=False)
+    assert ids == Tokenizer.from_file(str(out / "tokenizer.json")).encode(MIXED, add_special_tokens=False).ids
+    assert tok.eos_token == "<|im_end|>"
+    back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                             attn_implementation="eager").eval()
+    idx = torch.tensor([ids[:32]])
+    with torch.no_grad():
+        assert (back(idx).logits - hf_smollm2(idx).logits).abs().max().item() <= 2e-4

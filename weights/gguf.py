@@ -36,8 +36,8 @@ _SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLA
 _GPT2_STYLE = ("default", "gpt-2", "gpt2", "smollm", "starcoder", "refact")
 """Pre-tokenizers served by GPT-2's ByteLevel regex. For ``smollm``, llama.cpp (and SmolLM2's own tokenizer.json)
 first isolate every digit; transformers' GGUF loader (5.23) does not, and we match transformers as our test demands.
-The vocabulary has no merge that involves a digit, so the two agree except where a run of 2+ spaces directly precedes
-a digit: "a  1" gives [a, Ġ, Ġ, 1] here and [a, ĠĠ, 1] with digit isolation."""
+The vocabulary has no merge that involves a digit, so the two agree except where a run of 2+ whitespace characters
+directly precedes a digit: "\n\n1." gives [Ċ, Ċ, 1, .] here and [ĊĊ, 1, .] with digit isolation."""
 
 
 def _open(path: str | Path):
@@ -178,7 +178,8 @@ def build_tokenizer(meta: dict[str, Any], source: str):
     tk.post_processor = processors.ByteLevel(trim_offsets=False)
     tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
                            for t, ty in zip(tokens, types) if ty == CONTROL])
-    tk.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED])
+    tk.add_tokens([AddedToken(t, special=False, normalized=False)
+                   for t, ty in zip(tokens, types) if ty == USER_DEFINED])
     return tk
 
 

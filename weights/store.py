@@ -294,6 +294,7 @@ def add_model(
             else:
                 shutil.copyfile(src, target)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        os.chmod(tmp / WEIGHTS, 0o644)  # safetensors creates it owner-only; the store is shared like any data dir
         manifest = {
             "name": name,
             "family": "gpt2" if config.get("pos_emb", "learned") == "learned" else "llama",

@@ -1,0 +1,328 @@
+"""``python -m engine bench``: the speed figures of the engine issue, measured in one run on the same weights.
+
+Every figure is a same-run ratio against a peer (``transformers`` ``generate`` on the very same weights, exported
+with :func:`weights.hf.write`; the memory-bandwidth roofline; our own no-cache path; turn 1 vs turn 10; one
+session vs eight; base vs mixed adapters), all with the same dtype and thread count. ``transformers`` (and
+``llama_cpp`` when installed) are imported lazily: they are benchmark peers, never engine dependencies. The output
+is a Markdown table (stdout) and a JSON file; timings are medians of ``--repeats`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.generate import generate_tokens, generate_uncached
+from engine.lora import load_adapter, projection_shapes
+from engine.registry import LoadedModel, Registry
+from engine.sampling import GenerationConfig
+from engine.scheduler import Request, Scheduler
+from engine.sessions import Engine
+from weights import store
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _prompt(lm: LoadedModel, n: int = 32) -> list[int]:
+    ids = lm.tokenizer.encode("The history of the city begins long ago, when the river was young and the hills " * 8)
+    return (ids * (n // max(len(ids), 1) + 1))[:n] if ids else list(range(1, n + 1))
+
+
+def decode_ours(lm: LoadedModel, n_new: int, repeats: int) -> float:
+    """Decode tokens/s of one request through the scheduler (batch 1, greedy, EOS ignored)."""
+    sched = Scheduler(max_batch=1)
+    try:
+        cfg = GenerationConfig(max_new_tokens=n_new)
+        rates = []
+        for _ in range(repeats + 1):  # the first run warms up
+            h = sched.submit(Request(lm, None, _prompt(lm), cfg))
+            for _d in h:
+                pass
+            rates.append(h.result.decode_tokens_per_s)
+        return _median(rates[1:])
+    finally:
+        sched.close()
+
+
+def _hf_model(lm: LoadedModel, root: Path, dtype: torch.dtype, tmp: Path) -> Any:
+    from transformers import AutoModelForCausalLM  # benchmark peer only
+
+    from weights import hf
+
+    folder = tmp / f"hf-{lm.name}"
+    if not folder.exists():
+        manifest, state = store.read(lm.name, root)
+        hf.write(folder, manifest, state)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+
+
+def decode_hf(model: Any, prompt: list[int], n_new: int, repeats: int) -> float:
+    """transformers' generate (KV cache on, greedy): decode tokens/s = (n - 1) / (t(n) - t(1))."""
+    ids = torch.tensor([prompt])
+
+    def run(n: int) -> float:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, use_cache=True, pad_token_id=0)
+        return time.perf_counter() - t
+
+    run(4)
+    first = _median([run(1) for _ in range(repeats)])
+    full = _median([run(n_new) for _ in range(repeats)])
+    return (n_new - 1) / max(full - first, 1e-9)
+
+
+def read_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Bytes/s for summing a large buffer (what a memory-bound decode step does with the weights)."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return nbytes / min(times)
+
+
+def weight_bytes_per_token(lm: LoadedModel) -> int:
+    """Bytes of weights one decode step reads: every parameter except the position table (one row is read)."""
+    skip = {"pos_emb.weight"}
+    return sum(p.numel() * p.element_size() for n, p in lm.model.named_parameters() if n not in skip)
+
+
+def no_cache_speedup(lm: LoadedModel, n_new: int) -> dict[str, float]:
+    prompt = _prompt(lm, 16)
+    cfg = GenerationConfig(max_new_tokens=n_new)
+    with torch.inference_mode():
+        list(generate_tokens(lm.model, prompt, GenerationConfig(max_new_tokens=4)))  # warm up both paths
+        list(generate_uncached(lm.model, prompt, GenerationConfig(max_new_tokens=4)))
+        t = time.perf_counter()
+        a = list(generate_tokens(lm.model, prompt, cfg))
+        cached = time.perf_counter() - t
+        t = time.perf_counter()
+        b = list(generate_uncached(lm.model, prompt, cfg))
+        uncached = time.perf_counter() - t
+    return {"cached_s": cached, "uncached_s": uncached, "speedup": uncached / cached, "same_tokens": a == b}
+
+
+def _scratch_root(base_root: Path, name: str, tmp: Path) -> Path:
+    """A throwaway models root whose ``name`` links to the real files (adapters written here stay out of the
+    user's store)."""
+    root = tmp / "store"
+    dst = root / name
+    if not dst.exists():
+        dst.mkdir(parents=True)
+        for f in store.model_dir(name, base_root).iterdir():
+            if f.is_file():
+                (dst / f.name).symlink_to(f)
+    return root
+
+
+def _write_adapter(root: Path, base: str, adapter: str, lm: LoadedModel, rank: int, seed: int) -> Path:
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(lm.config.n_layers):
+        for proj, (n_in, n_out) in projection_shapes(lm.config).items():
+            blk = "attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            key = f"base_model.model.blocks.{i}.{blk}.{proj}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, n_in, generator=g) * 0.02
+            tensors[f"{key}.lora_B.weight"] = torch.randn(n_out, rank, generator=g) * 0.02
+    folder = store.adapter_dir(base, adapter, root)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
+        "target_modules": sorted(projection_shapes(lm.config))}))
+    (folder / "scratchchat.json").write_text(json.dumps({"base": base, "base_sha256": lm.sha256}))
+    return folder
+
+
+def _aggregate(sched: Scheduler, reqs: list[Request]) -> float:
+    """Generated tokens per second of wall time for requests submitted together."""
+    t = time.perf_counter()
+    handles = [sched.submit(r) for r in reqs]
+    counts = [0] * len(handles)
+
+    def drain(i: int) -> None:
+        for d in handles[i]:
+            counts[i] += len(d.token_ids)
+
+    threads = [threading.Thread(target=drain, args=(i,)) for i in range(len(handles))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return sum(counts) / (time.perf_counter() - t)
+
+
+def serving_figures(root: Path, name: str, dtype: torch.dtype, tmp: Path, n_new: int) -> dict[str, Any]:
+    """Turn-10 TTFT, 8 sessions vs 1, mixed adapters vs base, adapter switch and load times."""
+    scratch = _scratch_root(root, name, tmp)
+    engine = Engine(scratch, dtype=dtype)
+    out: dict[str, Any] = {}
+    try:
+        lm = engine.load(name)
+        for i in range(3):
+            _write_adapter(scratch, name, f"bench-{i}", lm, rank=16, seed=i)
+        t = time.perf_counter()
+        load_adapter(store.adapter_dir(name, "bench-0", scratch), lm.config, dtype=dtype)
+        out["adapter_load_ms"] = 1e3 * (time.perf_counter() - t)
+
+        # TTFT: turn 1 vs turn 10 (~1000 tokens of history)
+        s = engine.new_session(name, system_prompt="")
+        msg = "Tell me more about the history of the old city by the river, and about its people. " * 2
+        ttft = []
+        for _ in range(10):
+            s.complete(msg, GenerationConfig(max_new_tokens=60))
+            ttft.append(s.last_usage.ttft_s)
+        out["history_tokens_turn10"] = s.last_usage.prompt_tokens
+        out["ttft_turn1_ms"], out["ttft_turn10_ms"] = 1e3 * ttft[0], 1e3 * ttft[-1]
+
+        # switching a session's adapter (already loaded)
+        engine.adapter(lm, "bench-1")
+        t = time.perf_counter()
+        for i in range(20):
+            s.set_adapter("bench-1" if i % 2 == 0 else None)
+        out["adapter_switch_ms"] = 1e3 * (time.perf_counter() - t) / 20
+
+        sched = engine.scheduler
+        cfg = GenerationConfig(max_new_tokens=n_new)
+        prompt = _prompt(lm)
+        _aggregate(sched, [Request(lm, None, prompt, GenerationConfig(max_new_tokens=8))])  # warm up
+        one = _aggregate(sched, [Request(lm, None, prompt, cfg)])
+        eight = _aggregate(sched, [Request(lm, None, prompt, cfg) for _ in range(8)])
+        out.update(tok_s_1_session=one, tok_s_8_sessions=eight, sessions_ratio=eight / one)
+
+        ads = [None] + [engine.adapter(lm, f"bench-{i}") for i in range(3)]
+        base4 = _aggregate(sched, [Request(lm, None, prompt, cfg) for _ in range(4)])
+        mixed4 = _aggregate(sched, [Request(lm, a, prompt, cfg) for a in ads])
+        out.update(tok_s_base_batch4=base4, tok_s_mixed_adapters_batch4=mixed4, mixed_slowdown=base4 / mixed4)
+    finally:
+        engine.close()
+    return out
+
+
+def _llama_cpp_row(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        import llama_cpp  # noqa: F401  (optional peer, never in requirements.txt)
+    except ImportError:
+        return {"skipped": "llama-cpp-python is not installed (pip install llama-cpp-python in a bench env)"}
+    return {"skipped": "llama.cpp comparison not implemented in this run"}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    root = Path(args.models_dir) if args.models_dir else store.models_dir()
+    present = {m["name"] for m in store.list_models(root)}
+    results: dict[str, Any] = {"threads": args.threads, "new_tokens": args.new_tokens, "models": {},
+                               "read_bandwidth_gb_s": read_bandwidth() / 1e9}
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        for name in args.models:
+            if name not in present:
+                results["models"][name] = {"skipped": f"not in the store {root}"}
+                continue
+            row: dict[str, Any] = {}
+            for dname in args.dtypes:
+                dtype = DTYPES[dname]
+                lm = Registry(root, dtype=dtype).get(name)
+                ours = decode_ours(lm, args.new_tokens, args.repeats)
+                r: dict[str, Any] = {"ours_tok_s": ours}
+                roof = results["read_bandwidth_gb_s"] * 1e9 / weight_bytes_per_token(lm)
+                r.update(roofline_tok_s=roof, roofline_fraction=ours / roof)
+                if not args.skip_hf:
+                    try:
+                        hf_model = _hf_model(lm, root, dtype, tmp)
+                        r["hf_tok_s"] = decode_hf(hf_model, _prompt(lm), args.new_tokens, args.repeats)
+                        r["vs_hf"] = ours / r["hf_tok_s"]
+                        del hf_model
+                    except Exception as e:  # the peer failing must not hide our own figures
+                        r["hf_error"] = f"{type(e).__name__}: {e}"
+                row[dname] = r
+            lm = Registry(root, dtype=DTYPES[args.dtypes[0]]).get(name)
+            row["no_cache"] = no_cache_speedup(lm, args.no_cache_tokens)
+            row["serving"] = serving_figures(root, name, DTYPES[args.dtypes[0]], tmp, args.new_tokens // 2)
+            results["models"][name] = row
+    results["llama_cpp"] = _llama_cpp_row(args)
+    return results
+
+
+def to_markdown(res: dict[str, Any]) -> str:
+    lines = [f"threads={res['threads']}, read bandwidth {res['read_bandwidth_gb_s']:.1f} GB/s, "
+             f"{res['new_tokens']} new tokens", "", "| model | figure | ours | peer | ratio | target |",
+             "|---|---|---|---|---|---|"]
+    for name, row in res["models"].items():
+        if "skipped" in row:
+            lines.append(f"| {name} | — | skipped: {row['skipped']} | | | |")
+            continue
+        for dname in ("bf16", "fp32"):
+            r = row.get(dname)
+            if not r:
+                continue
+            target = "≥ 2.0×" if dname == "bf16" else "≥ 1.2×"
+            if "hf_tok_s" in r:
+                lines.append(f"| {name} | decode tok/s {dname} vs transformers | {r['ours_tok_s']:.1f} | "
+                             f"{r['hf_tok_s']:.1f} | {r['vs_hf']:.2f}× | {target} |")
+            else:
+                lines.append(f"| {name} | decode tok/s {dname} | {r['ours_tok_s']:.1f} | "
+                             f"{r.get('hf_error', 'skipped')} | | {target} |")
+            lines.append(f"| {name} | decode tok/s {dname} vs roofline | {r['ours_tok_s']:.1f} | "
+                         f"{r['roofline_tok_s']:.1f} | {100 * r['roofline_fraction']:.0f}% | ≥ 60% |")
+        nc = row["no_cache"]
+        lines.append(f"| {name} | cache vs no cache (s) | {nc['cached_s']:.2f} | {nc['uncached_s']:.2f} | "
+                     f"{nc['speedup']:.1f}× | ≥ 10× |")
+        sv = row["serving"]
+        lines += [
+            f"| {name} | TTFT turn 10 ({sv['history_tokens_turn10']} tokens) vs turn 1 (ms) | "
+            f"{sv['ttft_turn10_ms']:.0f} | {sv['ttft_turn1_ms']:.0f} | "
+            f"{sv['ttft_turn10_ms'] / sv['ttft_turn1_ms']:.2f}× | ≤ 1.2× |",
+            f"| {name} | aggregate tok/s, 8 sessions vs 1 | {sv['tok_s_8_sessions']:.1f} | {sv['tok_s_1_session']:.1f} "
+            f"| {sv['sessions_ratio']:.1f}× | ≥ 4× |",
+            f"| {name} | tok/s, none + 3 adapters vs base (batch 4) | {sv['tok_s_mixed_adapters_batch4']:.1f} | "
+            f"{sv['tok_s_base_batch4']:.1f} | {sv['mixed_slowdown']:.2f}× slower | ≤ 1.3× |",
+            f"| {name} | switch a session's adapter (ms) | {sv['adapter_switch_ms']:.3f} | | | ≤ 10 ms |",
+            f"| {name} | load a rank-16 adapter (ms) | {sv['adapter_load_ms']:.0f} | | | ≤ 200 ms |",
+        ]
+    note = res["llama_cpp"].get("skipped", "")
+    lines.append(f"| llama.cpp | decode tok/s vs llama.cpp Q4_1 | | {note} | | ≥ 0.75× |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m engine bench", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "gpt2-small"])
+    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
+    p.add_argument("--new-tokens", type=int, default=200)
+    p.add_argument("--no-cache-tokens", type=int, default=500)
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--skip-hf", action="store_true", help="leave out the transformers peer")
+    p.add_argument("--models-dir", default=None)
+    p.add_argument("--json", type=Path, default=Path("bench.json"), help="where to write the JSON")
+    args = p.parse_args(argv)
+    res = run(args)
+    print(to_markdown(res))
+    args.json.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"\nJSON written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,173 @@
+"""KV cache: stepwise cached logits equal full-sequence logits, greedy cached tokens equal uncached ones exactly, for
+both families, n_kv_heads in {1, 2, n_heads}, chunked prefill, batch 1 vs 2, ragged rows, overflow errors, and the
+row/crop helpers the serving layer uses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.config import ModelConfig
+from engine.generate import decode_step, generate_tokens, generate_uncached, prefill
+from engine.kv_cache import KVCache
+from engine.model import GPT
+from engine.sampling import GenerationConfig
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+VARIANTS = [("gpt2", 4), ("gpt2", 2), ("llama", 1), ("llama", 2), ("llama", 4)]
+
+
+def build(family: str, n_kv_heads: int, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        cfg = ModelConfig(vocab_size=257, context_length=48, d_model=32, n_layers=2, n_heads=4,
+                          n_kv_heads=n_kv_heads, ffn_dim=128)
+    else:
+        cfg = ModelConfig(vocab_size=257, context_length=48, d_model=32, n_layers=2, n_heads=4,
+                          n_kv_heads=n_kv_heads, ffn_dim=64, norm="rmsnorm", mlp="swiglu", pos_emb="rope",
+                          rope_base=100000.0, bias=False, qkv_bias=False)
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if (p.dim() == 1 and name.endswith("weight")) else 0.0, 0.3)
+    return model
+
+
+def ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 257, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family, n_kv", VARIANTS)
+def test_stepwise_cached_logits_equal_full(family, n_kv):
+    model = build(family, n_kv)
+    x = ids(1, 20)
+    with torch.no_grad():
+        full = model(x)  # (1, 20, V)
+        cache = KVCache.build(model.config, 1, 32)
+        steps = [model(x[:, t : t + 1], cache=cache) for t in range(20)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, **TOL)
+    assert int(cache.lengths[0]) == 20
+
+
+@pytest.mark.parametrize("family, n_kv", VARIANTS)
+@pytest.mark.parametrize("chunk", [1, 3, 7, 20])
+def test_chunked_prefill(family, n_kv, chunk):
+    model = build(family, n_kv)
+    x = ids(1, 20)
+    with torch.no_grad():
+        full = model(x)
+    cache = KVCache.build(model.config, 1, 32)
+    last = prefill(model, x[:, :16], cache, chunk_size=chunk)
+    torch.testing.assert_close(last, full[:, 15], **TOL)
+    for t in range(16, 20):  # decode the rest one token at a time
+        torch.testing.assert_close(decode_step(model, x[:, t : t + 1], cache), full[:, t], **TOL)
+
+
+@pytest.mark.parametrize("family, n_kv", VARIANTS)
+def test_greedy_cached_equals_uncached(family, n_kv):
+    model = build(family, n_kv)
+    prompt = ids(1, 6)[0].tolist()
+    cfg = GenerationConfig(max_new_tokens=30)
+    cached = list(generate_tokens(model, prompt, cfg))
+    assert cached == list(generate_uncached(model, prompt, cfg))
+    assert len(cached) == 30
+
+
+@pytest.mark.parametrize("family, n_kv", VARIANTS)
+def test_batch_of_two_equals_single_rows(family, n_kv):
+    model = build(family, n_kv)
+    x = ids(2, 12)
+    cache2 = KVCache.build(model.config, 2, 24)
+    with torch.no_grad():
+        batched = [model(x[:, :8], cache=cache2)]
+        batched += [model(x[:, t : t + 1], cache=cache2) for t in range(8, 12)]
+        batched = torch.cat(batched, dim=1)[:, -5:]  # logits for positions 7..11
+        for row in range(2):
+            cache1 = KVCache.build(model.config, 1, 24)
+            single = [model(x[row : row + 1, :8], cache=cache1)]
+            single += [model(x[row : row + 1, t : t + 1], cache=cache1) for t in range(8, 12)]
+            torch.testing.assert_close(batched[row], torch.cat(single, dim=1)[0, -5:], **TOL)
+
+
+@pytest.mark.parametrize("family, n_kv", VARIANTS)
+def test_ragged_rows_equal_separate_runs(family, n_kv):
+    """Row 0 holds 9 tokens and row 1 holds 4; batched decode steps give each row its own logits."""
+    model = build(family, n_kv)
+    a, b = ids(1, 12, seed=2), ids(1, 7, seed=3)
+    cache = KVCache.build(model.config, 2, 24)
+    with torch.no_grad():
+        model(a[:, :9], cache=cache.rows(0, 1))
+        model(b[:, :4], cache=cache.rows(1, 2))
+        assert cache.lengths.tolist() == [9, 4]
+        with pytest.raises(ValueError, match="different lengths"):
+            _ = cache.pos
+        steps = [model(torch.cat([a[:, t : t + 1], b[:, t - 5 : t - 4]]), cache=cache) for t in range(9, 12)]
+        got = torch.cat(steps, dim=1)  # (2, 3, V)
+        torch.testing.assert_close(got[0], model(a)[0, 9:12], **TOL)
+        torch.testing.assert_close(got[1], model(b)[0, 4:7], **TOL)
+    assert cache.lengths.tolist() == [12, 7]
+
+
+def test_ragged_prefill_with_explicit_positions():
+    """Left-aligned rows of different lengths prefilled in one pass via explicit per-row positions."""
+    model = build("llama", 2)
+    a, b = ids(1, 6, seed=4), ids(1, 6, seed=5)
+    cache = KVCache.build(model.config, 2, 16)
+    with torch.no_grad():
+        model(a[:, :2], cache=cache.rows(0, 1))  # row 0 already holds 2 tokens, row 1 none
+        positions = torch.tensor([[2, 3, 4, 5], [0, 1, 2, 3]])
+        out = model(torch.cat([a[:, 2:6], b[:, :4]]), cache=cache, positions=positions)
+        torch.testing.assert_close(out[0], model(a)[0, 2:6], **TOL)
+        torch.testing.assert_close(out[1], model(b[:, :4])[0], **TOL)
+    assert cache.lengths.tolist() == [6, 4]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_overflow_raises_with_lengths(family):
+    model = build(family, 2)
+    cache = KVCache.build(model.config, 1, 8)
+    with torch.no_grad():
+        model(ids(1, 6), cache=cache)
+        with pytest.raises(ValueError, match=r"6 cached \+ 3 new tokens needs 9 positions, but the cache holds 8"):
+            model(ids(1, 3), cache=cache)
+    with pytest.raises(ValueError, match="exceeds the model's context_length=48"):
+        KVCache.build(model.config, 1, 49)
+
+
+def test_cache_is_written_in_place():
+    model = build("llama", 2)
+    cache = KVCache.build(model.config, 1, 16)
+    pointers = [t.data_ptr() for t in cache.keys + cache.values]
+    list(generate_tokens(model, [1, 2, 3], GenerationConfig(max_new_tokens=10), cache=cache))
+    assert [t.data_ptr() for t in cache.keys + cache.values] == pointers
+    assert cache.keys[0].shape == (1, 2, 16, 8)  # (B, n_kv_heads, S, head_dim)
+
+
+def test_crop_reset_and_row_copies():
+    model = build("gpt2", 4)
+    x = ids(1, 10)
+    with torch.no_grad():
+        full = model(x)
+        cache = KVCache.build(model.config, 1, 16)
+        model(x, cache=cache)
+        cache.crop(6)  # keep a shared prefix, recompute the rest
+        torch.testing.assert_close(model(x[:, 6:], cache=cache), full[:, 6:], **TOL)
+        cache.reset()
+        assert cache.pos == 0
+        torch.testing.assert_close(model(x[:, :4], cache=cache), full[:, :4], **TOL)
+        saved = cache.extract_row(0)  # compact copy of the 4-token prefix
+        assert saved.max_seq_len == 4 and saved.pos == 4
+        big = KVCache.build(model.config, 3, 16)
+        big.copy_row_(2, saved, 0)
+        assert big.lengths.tolist() == [0, 0, 4]
+        torch.testing.assert_close(model(x[:, 4:], cache=big.rows(2, 3)), full[:, 4:], **TOL)
+    with pytest.raises(ValueError, match="negative"):
+        cache.crop(-1)
+
+
+def test_bytes_per_token():
+    cfg = ModelConfig.from_name("smollm2-135m")
+    assert KVCache.bytes_per_token(cfg, torch.bfloat16) == 2 * 30 * 3 * 64 * 2
+    small = build("llama", 2).config
+    cache = KVCache.build(small, 2, 10)
+    assert cache.nbytes == 2 * 10 * KVCache.bytes_per_token(small)
