@@ -63,7 +63,7 @@ def format_params(n: int | None) -> str:
 def describe_model(info: Any) -> str:
     """One markdown paragraph about a model (ModelInfo) for its chat profile and the welcome message."""
     parts = [f"**{info.name}**: {info.family}, {format_params(info.num_parameters)} parameters, "
-             f"prompt format `{info.prompt_format}`, {info.dtype}."]
+             f"prompt format `{info.prompt_format}`, stored as {info.dtype}."]
     created_from = getattr(info, "created_from", None)
     if created_from:
         parts.append(f"Finetuned from `{created_from.get('name', '?')}`.")
@@ -176,6 +176,21 @@ async def error(text: str) -> None:
     await cl.ErrorMessage(content=text, author="Error").send()
 
 
+_ERROR_TITLES = {  # EngineError subclass name -> what the user reads first
+    "ContextTooLong": "Message too long for the model's context",
+    "EngineBusy": "The engine is busy",
+    "ModelLoadError": "The model failed to load",
+    "AdapterMismatch": "This adapter does not fit the model",
+    "UnknownModel": "Not in the model store",
+}
+
+
+def describe_error(e: EngineError) -> str:
+    """'**Title:** the engine's own message' for an engine error."""
+    title = _ERROR_TITLES.get(type(e).__name__, "The engine could not answer")
+    return f"**{title}:** {e}"
+
+
 def _no_model_text() -> str:
     root = _models_dir_hint()
     return (f"No model in the store{root}. Fetch the default model, then reload this page:\n\n"
@@ -255,7 +270,8 @@ async def on_chat_start() -> None:
         defaults = engine.generation_defaults(info.name)
         session = await asyncio.to_thread(engine.new_session, info.name)  # loads the model: off the event loop
     except EngineError as e:
-        await error(f"Could not start a chat with `{info.name}`: {e}\n\nPick another model in the profile menu.")
+        await error(f"{describe_error(e)}\n\nCould not start a chat with `{info.name}`; pick another model in the "
+                    "profile menu.")
         return
     adapters = engine.list_adapters(info.name)
     cl.user_session.set("chat", session)
@@ -295,7 +311,7 @@ async def on_settings_update(settings: dict[str, Any]) -> None:
         except EngineError as e:
             new["adapter"] = old.get("adapter", NO_ADAPTER)
             cl.user_session.set("settings", new)
-            await error(f"Could not switch to adapter `{adapter}`: {e}")
+            await error(f"{describe_error(e)}\n\nStill using: {session.adapter or 'no adapter'}.")
             await _refresh_settings_panel(force=True)
             return
         await notice(f"Adapter: **{adapter}** on `{session.model}`. The conversation so far is kept; "
@@ -313,6 +329,12 @@ async def on_stop() -> None:
     event = cl.user_session.get("stop_event")
     if event is not None:
         event.set()
+
+
+@cl.on_chat_end
+async def on_chat_end() -> None:
+    """The tab closed or a new chat began: stop whatever this chat still generates, freeing its engine slot."""
+    await on_stop()
 
 
 async def _stream_answer(session: Any, text: str, cfg: Any, stop: threading.Event, on_text) -> None:
@@ -357,7 +379,7 @@ async def on_message(message: cl.Message) -> None:
     try:
         await _stream_answer(session, text, cfg, stop, msg.stream_token)
     except EngineError as e:
-        failure = str(e)
+        failure = describe_error(e)
     except Exception as e:  # the chat must survive anything the engine throws
         logger.exception("generation failed")
         failure = f"{type(e).__name__}: {e}"
@@ -403,7 +425,8 @@ def _label(model: str, adapter: str | None) -> str:
 
 @cl.action_callback("compare")
 async def on_compare(action: cl.Action) -> None:
-    """Answer the last user message with the base and the finetuned model at once, in one side-by-side view."""
+    """Answer the last user message (after the same earlier conversation) with the base and the finetuned model at
+    once, in one side-by-side view."""
     session = cl.user_session.get("chat")
     text = cl.user_session.get("last_user_text")
     if session is None or not text:
@@ -418,6 +441,9 @@ async def on_compare(action: cl.Action) -> None:
     settings = cl.user_session.get("settings") or {}
     system_prompt = (settings.get("system_prompt") or "").strip() or None
     cfg = build_generation_config(cl.user_session.get("defaults"), settings)
+    prior = list(session.history)
+    if len(prior) >= 2 and prior[-2] == {"role": "user", "content": text}:
+        prior = prior[:-2]  # the last exchange is the one being compared
     stop = threading.Event()
     cl.user_session.set("stop_event", stop)
     sides = [{"title": _label(*pair[0]), "role": "base", "text": "", "footer": ""},
@@ -433,6 +459,7 @@ async def on_compare(action: cl.Action) -> None:
     async def run(i: int, model: str, adapter: str | None) -> None:
         try:
             s = await asyncio.to_thread(engine.new_session, model, adapter=adapter, system_prompt=system_prompt)
+            s.history.extend(prior)  # same conversation so far, so follow-up questions compare fairly
 
             async def add(delta: str) -> None:
                 sides[i]["text"] += delta
@@ -442,7 +469,7 @@ async def on_compare(action: cl.Action) -> None:
             if s.last_usage is not None:
                 sides[i]["footer"] = footer(s.last_usage, stopped=stop.is_set()).strip("*")
         except EngineError as e:
-            sides[i]["footer"] = f"error: {e}"
+            sides[i]["footer"] = f"error: {describe_error(e).replace('**', '')}"
         except Exception as e:
             logger.exception("compare failed")
             sides[i]["footer"] = f"error: {type(e).__name__}: {e}"

@@ -227,22 +227,23 @@ class Registry:
             known = ", ".join(self.list_adapters(lm.name)) or "none"
             raise UnknownModel(f"no adapter {adapter!r} for base {lm.name!r} (available: {known})") from e
         stat = (st.st_size, st.st_mtime_ns)
+        have = lm.adapters.get(adapter)
+        if have is not None and lm.adapter_stats.get(adapter) == stat:
+            return have
+        # read outside the model's lock: the scheduler holds it during every forward pass
+        try:
+            loaded = load_adapter(folder, lm.config, name=adapter, base_name=lm.name, base_sha256=lm.sha256 or None,
+                                  dtype=lm.dtype)
+        except AdapterMismatch:
+            raise
+        except Exception as e:  # unreadable JSON or safetensors: one readable error, the engine keeps serving
+            raise AdapterMismatch(f"could not load adapter {adapter!r} for {lm.name!r}: {e}") from e
         with lm.lock:
-            have = lm.adapters.get(adapter)
-            if have is not None and lm.adapter_stats.get(adapter) == stat:
-                return have
-            try:
-                loaded = load_adapter(folder, lm.config, name=adapter, base_name=lm.name,
-                                      base_sha256=lm.sha256 or None, dtype=lm.dtype)
-            except AdapterMismatch:
-                raise
-            except (OSError, ValueError, KeyError, RuntimeError) as e:
-                raise AdapterMismatch(f"could not load adapter {adapter!r} for {lm.name!r}: {e}") from e
             if have is not None and lm.merged is not None and lm.merged.adapter.key == have.key:
                 self.unmerge(lm)
             lm.adapters[adapter] = loaded
             lm.adapter_stats[adapter] = stat
-            return loaded
+        return loaded
 
     def _adapter_dir(self, base: str, adapter: str) -> Path:
         if not adapter or "/" in adapter or "\\" in adapter or adapter in (".", ".."):

@@ -45,9 +45,10 @@ from finetune.data import IGNORE_INDEX, cache_dir, shuffled_order
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIRNAME = "checkpoint"
-# Arguments that must match for --resume to continue the same run.
-RESUME_KEYS = ("model", "data", "format", "batch_size", "lr", "weight_decay", "seed", "max_length",
-               "mask_instructions", "epochs")
+# Options that may differ on --resume (everything else, LoRA rank/alpha/targets included, must match the checkpoint).
+RESUMABLE_CHANGES = frozenset({"resume", "epochs", "max_steps", "eval_every", "eval_iter", "save_every",
+                               "sample_tokens", "run_dir", "models_dir", "device", "progress", "overwrite",
+                               "grad_accum", "dtype", "save_dtype"})
 
 
 @dataclass
@@ -515,8 +516,8 @@ def train(
             raise ValueError("--resume needs a run directory")
         state = load_checkpoint(run_dir, model, optimizer)
         saved_args = json.loads(state["args"])
-        mismatched = {k: (saved_args.get(k), getattr(args, k)) for k in RESUME_KEYS if saved_args.get(k) !=
-                      getattr(args, k)}
+        mismatched = {k: (saved_args.get(k), v) for k, v in asdict(args).items()
+                      if k not in RESUMABLE_CHANGES and saved_args.get(k) != v}
         if mismatched:
             raise ValueError(f"--resume with different options than the checkpoint (saved, now): {mismatched}")
         step = int(state["step"])
@@ -556,14 +557,18 @@ def train(
 
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     start = time.perf_counter()
-    run_tokens = 0
+    # Wall time and tokens accumulate across resumed segments (they live in the checkpointed history).
+    wall_before, run_tokens = history.get("wall_time_s", 0.0), history.get("run_tokens", 0)
     interrupted = False
     stop = _StopFlag()
+    batches: tuple[int, list[list[int]]] = (-1, [])
     with stop.installed():
         while step < total_steps:
             epoch, in_epoch = divmod(step, steps_per_epoch)
-            batch_idx = epoch_batches(len(train_data), global_batch, seed=args.seed, epoch=epoch,
-                                      shuffle=shuffle)[in_epoch]
+            if batches[0] != epoch:
+                batches = (epoch, epoch_batches(len(train_data), global_batch, seed=args.seed, epoch=epoch,
+                                                shuffle=shuffle))
+            batch_idx = batches[1][in_epoch]
             micro_batches = local_micro_batches(batch_idx, info, args.grad_accum)
             collated = []
             tokens = 0
@@ -594,14 +599,15 @@ def train(
             history["step"].append(step)
             history["train_loss"].append(loss)
             history["tokens_seen"].append(seen)
+            history["run_tokens"] = run_tokens
+            history["wall_time_s"] = wall_before + time.perf_counter() - start
             if args.eval_every and step % args.eval_every == 0:
                 record_val(step)
             if step % steps_per_epoch == 0:
                 history["epoch_end_steps"].append(step)
                 record_sample(f"epoch {step // steps_per_epoch}")
             if bar is not None:
-                elapsed = time.perf_counter() - start
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{run_tokens / max(elapsed, 1e-9):.0f}",
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{run_tokens / max(history['wall_time_s'], 1e-9):.0f}",
                                 val=f"{history['val'][-1][1]:.3f}" if history["val"] else "-")
                 bar.update(1)
             if on_step is not None:
@@ -616,7 +622,6 @@ def train(
                 _barrier(info)
     if bar is not None:
         bar.close()
-    wall = time.perf_counter() - start
     if interrupted:
         if info.is_main and run_dir is not None:
             path = save_checkpoint(run_dir, model, optimizer, checkpoint_state())
@@ -627,10 +632,9 @@ def train(
         record_val(step)
         if step % steps_per_epoch:  # stopped by --max-steps inside an epoch: still show where the model is
             record_sample(f"step {step}")
-    history["wall_time_s"] = history.get("wall_time_s", 0.0) + wall
-    history["run_tokens"] = history.get("run_tokens", 0) + run_tokens
-    result = TrainResult(steps=step, interrupted=interrupted, history=history, wall_time_s=history["wall_time_s"],
-                         tokens_per_s=history["run_tokens"] / max(history["wall_time_s"], 1e-9), run_dir=run_dir)
+    wall = history.get("wall_time_s", 0.0)
+    result = TrainResult(steps=step, interrupted=interrupted, history=history, wall_time_s=wall,
+                         tokens_per_s=history.get("run_tokens", 0) / max(wall, 1e-9), run_dir=run_dir)
     if info.is_main and run_dir is not None:
         write_metrics(run_dir, result, args, info)
     return result

@@ -49,6 +49,10 @@ def server(tmp_path_factory):
     pm.save_pretrained(str(folder))
     (folder / "scratchchat.json").write_text(json.dumps({"base": "tiny", "base_sha256": manifest["sha256"]}))
 
+    long_cfg = ModelConfig(**{**LLAMA.to_dict(), "context_length": 4096})
+    store.add_model("tiny-long", long_cfg.to_dict(), GPT(long_cfg).state_dict(), prompt_format="chatml", root=root,
+                    tokenizer={"type": "none", "eos_token_ids": []})
+
     engine = Engine(root, dtype=torch.float32, max_batch=2, max_queue=1)
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(build_app(engine, api_key=KEY), host="127.0.0.1", port=port,
@@ -78,7 +82,7 @@ def _expected(engine, messages, n, adapter=None):
 
 def test_models_lists_bases_and_adapters(client):
     ids = [m.id for m in client.models.list()]
-    assert "tiny" in ids and "tiny:ad" in ids
+    assert {"tiny", "tiny:ad", "tiny-long"} <= set(ids)
 
 
 def test_chat_non_streaming_matches_engine(client, server):
@@ -169,3 +173,27 @@ def test_busy_is_429(client, server):
     assert lm.name == "tiny"
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2)
     assert r.usage.completion_tokens == 2
+
+
+def test_client_disconnect_cancels_the_request(server, monkeypatch):
+    import httpx
+
+    engine = server["engine"]
+    handles = []
+    submit = engine.scheduler.submit
+    monkeypatch.setattr(engine.scheduler, "submit", lambda *a, **k: handles.append(submit(*a, **k)) or handles[-1])
+    body = {"model": "tiny-long", "messages": [{"role": "user", "content": "go"}], "max_tokens": 3000, "stream": True}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", server["url"] + "/chat/completions", json=body,
+                         headers={"Authorization": f"Bearer {KEY}"}) as resp:
+            assert resp.status_code == 200
+            lines = resp.iter_lines()
+            got = [next(lines) for _ in range(4)]
+            assert got[0].startswith("data: {")
+    # the server notices the closed connection and frees the row long before 3000 tokens are done
+    deadline = time.time() + 10
+    while engine.scheduler.is_busy("tiny-long") and time.time() < deadline:
+        time.sleep(0.02)
+    assert not engine.scheduler.is_busy("tiny-long")
+    assert handles[0].result.finish_reason == "cancelled"
+    assert handles[0].result.completion_tokens < 3000

@@ -358,7 +358,7 @@ async def test_model_that_fails_to_load_becomes_a_chat_message(engine):
         await chat_app.on_chat_start()
         await chat_app.on_message(user_message("hi"))
     msgs = rec.messages()
-    assert msgs[0]["isError"] and "failed to load" in msgs[0]["output"]
+    assert msgs[0]["isError"] and msgs[0]["output"].startswith("**The model failed to load:**")
     assert "Pick another model" in msgs[1]["output"]
 
 
@@ -439,6 +439,8 @@ async def test_adapter_for_another_base_is_an_error_and_the_chat_goes_on(engine)
     assert engine.sessions[0].adapter is None
     errors = [m for m in rec.messages() if m.get("isError")]
     assert len(errors) == 1 and "another base" in errors[0]["output"]
+    assert errors[0]["output"].startswith("**This adapter does not fit the model:**")
+    assert "Still using: no adapter." in errors[0]["output"]
     assert "(no adapter)" in rec.texts()[-1]
 
 
@@ -506,6 +508,20 @@ async def test_stop_from_on_stop_alone_is_enough(engine):
     assert "stopped by the user" in rec.texts()[-1]
 
 
+async def test_chat_end_stops_a_running_answer(engine):
+    engine.token_delay = 0.02
+    engine.extra_words = [f"w{i} " for i in range(500)]
+    with chainlit_context() as rec:
+        await chat_app.on_chat_start()
+        await chat_app.on_settings_update({"max_new_tokens": 600})
+        task = asyncio.create_task(chat_app.on_message(user_message("go")))
+        while len(rec.tokens()) < 3:
+            await asyncio.sleep(0.01)
+        await chat_app.on_chat_end()
+        await asyncio.wait_for(task, timeout=5)
+    assert engine.sessions[0].last_usage.finish_reason == "cancelled"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # bad input and engine errors
 
@@ -527,6 +543,7 @@ async def test_prompt_over_the_context_is_a_message_and_the_chat_goes_on(engine)
     msgs = rec.messages()
     errors = [m for m in msgs if m.get("isError")]
     assert len(errors) == 1 and "does not fit the context" in errors[0]["output"]
+    assert errors[0]["output"].startswith("**Message too long for the model's context:**")
     assert "short one" in msgs[-1]["output"]
 
 
@@ -537,7 +554,7 @@ async def test_engine_busy_is_a_message(engine):
         engine.busy = False
         await chat_app.on_message(user_message("hello again"))
     errors = [m for m in rec.messages() if m.get("isError")]
-    assert len(errors) == 1 and "busy" in errors[0]["output"]
+    assert len(errors) == 1 and errors[0]["output"].startswith("**The engine is busy:**")
     assert "hello again" in rec.texts()[-1]
 
 
@@ -594,6 +611,7 @@ async def test_compare_base_vs_adapter_side_by_side(engine):
     engine.adapters["smollm2-135m-instruct"] = ["tiny"]
     with chainlit_context() as rec:
         await chat_app.on_chat_start()
+        await chat_app.on_message(user_message("earlier question"))
         await chat_app.on_settings_update({"adapter": "tiny"})
         await chat_app.on_message(user_message("compare me"))
         await chat_app.on_compare(cl.Action(name="compare", payload={}))
@@ -607,6 +625,8 @@ async def test_compare_base_vs_adapter_side_by_side(engine):
     assert "(no adapter)" in base["footer"] and "adapter tiny" in tuned["footer"]
     assert {(s.model, s.adapter) for s in engine.sessions[1:]} == {("smollm2-135m-instruct", None),
                                                                    ("smollm2-135m-instruct", "tiny")}
+    for s in engine.sessions[1:]:  # both sides saw the earlier exchange, then the compared message
+        assert [h["content"] for h in s.history if h["role"] == "user"] == ["earlier question", "compare me"]
     assert rec.of("task_start") and rec.of("task_end")
 
 
@@ -808,3 +828,44 @@ async def test_real_engine_compare_finetune_with_base(real_engine):
     assert base["title"] == "tiny-base" and tuned["title"] == "tiny-ft"
     assert "tiny-base (no adapter)" in base["footer"] and "tiny-ft (no adapter)" in tuned["footer"]
     assert "error" not in base["footer"] + tuned["footer"]
+
+
+async def test_real_engine_empty_store_names_the_fetch_command(tmp_path, monkeypatch):
+    from engine.sessions import Engine
+
+    eng = Engine(tmp_path)
+    monkeypatch.setattr(chat_app, "_engine", eng)
+    try:
+        assert await chat_app.chat_profiles(None) == []
+        with chainlit_context() as rec:
+            await chat_app.on_chat_start()
+            await chat_app.on_message(user_message("anyone there?"))
+    finally:
+        eng.close()
+    assert all("python -m weights fetch smollm2-135m-instruct" in t for t in rec.texts()) and len(rec.texts()) == 2
+
+
+async def test_real_engine_broken_model_is_a_message_and_others_still_work(real_engine):
+    (real_engine.registry.root / "tiny-ft" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with chainlit_context(chat_profile="tiny-ft") as broken:
+        await start_and_ask("hi")
+    msgs = broken.messages()
+    assert msgs[0]["isError"] and msgs[0]["output"].startswith("**The model failed to load:**")
+    assert "Pick another model" in msgs[1]["output"]
+    with chainlit_context(chat_profile="tiny-base") as ok:
+        await start_and_ask("hi")
+    assert "tiny-base (no adapter)" in ok.texts()[-1]
+
+
+async def test_real_engine_eight_sessions_at_once(real_engine):
+    async def chat(i: int) -> tuple[Recorder, Any]:
+        with chainlit_context() as rec:
+            await start_and_ask(f"question number {i}")
+            return rec, _chat_session(rec)
+
+    results = await asyncio.wait_for(asyncio.gather(*(chat(i) for i in range(8))), timeout=60)
+    sessions = {id(s) for _, s in results}
+    assert len(sessions) == 8, "every browser session has its own engine session"
+    for i, (rec, s) in enumerate(results):
+        assert "tiny-base (no adapter)" in rec.texts()[-1]
+        assert [h["content"] for h in s.history if h["role"] == "user"] == [f"question number {i}"]

@@ -142,3 +142,54 @@ def test_evaluate_command_end_to_end(tmp_path):
         summary = evaluate.run(evaluate.EvaluateArgs(responses=str(out), judge_url=judge.url + "/api/chat",
                                                      progress=False))
     assert summary["average"] == 20.0 and "options" in judge.requests[0][1]
+
+
+@pytest.mark.slow
+def test_judge_against_engine_serve(tmp_path):
+    """The real protocol: this project's own ``python -m engine serve`` as the (weak) OpenAI-compatible judge."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    config = ModelConfig(vocab_size=50257, context_length=128, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2,
+                         ffn_dim=64)
+    torch.manual_seed(123)
+    tok, files = store.gpt2_tokenizer_entry(SHARED / "data" / "gpt2" / "encoder.json",
+                                            SHARED / "data" / "gpt2" / "vocab.bpe")
+    store.add_model("judge", config.to_dict(), GPT(config).state_dict(), tokenizer=tok, files=files,
+                    prompt_format="none", generation={"max_new_tokens": 4}, root=tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    log = open(tmp_path / "serve.log", "w")  # a file, so the server never blocks on a full pipe
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "serve", "--port", str(port), "--models-dir",
+                             str(tmp_path)], cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)},
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"engine serve did not start: {(tmp_path / 'serve.log').read_text()[-2000:]}")
+                time.sleep(0.3)
+        reply = evaluate.query_model("Respond with 7.", url=url + "/v1", model="judge", timeout=60)
+        assert isinstance(reply, str)
+        entries = [dict(ENTRY), dict(ENTRY)]
+        result = evaluate.generate_model_scores(
+            entries, query=lambda p: evaluate.query_model(p, url=url + "/v1/chat/completions", model="judge",
+                                                          timeout=60), progress=False)
+        assert result.total == 2 and len(result.scores) + len(result.skipped) == 2  # a random judge: never a crash
+        with pytest.raises(OSError):  # an unknown judge model is an HTTP error, reported with the URL
+            evaluate.query_model("x", url=url + "/v1", model="no-such-model", timeout=60)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()

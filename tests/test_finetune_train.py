@@ -141,6 +141,17 @@ def test_resume_after_sigterm_matches_uninterrupted_run(tiny_store, tmp_path):
 def test_resume_refuses_changed_options_and_missing_checkpoint(tiny_store, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         sft.run(_args(tiny_store, tmp_path, out="tiny-x", resume=True))
+    args = _args(tiny_store, tmp_path, out="tiny-x", limit=12, max_steps=2, save_every=1, epochs=1)
+    sft.run(args)  # finished: the checkpoint is gone with the saved model
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+    def interrupt(step: int, loss: float) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    args = _args(tiny_store, tmp_path, out="tiny-y", limit=12, epochs=1)
+    assert sft.run(args, on_step=interrupt)[0].interrupted
+    with pytest.raises(ValueError, match=r"different options than the checkpoint.*'lr': \(0.002, 0.001\)"):
+        sft.run(_args(tiny_store, tmp_path, out="tiny-y", limit=12, epochs=1, lr=1e-3, resume=True))
 
 
 def test_grad_accum_and_bf16(tiny_store, tmp_path):

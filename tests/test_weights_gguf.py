@@ -96,7 +96,7 @@ def test_smollm2_logits_and_greedy_match_transformers(smollm2_store: Path, hf_sm
         got = ours(idx)
         # same dequantized weights on both sides: only float32 summation order differs
         diff = (got - ref).abs().max().item()
-        assert diff <= 2e-4, diff
+        assert diff <= 5e-4, diff  # measured ~1.2e-4 on logits of magnitude ~20
         assert torch.equal(got.argmax(-1), ref.argmax(-1))
         assert _greedy(ours, idx, 20) == _hf_greedy(hf_smollm2, idx, 20)
 
@@ -236,4 +236,47 @@ def test_smollm2_export_loads_in_transformers(smollm2_store: Path, hf_smollm2, t
                                                              attn_implementation="eager").eval()
     idx = torch.tensor([ids[:32]])
     with torch.no_grad():
-        assert (back(idx).logits - hf_smollm2(idx).logits).abs().max().item() <= 2e-4
+        assert (back(idx).logits - hf_smollm2(idx).logits).abs().max().item() <= 5e-4
+
+
+def test_synthetic_gpt2_gguf(tmp_path: Path) -> None:
+    """llama.cpp's GPT-2 layout: Conv1D weights already transposed, fused attn_qkv, the tied head written twice."""
+    cfg = transformers.GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4, attn_pdrop=0.0,
+                                  embd_pdrop=0.0, resid_pdrop=0.0)
+    torch.manual_seed(0)
+    hf_model = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf_model.named_parameters():
+            p.copy_(torch.randn(p.shape) * 0.1 + (1.0 if ".ln_" in name and name.endswith("weight") else 0.0))
+    sd = {k.removeprefix("transformer."): v.numpy() for k, v in hf_model.state_dict().items()}
+    w = gguf.GGUFWriter(str(tmp_path / "g.gguf"), "gpt2")
+    w.add_block_count(2)
+    w.add_context_length(32)
+    w.add_embedding_length(32)
+    w.add_feed_forward_length(128)
+    w.add_head_count(4)
+    w.add_layer_norm_eps(1e-5)
+    w.add_tensor("token_embd.weight", sd["wte.weight"])
+    w.add_tensor("position_embd.weight", sd["wpe.weight"])
+    w.add_tensor("output.weight", sd["wte.weight"].copy())
+    w.add_tensor("output_norm.weight", sd["ln_f.weight"])
+    w.add_tensor("output_norm.bias", sd["ln_f.bias"])
+    gg = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+          "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+    for i in range(2):
+        for hf_name, name in gg.items():
+            weight = sd[f"h.{i}.{hf_name}.weight"]
+            w.add_tensor(f"blk.{i}.{name}.weight", weight if weight.ndim == 1 else weight.T.copy())
+            w.add_tensor(f"blk.{i}.{name}.bias", sd[f"h.{i}.{hf_name}.bias"])
+    w.add_vocab_size(96)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    root = tmp_path / "models"
+    assert main(["--models-dir", str(root), "import", str(tmp_path / "g.gguf"), "--name", "g"]) == 0
+    manifest = store.read_manifest("g", root)
+    assert manifest["family"] == "gpt2" and manifest["config"]["tie_embeddings"] is True
+    idx = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (_ours(root, "g")(idx) - hf_model(idx).logits).abs().max().item() <= 1e-4

@@ -133,3 +133,81 @@ def test_offline_fetch_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert "python -m weights import" in err and "--name gpt2-small" in err
     assert list(root.iterdir()) == []
     assert not list((tmp_path / "cache").rglob("model.ckpt*"))
+
+
+class _RangeServer:
+    """A local stand-in for OpenAI's bucket that honours HTTP Range, and records each request."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[tuple[str, str | None]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                name = self.path.rsplit("/", 1)[-1]
+                rng = self.headers.get("Range")
+                server.requests.append((name, rng))
+                if name not in files:
+                    self.send_error(404)
+                    return
+                data, status = files[name], 200
+                if rng:
+                    data, status = data[int(rng.split("=")[1].split("-")[0]):], 206
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_fetch_downloads_resumes_and_falls_back_to_mirror(tf_checkpoint, tmp_path: Path, gpt2_tokenizer_dir: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from weights import openai_tf
+
+    hf_model, folder = tf_checkpoint
+    files = {f.name: f.read_bytes() for f in folder.iterdir()}
+    files["checkpoint"] = b'model_checkpoint_path: "model.ckpt"\nall_model_checkpoint_paths: "model.ckpt"\n'
+    files["model.ckpt.meta"] = b"unused graph"
+    for f in ("encoder.json", "vocab.bpe"):
+        files[f] = (gpt2_tokenizer_dir / f).read_bytes()
+    assert sorted(files) == sorted(openai_tf.FILES)
+    server = _RangeServer(files)
+    try:
+        # the "OpenAI" URL refuses connections, so every file must come from the "mirror"
+        monkeypatch.setattr(openai_tf, "URLS", ("http://127.0.0.1:9/{size}/{file}",
+                                                f"http://127.0.0.1:{server.port}/gpt2/{{size}}/{{file}}"))
+        monkeypatch.setenv("SCRATCHCHAT_CACHE", str(tmp_path / "cache"))
+        cache = tmp_path / "cache" / "gpt2" / "124M"
+        cache.mkdir(parents=True)
+        (cache / "hparams.json").write_bytes(files["hparams.json"])  # complete: skipped
+        data = "model.ckpt.data-00000-of-00001"
+        half = len(files[data]) // 2
+        (cache / f"{data}.part").write_bytes(files[data][:half])  # partial: resumed
+        root = tmp_path / "models"
+        assert main(["--models-dir", str(root), "fetch", "gpt2-small"]) == 0
+    finally:
+        server.close()
+    requested = dict(server.requests)
+    assert "hparams.json" not in requested and requested[data] == f"bytes={half}-"
+    assert all((cache / f).read_bytes() == files[f] for f in openai_tf.FILES)
+    assert not list(cache.glob("*.part"))
+    manifest, state = store.read("gpt2-small", root)
+    assert manifest["tokenizer"]["type"] == "gpt2-bpe" and manifest["prompt_format"] == "none"
+    model = GPT(ModelConfig.from_dict(manifest["config"]))
+    model.load_state_dict(state, strict=True)
+    idx = torch.arange(10)[None]
+    with torch.no_grad():
+        assert (model.eval()(idx) - hf_model(idx).logits).abs().max().item() <= 1e-4

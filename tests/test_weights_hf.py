@@ -17,6 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from engine.config import ModelConfig  # noqa: E402
+from engine.kv_cache import KVCache  # noqa: E402
 from engine.model import GPT  # noqa: E402
 from weights import store  # noqa: E402
 from weights.__main__ import main  # noqa: E402
@@ -40,12 +41,23 @@ def _ours(root: Path, name: str) -> GPT:
     return model.eval()
 
 
-def _greedy(forward, idx: torch.Tensor, n: int) -> torch.Tensor:
-    """Plain argmax loop without a cache: the same for both models."""
+def _greedy(model: GPT, idx: torch.Tensor, n: int) -> list[int]:
+    """Argmax decoding of one row with our KV cache (prefill once, then one token per step)."""
+    cache = KVCache.build(model.config, 1, idx.shape[1] + n)
+    logits, out = model(idx, cache=cache, last_only=True), []
     for _ in range(n):
-        nxt = forward(idx)[:, -1].argmax(-1, keepdim=True)
-        idx = torch.cat([idx, nxt], dim=1)
-    return idx
+        out.append(int(logits[0, -1].argmax()))
+        logits = model(torch.tensor([out[-1:]]), cache=cache)
+    return out
+
+
+def _hf_greedy(model, idx: torch.Tensor, n: int) -> list[int]:
+    """The same with transformers' own cache."""
+    res, out = model(idx, use_cache=True), []
+    for _ in range(n):
+        out.append(int(res.logits[0, -1].argmax()))
+        res = model(torch.tensor([out[-1:]]), past_key_values=res.past_key_values, use_cache=True)
+    return out
 
 
 def _compare(hf_model, ours: GPT, vocab: int, n_new: int = 30, seq: int = 12) -> None:
@@ -54,9 +66,9 @@ def _compare(hf_model, ours: GPT, vocab: int, n_new: int = 30, seq: int = 12) ->
         ref = hf_model(idx).logits
         got = ours(idx)
         assert (got - ref).abs().max().item() <= ATOL
-        hf_tokens = _greedy(lambda x: hf_model(x).logits, idx[:1], n_new)
+        hf_tokens = _hf_greedy(hf_model, idx[:1], n_new)
         our_tokens = _greedy(ours, idx[:1], n_new)
-    assert torch.equal(hf_tokens, our_tokens)
+    assert our_tokens == hf_tokens
 
 
 def _import(path: Path, name: str, root: Path, *extra: str) -> None:

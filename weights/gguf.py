@@ -145,6 +145,11 @@ def _read(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], di
     meta = metadata(reader)
     config = config_from_metadata(meta, {t.name for t in reader.tensors}, source)
     tensors = _tensors(reader, source)
+    head, emb = tensors.get("output.weight"), tensors.get("token_embd.weight")
+    if head is not None and emb is not None and torch.equal(head, emb):
+        # llama.cpp's GPT-2 converter writes the tied head out as a copy; store it once
+        del tensors["output.weight"]
+        config["tie_embeddings"] = True
     table = GGUF_LLAMA if config["pos_emb"] == "rope" else GGUF_GPT2
     return config, apply_table(tensors, table, config, source), meta
 

@@ -101,7 +101,7 @@ def read(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         rank = 2 if key.endswith("/w") or key in ("model/wte", "model/wpe") else 1
         while array.ndim > rank and array.shape[0] == 1:  # OpenAI's Conv1D w is (1, in, out)
             array = array[0]
-        tensors[key] = torch.from_numpy(array.copy())
+        tensors[key] = torch.from_numpy(array if array.flags.writeable else array.copy())
     return config, apply_table(tensors, OPENAI_TF, config, str(folder))
 
 
