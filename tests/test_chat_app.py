@@ -644,6 +644,29 @@ async def test_compare_full_finetune_against_its_base(engine):
     assert tuned["text"].startswith("smollm2-sft says: what changed?")
 
 
+async def test_stop_ends_both_sides_of_a_compare(engine):
+    import chainlit as cl
+
+    engine.adapters["smollm2-135m-instruct"] = ["tiny"]
+    with chainlit_context() as rec:
+        await chat_app.on_chat_start()
+        await chat_app.on_settings_update({"adapter": "tiny", "max_new_tokens": 600})
+        await chat_app.on_message(user_message("q"))
+        engine.token_delay = 0.02
+        engine.extra_words = [f"w{i} " for i in range(500)]
+        task = asyncio.create_task(chat_app.on_compare(cl.Action(name="compare", payload={})))
+        while len(engine.sessions) < 3 or not all(s.history for s in engine.sessions[1:]):
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        await chat_app.on_stop()
+        await asyncio.wait_for(task, timeout=5)
+    final = [e for e in rec.of("element") if e.get("name") == "Compare"][-1]["props"]
+    assert final["done"] is True
+    for side in final["sides"]:
+        assert side["footer"].endswith("stopped by the user") and len(side["text"].split()) < 100
+    assert rec.of("task_end"), "the stop button goes away"
+
+
 async def test_compare_without_a_finetune_explains_what_to_do(engine):
     import chainlit as cl
 

@@ -42,9 +42,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_fetch(args: argparse.Namespace) -> int:
     from weights import fetch
 
+    present = store.model_dir(args.name, args.models_dir).exists() and not args.force
     manifest = fetch.fetch(args.name, root=args.models_dir, overwrite=args.force)
     print(f"{manifest['name']}: {manifest['family']}, {_format_count(manifest['num_parameters'])} parameters, "
-          f"prompt format {manifest['prompt_format']}, in {store.model_dir(manifest['name'], args.models_dir)}")
+          f"prompt format {manifest['prompt_format']}, "
+          f"{'already ' if present else ''}in {store.model_dir(manifest['name'], args.models_dir)}")
     return 0
 
 

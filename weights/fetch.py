@@ -100,14 +100,19 @@ def import_smollm2(gguf_path: str | os.PathLike, root: str | os.PathLike | None 
 
 
 def fetch(name: str, root: str | os.PathLike | None = None, *, overwrite: bool = False) -> dict[str, Any]:
-    """Download (or unpack) a known model and import it into the store; returns the manifest."""
+    """Download (or unpack) a known model and import it into the store; returns the manifest.
+
+    A model already in the store is left as it is (and its manifest returned) unless ``overwrite``, so the README's
+    run command can fetch on every start.
+    """
     from weights import openai_tf
 
+    if store.model_dir(name, root).exists() and not overwrite:
+        log.info("model %r is already in %s; use --force to fetch it again", name, store.model_dir(name, root).parent)
+        return store.read_manifest(name, root)
     if name == SMOLLM2_NAME:
-        _check_free(name, root, overwrite)
         return import_smollm2(get_smollm2_gguf(), root=root, overwrite=overwrite)
     if name in openai_tf.SIZES:
-        _check_free(name, root, overwrite)
         folder = openai_tf.download_gpt2(name, default_cache_dir() / "gpt2" / openai_tf.SIZES[name])
         size = openai_tf.SIZES[name]
         return store.import_path(folder, name, prompt_format="none", root=root, overwrite=overwrite,
@@ -115,9 +120,3 @@ def fetch(name: str, root: str | os.PathLike | None = None, *, overwrite: bool =
     known = ", ".join([*openai_tf.SIZES, SMOLLM2_NAME])
     raise ValueError(f"unknown model {name!r}; fetch knows {known} (import anything else with "
                      f"`python -m weights import PATH --name NAME`)")
-
-
-def _check_free(name: str, root: str | os.PathLike | None, overwrite: bool) -> None:
-    if store.model_dir(name, root).exists() and not overwrite:
-        raise FileExistsError(f"model {name!r} is already in {store.model_dir(name, root).parent}; use --force to "
-                              f"fetch it again")
