@@ -120,7 +120,8 @@ def load_adapter(
         name: the adapter's name (default: the folder name).
         base_name: the base it is being loaded onto; must equal scratchchat.json's ``base`` when that is present.
         base_sha256: the base's weights hash; must equal scratchchat.json's ``base_sha256`` when both are present.
-        dtype: compute dtype of the stored A/B (the base model's dtype).
+        dtype: dtype of the stored A/B and of the low-rank product. float32 (the default) even for a bf16 base:
+            it is more exact, and CPU kernels for these small bf16 matmuls are about 10x slower than float32 ones.
 
     Raises:
         FileNotFoundError: the folder lacks adapter_config.json or adapter_model.safetensors.
@@ -243,13 +244,18 @@ class BatchLora:
         if w is not None:
             at, bt = w
             B, T, n_in = x.shape
-            out = torch.addmm(y.reshape(B * T, -1), x.reshape(B * T, n_in) @ at, bt)
-            return out.view(y.shape)
+            x2 = x.reshape(B * T, n_in)
+            if y.dtype == at.dtype:
+                return torch.addmm(y.reshape(B * T, -1), x2 @ at, bt).view(y.shape)
+            return y + ((x2.to(at.dtype) @ at) @ bt).view(y.shape).to(y.dtype)
         w = self.stacked.get((layer, proj))
         if w is None:
             return y
         a, b = w  # (B, in, R), (B, R, out)
-        return torch.baddbmm(y, torch.bmm(x, a), b)
+        if y.dtype == a.dtype:
+            return torch.baddbmm(y, torch.bmm(x, a), b)
+        # bf16 model: the low-rank product runs in float32 (small bf16 bmm kernels are ~10x slower on CPU)
+        return y + torch.bmm(torch.bmm(x.to(a.dtype), a), b).to(y.dtype)
 
 
 def _concat_rank(parts: list[tuple[tuple[torch.Tensor, torch.Tensor] | None, float]]

@@ -52,9 +52,8 @@ def server(e2e_store: Path, tmp_path_factory: pytest.TempPathFactory):
     if not Path("/usr/bin/chromium").exists():
         pytest.skip("Debian's chromium package is not installed (.ci/run installs it)")
     log = tmp_path_factory.mktemp("e2e_logs") / "chainlit.log"
-    # float32: in bfloat16 greedy SmolLM2-135M derails on this question once its default system prompt is in the
-    # prompt ("L'Étoile, la Marseillaise, la femme, ..."), while float32 answers "The capital of France is Paris."
-    env = {"CHAT_MODELS_DIR": str(e2e_store), "SCRATCHCHAT_DTYPE": "float32"}
+    # the engine's default serving dtype (bf16 on this CPU), as a user gets it
+    env = {"CHAT_MODELS_DIR": str(e2e_store)}
     with running_server(REPO / "chat_app.py", env, log) as srv:
         yield srv
         tail = srv.log_tail()

@@ -341,19 +341,20 @@ SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Huggin
 
 
 @pytest.mark.slow
-def test_smollm2_chat_answers_paris(request):
-    try:
-        root = request.getfixturevalue("smollm2_store")
-    except pytest.FixtureLookupError:
-        pytest.skip("smollm2_store fixture (tests/conftest.py) not available")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_smollm2_chat_answers_paris(smollm2_store, dtype):
+    """fp32 and bf16 both answer. bf16 regression: with a bf16 residual stream (HF's layout) the default system
+    prompt turned the answer into "L'Étoile de la Cité..."; the float32 residual stream fixes it."""
     from weights import store
+
+    root = smollm2_store
 
     name = "smollm2-135m-instruct"
     manifest, state_dict = store.read(name, root=root)
     config = ModelConfig.from_dict(manifest["config"])
     model = GPT(config)
     model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
-    model.eval()
+    model = model.to(dtype).eval()
     tokenizer = load_tokenizer(store.model_dir(name, root=root), manifest["tokenizer"])
     fmt = get_prompt_format(manifest["prompt_format"])
     assert fmt.name == "chatml"
