@@ -4,16 +4,23 @@
   as is); ``--no-cache`` recomputes the whole sequence per token (the book's loop, for comparison).
 * ``serve`` runs the OpenAI-compatible API (:mod:`engine.api`) with uvicorn, on 127.0.0.1 unless told otherwise.
 * ``bench`` runs :mod:`engine.bench`.
+
+OpenMP threads sleep at barriers instead of spinning (``OMP_WAIT_POLICY=PASSIVE``, set before torch loads unless
+already set): on a small shared CPU, spinning threads of two busy processes slow each other down by 10x or more.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+
+# before torch is imported (it is imported lazily below): libgomp reads this once, when it loads
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _add_models_dir(p: argparse.ArgumentParser) -> None:

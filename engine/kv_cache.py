@@ -28,6 +28,7 @@ class AttentionPlan:
     span: int  # number of key positions to attend over: max(positions) + 1
     mask: torch.Tensor | None  # (B, 1, T, span) bool, True = attend; None when the slice is already causal
     is_causal: bool  # let SDPA build the causal mask itself (prefill from position 0)
+    advance_to: int | None = None  # every row's new length when known without reading tensors (see commit)
 
 
 class KVCache:
@@ -37,6 +38,7 @@ class KVCache:
         self.keys = keys
         self.values = values
         self.lengths = lengths  # (B,) int64, on CPU
+        self._arange: torch.Tensor | None = None  # 0..max_seq_len-1, sliced for positions instead of built per step
 
     @classmethod
     def build(
@@ -122,6 +124,11 @@ class KVCache:
         """
         bsz = self.batch_size
         if positions is None:
+            # The common case (decode or prefill with every row at the same length) reads one or two numbers and
+            # slices a cached arange, so a decode step builds no tensors here.
+            lo = int(self.lengths[0]) if bsz == 1 else int(self.lengths.min())
+            if bsz == 1 or lo == int(self.lengths.max()):
+                return self._uniform_plan(lo, n_new, bsz)
             positions = self.lengths[:, None] + torch.arange(n_new)
         elif positions.dim() == 1:
             positions = positions[None, :].expand(bsz, -1)
@@ -143,6 +150,23 @@ class KVCache:
         mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, span)
         return AttentionPlan(positions, start, end, mask, False)
 
+    def _uniform_plan(self, start: int, n_new: int, bsz: int) -> AttentionPlan:
+        """Plan for ``n_new`` tokens appended to rows that all hold ``start`` tokens."""
+        end = start + n_new
+        if end > self.max_seq_len:
+            raise ValueError(
+                f"KV cache overflow: {start} cached + {n_new} new tokens needs {end} positions, "
+                f"but the cache holds {self.max_seq_len}"
+            )
+        if self._arange is None:
+            self._arange = torch.arange(self.max_seq_len)
+        positions = self._arange[start:end][None].expand(bsz, -1)  # (B, T)
+        mask = None
+        if start > 0 and n_new > 1:  # new tokens see the whole prefix and each other causally
+            keys = self._arange[:end]
+            mask = (keys[None, :] <= positions[0, :, None])[None, None]  # (1, 1, T, span)
+        return AttentionPlan(positions, start, end, mask, start == 0 and n_new > 1, advance_to=end)
+
     def write(self, layer: int, plan: AttentionPlan, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Store new ``k``/``v`` (B, n_kv_heads, T, head_dim) in place; return the keys/values to attend over."""
         kc, vc = self.keys[layer], self.values[layer]
@@ -159,4 +183,7 @@ class KVCache:
 
     def commit(self, plan: AttentionPlan) -> None:
         """Advance the lengths after a forward pass has written every layer."""
-        self.lengths.copy_(torch.maximum(self.lengths, plan.positions[:, -1] + 1))
+        if plan.advance_to is not None:
+            self.lengths.fill_(plan.advance_to)
+        else:
+            self.lengths.copy_(torch.maximum(self.lengths, plan.positions[:, -1] + 1))

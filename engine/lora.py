@@ -223,14 +223,18 @@ class BatchLora:
         self.keys = tuple(None if a is None else a.key for a in adapters)
         self.shared: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.stacked: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.rows_idx: torch.Tensor | None = None  # rows that the stacked weights cover (None = all)
         distinct = {tuple((a.key, s) for a, s in r) for r in rows}
         if len(distinct) == 1 and rows and rows[0]:
             # every row has the same contribution: plain matmuls with shared weights
             for proj_key in sorted({k for a, _ in rows[0] for k in a.weights}):
                 self.shared[proj_key] = _concat_rank([(a.weights.get(proj_key), s) for a, s in rows[0]])
         elif any(rows):
+            # stack only the rows that have an adapter: base-only rows cost no LoRA work or weight traffic
+            active = [i for i, r in enumerate(rows) if r]
+            self.rows_idx = None if len(active) == len(rows) else torch.tensor(active)
             for proj_key in sorted({k for r in rows for a, _ in r for k in a.weights}):
-                per_row = [_concat_rank([(a.weights.get(proj_key), s) for a, s in r]) for r in rows]
+                per_row = [_concat_rank([(a.weights.get(proj_key), s) for a, s in rows[i]]) for i in active]
                 self.stacked[proj_key] = _stack_rows(per_row)
 
     @property
@@ -251,11 +255,15 @@ class BatchLora:
         w = self.stacked.get((layer, proj))
         if w is None:
             return y
-        a, b = w  # (B, in, R), (B, R, out)
-        if y.dtype == a.dtype:
-            return torch.baddbmm(y, torch.bmm(x, a), b)
-        # bf16 model: the low-rank product runs in float32 (small bf16 bmm kernels are ~10x slower on CPU)
-        return y + torch.bmm(torch.bmm(x.to(a.dtype), a), b).to(y.dtype)
+        a, b = w  # (n, in, R), (n, R, out) for the n rows in rows_idx
+        idx = self.rows_idx
+        if idx is None:
+            if y.dtype == a.dtype:
+                return torch.baddbmm(y, torch.bmm(x, a), b)
+            # bf16 model: the low-rank product runs in float32 (small bf16 bmm kernels are ~10x slower on CPU)
+            return y + torch.bmm(torch.bmm(x.to(a.dtype), a), b).to(y.dtype)
+        delta = torch.bmm(torch.bmm(x.index_select(0, idx).to(a.dtype), a), b)  # (n, T, out)
+        return y.index_add(0, idx, delta.to(y.dtype))
 
 
 def _concat_rank(parts: list[tuple[tuple[torch.Tensor, torch.Tensor] | None, float]]
@@ -272,7 +280,7 @@ def _concat_rank(parts: list[tuple[tuple[torch.Tensor, torch.Tensor] | None, flo
 
 
 def _stack_rows(per_row: list[tuple[torch.Tensor, torch.Tensor] | None]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack per-row pairs into (B, in, R) / (B, R, out), zero-padding ranks; rows with None get zeros."""
+    """Stack per-row pairs into (n, in, R) / (n, R, out), zero-padding ranks; rows with None get zeros."""
     ref = next(w for w in per_row if w is not None)
     n_in, n_out = ref[0].shape[0], ref[1].shape[1]
     R = max(w[0].shape[1] for w in per_row if w is not None)

@@ -10,11 +10,18 @@ grouped-query attention (n_kv_heads < n_heads), tied or untied head.
 Q, K and V are separate ``nn.Linear`` layers with HF Llama's names so that peft's ``target_modules`` can name each
 projection and HF checkpoints map almost one-to-one. The model never samples, reads files or keeps a position
 counter: ``forward`` takes an optional :class:`~engine.kv_cache.KVCache`, which owns the positions.
+
+Inference fast path (no autograd): at batch 1 a decode step is memory-bound on the weights and, in Python, bound by
+the number of ops. So when grad is off, q/k/v (and gate/up) run as one matmul over a concatenated weight
+(:class:`_Fused`, rebuilt when a weight changes; for frozen weights the separate Linear weights become views into it,
+so nothing is stored twice), one-row inputs use ``addmv`` (a GEMV; oneDNN's bf16 GEMM is slow at M=1 on CPU), RoPE
+rotates q and k together, and dropout is skipped. Training, peft-wrapped projections and the LoRA hook's per-projection
+``(x, y)`` contract are unchanged: the fused output is split back into q, k and v before the hook sees them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +94,72 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` that runs a single row (decode at batch 1) as a GEMV: ``addmv`` reads the weight once at close
+    to memory bandwidth, where a bf16 GEMM with M=1 is compute-bound on CPU (measured 1.5-2x slower here)."""
+    if x.numel() != x.shape[-1] or torch.is_grad_enabled():
+        return F.linear(x, weight, bias)
+    flat = x.reshape(-1)
+    y = torch.mv(weight, flat) if bias is None else torch.addmv(bias, weight, flat)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    # peft (or anything else) may wrap a projection; then the module itself must run
+    return type(module) is nn.Linear
+
+
+def _apply(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``, with plain Linear layers going through :func:`linear` (GEMV for one row) when grad is off."""
+    if _is_plain_linear(module) and not torch.is_grad_enabled():
+        return linear(x, module.weight, module.bias)
+    return module(x)
+
+
+class _Fused:
+    """One concatenated weight (and bias) for several Linear layers that read the same input, for inference.
+
+    Rebuilt whenever any source weight is replaced or changed in place (tracked by data pointer and version counter,
+    which ``load_state_dict``, optimizers and LoRA merge/unmerge all bump). When no source needs grad (a model served
+    by the registry), the sources' ``.data`` become views into the fused tensor, so it costs no extra memory and an
+    in-place change of one projection (e.g. a LoRA merge) writes straight into it.
+    """
+
+    def __init__(self, linears: Sequence[nn.Linear]) -> None:
+        self.linears = tuple(linears)
+        self.sizes = [lin.out_features for lin in linears]
+        self.key: tuple | None = None
+        self.weight: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+
+    @staticmethod
+    def _state(t: torch.Tensor) -> tuple[int, int, torch.dtype]:
+        return t.data_ptr(), (0 if t.is_inference() else t._version), t.dtype
+
+    def _key(self) -> tuple:
+        return tuple(self._state(p) for lin in self.linears for p in (lin.weight, lin.bias) if p is not None)
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        key = self._key()
+        if key != self.key:
+            self._build()
+        return self.weight, self.bias
+
+    def _build(self) -> None:
+        with torch.inference_mode(False), torch.no_grad():
+            params = [[lin.weight for lin in self.linears]]
+            if self.linears[0].bias is not None:
+                params.append([lin.bias for lin in self.linears])
+            fused = [torch.cat([p.detach() for p in group], dim=0) for group in params]
+            if not any(p.requires_grad for group in params for p in group):
+                for group, whole in zip(params, fused, strict=True):
+                    for p, part in zip(group, whole.split(self.sizes, dim=0), strict=True):
+                        p.data = part  # share storage: one copy of the weights
+        self.weight = fused[0]
+        self.bias = fused[1] if len(fused) > 1 else None
+        self.key = self._key()
+
+
 class Attention(nn.Module):
     """Causal multi-head attention with grouped K/V heads (MHA when n_kv_heads == n_heads, MQA when 1)."""
 
@@ -100,19 +173,48 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, kv, bias=config.qkv_bias)
         self.o_proj = nn.Linear(d, d, bias=config.bias)
         self.dropout = config.dropout
+        self._qkv: _Fused | None = None  # inference-only fused q/k/v weight, built on first use
+
+    def _fused_qkv(self) -> _Fused | None:
+        if not all(_is_plain_linear(m) for m in (self.q_proj, self.k_proj, self.v_proj)):
+            return None
+        if self._qkv is None or self._qkv.linears != (self.q_proj, self.k_proj, self.v_proj):
+            self._qkv = _Fused([self.q_proj, self.k_proj, self.v_proj])
+        return self._qkv
+
+    def _project_qkv(self, x: torch.Tensor, lora: LoraHook | None) -> tuple[torch.Tensor, ...]:
+        """q (B, T, d), k and v (B, T, kv), or with the fused path and no hook one (B, T, d + 2 kv) tensor."""
+        fused = None if torch.is_grad_enabled() else self._fused_qkv()
+        if fused is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            qkv = linear(x, *fused.get())
+            if lora is None:
+                return (qkv,)
+            q, k, v = qkv.split(fused.sizes, dim=-1)
+        if lora is not None:
+            q, k, v = lora(self.layer_idx, "q_proj", x, q), lora(self.layer_idx, "k_proj", x, k), \
+                lora(self.layer_idx, "v_proj", x, v)
+        return q, k, v
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None,
                 plan: AttentionPlan | None, lora: LoraHook | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if lora is not None:
-            q, k, v = lora(self.layer_idx, "q_proj", x, q), lora(self.layer_idx, "k_proj", x, k), \
-                lora(self.layer_idx, "v_proj", x, v)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if rope is not None:  # RoPE on queries and keys only, never values
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        proj = self._project_qkv(x, lora)
+        if len(proj) == 1:  # fused: heads [0, H) are q, [H, H + Hkv) k, the rest v
+            qkv = proj[0].view(B, T, H + 2 * Hkv, hd).transpose(1, 2)  # (B, H + 2 Hkv, T, head_dim)
+            qk, v = qkv[:, : H + Hkv], qkv[:, H + Hkv :]
+            if rope is not None:  # one rotation for queries and keys together
+                qk = apply_rope(qk, *rope)
+            q, k = qk[:, :H], qk[:, H:]
+        else:
+            q, k, v = proj
+            q = q.view(B, T, H, hd).transpose(1, 2)  # (B, n_heads, T, head_dim)
+            k = k.view(B, T, Hkv, hd).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
+            v = v.view(B, T, Hkv, hd).transpose(1, 2)
+            if rope is not None:  # RoPE on queries and keys only, never values
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         mask, is_causal = None, True
         if cache is not None:
             k, v = cache.write(self.layer_idx, plan, k, v)  # (B, n_kv_heads, span, head_dim)
@@ -122,7 +224,7 @@ class Attention(nn.Module):
             enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, n_heads, T, head_dim)
         y = y.transpose(1, 2).reshape(B, T, -1)
-        out = self.o_proj(y)
+        out = _apply(self.o_proj, y)
         return out if lora is None else lora(self.layer_idx, "o_proj", y, out)
 
 
@@ -138,20 +240,32 @@ class MLP(nn.Module):
             self.gate_proj = nn.Linear(d, f, bias=config.bias)
         self.up_proj = nn.Linear(d, f, bias=config.bias)
         self.down_proj = nn.Linear(f, d, bias=config.bias)
+        self._gate_up: _Fused | None = None  # inference-only fused gate/up weight (SwiGLU)
+
+    def _fused_gate_up(self) -> _Fused | None:
+        if torch.is_grad_enabled() or not (_is_plain_linear(self.gate_proj) and _is_plain_linear(self.up_proj)):
+            return None
+        if self._gate_up is None or self._gate_up.linears != (self.gate_proj, self.up_proj):
+            self._gate_up = _Fused([self.gate_proj, self.up_proj])
+        return self._gate_up
 
     def forward(self, x: torch.Tensor, lora: LoraHook | None) -> torch.Tensor:
         i = self.layer_idx
-        up = self.up_proj(x)
-        if lora is not None:
-            up = lora(i, "up_proj", x, up)
         if self.swiglu:
-            gate = self.gate_proj(x)
+            fused = self._fused_gate_up()
+            if fused is not None:
+                gate, up = linear(x, *fused.get()).split(fused.sizes, dim=-1)
+            else:
+                gate, up = self.gate_proj(x), self.up_proj(x)
             if lora is not None:
-                gate = lora(i, "gate_proj", x, gate)
+                gate, up = lora(i, "gate_proj", x, gate), lora(i, "up_proj", x, up)
             h = F.silu(gate) * up
         else:
+            up = _apply(self.up_proj, x)
+            if lora is not None:
+                up = lora(i, "up_proj", x, up)
             h = gelu_tanh(up)
-        out = self.down_proj(h)
+        out = _apply(self.down_proj, h)
         return out if lora is None else lora(i, "down_proj", h, out)
 
 
@@ -168,6 +282,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None,
                 plan: AttentionPlan | None, lora: LoraHook | None) -> torch.Tensor:
+        if not self.training:  # dropout is the identity: skip two module calls per block
+            x = x + self.attn(self.attn_norm(x), rope, cache, plan, lora)
+            return x + self.mlp(self.mlp_norm(x), lora)
         x = x + self.drop(self.attn(self.attn_norm(x), rope, cache, plan, lora))
         return x + self.drop(self.mlp(self.mlp_norm(x), lora))
 
@@ -226,18 +343,22 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         plan = None
+        start = None  # the common first position of every row, when known without reading tensors
         if cache is not None:
             if cache.batch_size != B:
                 raise ValueError(f"cache has {cache.batch_size} rows but the input has batch size {B}")
             plan = cache.plan(T, positions)
-            positions = plan.positions
+            if plan.span > self.config.context_length:
+                raise ValueError(f"position {plan.span - 1} is past context_length={self.config.context_length}")
+            positions, start = plan.positions, plan.start
         elif positions is None:
             if T > self.config.context_length:
                 raise ValueError(f"sequence of {T} tokens exceeds context_length={self.config.context_length}")
-            positions = torch.arange(T)
-        positions = positions.to(idx.device)
-        if int(positions.max()) >= self.config.context_length:
-            raise ValueError(f"position {int(positions.max())} is past context_length={self.config.context_length}")
+            start = 0
+        else:
+            positions = positions.to(idx.device)
+            if int(positions.max()) >= self.config.context_length:
+                raise ValueError(f"position {int(positions.max())} is past context_length={self.config.context_length}")
 
         # The residual stream is kept in float32 whatever the weights' dtype: SmolLM2's activations reach ~2.5e4,
         # where a bf16 ulp is 128, and a bf16 residual stream turned its answer to "What is the capital of France?"
@@ -246,12 +367,21 @@ class GPT(nn.Module):
         dtype = self.tok_emb.weight.dtype
         rope = None
         if self.pos_emb is not None:
-            x = x + self.pos_emb(positions)  # (T, d) or (B, T, d) broadcast over the batch
+            if start is not None:  # contiguous positions: a slice instead of a gather
+                x = x + self.pos_emb.weight[start : start + T]  # (T, d) broadcast over the batch
+            else:
+                x = x + self.pos_emb(positions.to(idx.device))  # (T, d) or (B, T, d)
+        elif start is not None:
+            # (1, 1, T, head_dim) in the weights' dtype, broadcast over batch and heads
+            rope = (self.rope_cos[start : start + T].to(dtype)[None, None],
+                    self.rope_sin[start : start + T].to(dtype)[None, None])
         else:
-            pos = positions if positions.dim() == 2 else positions[None]
+            pos = positions.to(idx.device)
+            pos = pos if pos.dim() == 2 else pos[None]
             # (B|1, 1, T, head_dim) in the weights' dtype, broadcast over heads
             rope = (self.rope_cos[pos][:, None].to(dtype), self.rope_sin[pos][:, None].to(dtype))
-        x = self.drop(x)
+        if self.training:
+            x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope, cache, plan, lora)
         if cache is not None:
@@ -260,8 +390,8 @@ class GPT(nn.Module):
             x = x[:, -1:]
         x = self.norm_f(x)
         if self.lm_head is None:
-            return F.linear(x, self.tok_emb.weight)
-        return self.lm_head(x)
+            return linear(x, self.tok_emb.weight)
+        return _apply(self.lm_head, x)
 
     def num_parameters(self) -> int:
         """Trainable-parameter count with a tied head counted once (``sum(p.numel())``)."""

@@ -100,6 +100,7 @@ class Handle:
 
     def __init__(self, request: Request, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.request = request
+        self.t_submit = time.perf_counter()  # time to first token counts the wait in the queue too
         self.result: Result | None = None
         self.error: BaseException | None = None
         self._cancel = threading.Event()
@@ -172,7 +173,7 @@ class _Active:
         self.generated: list[int] = []
         self.prefilled = 0  # prompt tokens in the cache so far
         self.next_token: int | None = None  # sampled but not yet fed to the model
-        self.t_submit = time.perf_counter()
+        self.t_submit = handle.t_submit
         self.t_first: float | None = None
         self.t_last: float | None = None
 
@@ -371,9 +372,12 @@ class Scheduler:
         row = len(pool.decoding)
         r = h.request
         if r.prefix is not None and r.prefix_len > 0:
-            pool.cache.copy_row_(row, r.prefix, 0)
-            pool.cache.lengths[row] = r.prefix_len
-            act.prefilled = r.prefix_len
+            n = r.prefix_len  # only the reused part (copy_row_ would copy the whole stored prefix)
+            for mine, theirs in zip(pool.cache.keys + pool.cache.values, r.prefix.keys + r.prefix.values,
+                                    strict=True):
+                mine[row, :, :n].copy_(theirs[0, :, :n])
+            pool.cache.lengths[row] = n
+            act.prefilled = n
         else:
             pool.cache.lengths[row] = 0
         pool.prefilling = act

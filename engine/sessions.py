@@ -210,6 +210,7 @@ class ChatSession:
         self.last_usage: ChatUsage | None = None
         self._first_turn = 0  # history[2 * _first_turn:] is what the prompt holds (older turns were dropped)
         self._cache: _SessionCache | None = None
+        self._pending_key: tuple = ()
         self._busy = threading.Lock()
 
     # ---- settings
@@ -245,7 +246,11 @@ class ChatSession:
 
     # ---- a turn
     def _prepare(self, user_text: str, cfg: GenerationConfig,
-                 should_stop: Callable[[], bool] | None) -> tuple[Request, int, str]:
+                 should_stop: Callable[[], bool] | None) -> tuple[Request, int, int, tuple]:
+        """Encode the turn (dropping the oldest turns if needed) and find the reusable cached prefix.
+
+        Returns (request, turns dropped now, first turn kept, cache key); the session's state changes only once
+        the request is accepted (see :meth:`_submitted`)."""
         lm = self.engine.load(self._model)
         ad = self.engine.adapter(lm, self._adapter)
         system = self.system_prompt
@@ -254,8 +259,8 @@ class ChatSession:
         reserve = min(cfg.max_new_tokens, n_ctx // 4)  # room kept for the answer when trimming history
         head = [{"role": "system", "content": system}] if system else []
         user = [{"role": "user", "content": user_text}]
-        n_turns = len(self.history) // 2
-        first = self._first_turn
+        n_turns = len(self.history) // 2  # history holds (user, assistant) pairs
+        first = min(self._first_turn, n_turns)  # turns dropped once stay dropped: the prompt stays stable
         while True:
             ids = fmt.encode_chat(head + self.history[2 * first:] + user, tok, add_generation_prompt=True)
             if len(ids) + reserve <= n_ctx or first >= n_turns:
@@ -265,8 +270,7 @@ class ChatSession:
             raise ContextTooLong(
                 f"this message needs {len(ids)} tokens with the system prompt, but {self._model!r} holds {n_ctx} "
                 f"tokens of context here; shorten the message")
-        truncated = first - self._first_turn
-        self._first_turn = first
+        truncated = first - min(self._first_turn, n_turns)
 
         merged = lm.merged.adapter.key if lm.merged is not None else None
         key = (lm.name, lm.sha256, id(lm), None if ad is None else ad.key, merged, fmt.name, system)
@@ -278,14 +282,20 @@ class ChatSession:
                     break
                 n += 1
             prefix_len = min(n, len(ids) - 1)  # at least one token must be prefilled to get logits
-            prefix = self._cache.cache if prefix_len > 0 else None
-            prefix_len = prefix_len if prefix is not None else 0
-        self._cache = None  # a new cache comes back with the result; a key change discards the old one here
+            if prefix_len > 0:
+                prefix = self._cache.cache
+            else:
+                prefix_len = 0
         req = Request(lm=lm, adapter=ad, prompt_ids=ids, cfg=cfg, stop_ids=tok.eos_token_ids,
                       stop_strings=tuple(fmt.stop_strings), should_stop=should_stop, prefix=prefix,
                       prefix_len=prefix_len, keep_cache=True)
+        return req, truncated, first, key
+
+    def _submitted(self, first: int, key: tuple) -> None:
+        self._first_turn = first
         self._pending_key = key
-        return req, truncated, user_text
+        if self._cache is not None and self._cache.key != key:
+            self._cache = None  # anything that changes keys/values (adapter, format, system...) discards it
 
     def _finish(self, handle: Handle, user_text: str, truncated: int, final: Delta) -> ChatUsage:
         res = handle.result
@@ -311,14 +321,13 @@ class ChatSession:
             raise EngineError("this chat is already generating an answer; wait for it or stop it first")
         try:
             cfg = cfg or self.engine.generation_defaults(self._model)
-            req, truncated, text = self._prepare(user_text, cfg, should_stop)
+            req, truncated, first, key = self._prepare(user_text, cfg, should_stop)
             handle = self.engine.scheduler.submit(req)
-            final = None
+            self._submitted(first, key)
             for delta in handle:
                 if delta.finish_reason is not None:
-                    final = delta
-                    self._finish(handle, text, truncated, final)
-                    final.usage = self.last_usage
+                    self._finish(handle, user_text, truncated, delta)
+                    delta.usage = self.last_usage
                 yield delta
         finally:
             self._busy.release()
@@ -330,11 +339,12 @@ class ChatSession:
             raise EngineError("this chat is already generating an answer; wait for it or stop it first")
         try:
             cfg = cfg or await asyncio.to_thread(self.engine.generation_defaults, self._model)
-            req, truncated, text = await asyncio.to_thread(self._prepare, user_text, cfg, should_stop)
+            req, truncated, first, key = await asyncio.to_thread(self._prepare, user_text, cfg, should_stop)
             handle = self.engine.scheduler.submit(req, asyncio.get_running_loop())
+            self._submitted(first, key)
             async for delta in handle:
                 if delta.finish_reason is not None:
-                    self._finish(handle, text, truncated, delta)
+                    self._finish(handle, user_text, truncated, delta)
                     delta.usage = self.last_usage
                 yield delta
         finally:

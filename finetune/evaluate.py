@@ -117,7 +117,7 @@ def openai_chat_url(url: str) -> str:
 
 
 def query_model(prompt: str, *, url: str = DEFAULT_JUDGE_URL, model: str = "llama3", api: str = "auto",
-                timeout: float = 300.0, api_key: str | None = None) -> str:
+                timeout: float = 300.0, api_key: str | None = None, max_tokens: int | None = None) -> str:
     """Send one user message to the judge and return its reply text.
 
     Args:
@@ -125,6 +125,7 @@ def query_model(prompt: str, *, url: str = DEFAULT_JUDGE_URL, model: str = "llam
             ``message.content``), ``openai`` (POST to ``/v1/chat/completions``, read ``choices[0].message.content``)
             or ``auto`` (by the URL's path).
         api_key: sent as a Bearer token to OpenAI-compatible servers that need one.
+        max_tokens: cap the reply (OpenAI ``max_tokens``, Ollama ``num_predict``); None sends the seed's payload.
 
     Raises:
         OSError: the server cannot be reached or answers with an HTTP error (message names the URL).
@@ -135,10 +136,14 @@ def query_model(prompt: str, *, url: str = DEFAULT_JUDGE_URL, model: str = "llam
     headers = {"Content-Type": "application/json"}
     if api == "ollama":
         payload: dict[str, Any] = {"model": model, "messages": messages, "options": dict(JUDGE_OPTIONS)}
+        if max_tokens is not None:
+            payload["options"]["num_predict"] = max_tokens
     elif api == "openai":
         url = openai_chat_url(url)
         payload = {"model": model, "messages": messages, "seed": JUDGE_OPTIONS["seed"],
                    "temperature": JUDGE_OPTIONS["temperature"], "stream": False}
+        if max_tokens is not None:
+            payload["max_tokens"] = max_tokens
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
     else:
@@ -223,6 +228,8 @@ class EvaluateArgs:
     """Model name sent to the judge."""
     judge_api: str = "auto"
     """auto (by URL), ollama or openai."""
+    judge_max_tokens: int | None = None
+    """Cap the judge's reply in tokens (a weak local judge may ramble; an integer needs few)."""
     judge_api_key_env: str = "OPENAI_API_KEY"
     """Environment variable holding a Bearer token for OpenAI-compatible judges (used only when set)."""
     models_dir: str | None = None
@@ -290,7 +297,7 @@ def run(args: EvaluateArgs) -> dict[str, Any]:
 
         def query(prompt: str) -> str:
             return query_model(prompt, url=args.judge_url, model=args.judge_model, api=args.judge_api,
-                               api_key=api_key)
+                               api_key=api_key, max_tokens=args.judge_max_tokens)
 
         result = generate_model_scores(entries, query=query, progress=args.progress)
         summary.update(scored=len(result.scores), total=result.total, skipped=len(result.skipped),

@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIRNAME = "checkpoint"
 # Options that may differ on --resume (everything else, LoRA rank/alpha/targets included, must match the checkpoint).
 RESUMABLE_CHANGES = frozenset({"resume", "epochs", "max_steps", "eval_every", "eval_iter", "save_every",
-                               "sample_tokens", "run_dir", "models_dir", "device", "progress", "overwrite",
-                               "grad_accum", "dtype", "save_dtype"})
+                               "sample_tokens", "run_dir", "models_dir", "device", "threads", "progress",
+                               "overwrite", "grad_accum", "dtype", "save_dtype"})
 
 
 @dataclass
@@ -103,6 +103,8 @@ class TrainArgs:
     """Model store root (default: $CHAT_MODELS_DIR or ./models)."""
     device: str = "auto"
     """auto, cpu or cuda."""
+    threads: int | None = None
+    """torch intra-op CPU threads (default: torch's choice; torchrun sets 1 per process)."""
     progress: bool = True
     """Show a tqdm progress bar."""
 
@@ -501,6 +503,8 @@ def train(
         total_steps = min(total_steps, args.max_steps)
     autocast = make_autocast(args.dtype, device)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model.to(device)
     model.train()

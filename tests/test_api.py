@@ -197,3 +197,23 @@ def test_client_disconnect_cancels_the_request(server, monkeypatch):
     assert not engine.scheduler.is_busy("tiny-long")
     assert handles[0].result.finish_reason == "cancelled"
     assert handles[0].result.completion_tokens < 3000
+
+
+def test_cli_generate_cached_equals_no_cache(tmp_path, capsys, monkeypatch):
+    from engine.__main__ import main
+
+    monkeypatch.setenv("SCRATCHCHAT_DTYPE", "float32")
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**LLAMA.to_dict(), "context_length": 512})
+    store.add_model("cli", cfg.to_dict(), GPT(cfg).state_dict(), prompt_format="alpaca", root=tmp_path,
+                    tokenizer={"type": "none", "eos_token_ids": []})
+    args = ["generate", "--model", "cli", "--prompt", "Name a color.", "--max-new-tokens", "12", "--temperature", "0",
+            "--models-dir", str(tmp_path)]
+    assert main(args) == 0
+    cached = capsys.readouterr()
+    assert main([*args, "--no-cache"]) == 0
+    uncached = capsys.readouterr()
+    assert cached.out == uncached.out and len(cached.out) > 1
+    assert "12 new tokens" in cached.err and "no cache" in uncached.err
+    assert main(["generate", "--model", "missing", "--prompt", "x", "--models-dir", str(tmp_path)]) == 1
+    assert "no model" in capsys.readouterr().err

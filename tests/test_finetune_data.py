@@ -233,3 +233,25 @@ def test_download_caches_and_reuses(tmp_path, monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_chatml_rows_end_with_one_im_end(smollm2_store, entries):
+    """ChatML on SmolLM2: markers are special ids, and each row ends with exactly one <|im_end|> (kept in targets)."""
+    from engine.tokenizer import load_tokenizer
+    from finetune.train import end_of_text_id
+    from weights import store
+
+    manifest = store.read_manifest("smollm2-135m-instruct", smollm2_store)
+    tok = load_tokenizer(store.model_dir("smollm2-135m-instruct", smollm2_store), manifest["tokenizer"])
+    fmt = get_prompt_format("chatml")
+    eos = end_of_text_id(tok, fmt)
+    assert eos == tok.special_id("<|im_end|>")
+    ds = InstructionDataset([entries[43]], tok, fmt, eos_token_id=eos)
+    prompt_len, ids = ds[0]
+    assert ids[0] == tok.special_id("<|im_start|>") and ids[-1] != eos
+    assert tok.decode(ids[:prompt_len]) == ("<|im_start|>user\nSort the following list in alphabetical order.\n\n"
+                                            "Zebra, Elephant, Crocodile<|im_end|>\n<|im_start|>assistant\n")
+    _, targets = custom_collate_fn([ds[0], (3, [1, 2, 3])], pad_token_id=eos, eos_token_id=eos,
+                                   mask_instructions=True)
+    kept = [t for t in targets[0].tolist() if t != -100]
+    assert tok.decode(kept) == "Crocodile, Elephant, Zebra<|im_end|>"

@@ -97,7 +97,12 @@ def test_openai_protocol_and_payload(suffix):
     path, body, headers = judge.requests[0]
     assert path == "/v1/chat/completions" and headers["Authorization"] == "Bearer k"
     assert body["model"] == "judge" and body["messages"] == [{"role": "user", "content": "hello"}]
-    assert body["seed"] == 123 and body["temperature"] == 0
+    assert body["seed"] == 123 and body["temperature"] == 0 and "max_tokens" not in body
+    with FakeJudge(["7", "8"]) as judge:
+        evaluate.query_model("hi", url=judge.url + "/v1", api="openai", max_tokens=4)
+        evaluate.query_model("hi", url=judge.url + "/api/chat", max_tokens=4)
+    assert judge.requests[0][1]["max_tokens"] == 4
+    assert judge.requests[1][1]["options"] == {"seed": 123, "temperature": 0, "num_ctx": 2048, "num_predict": 4}
 
 
 def test_scores_count_and_skip_non_integers():

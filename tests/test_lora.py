@@ -154,3 +154,19 @@ def test_rank16_adapter_loads_quickly(tmp_path):
     assert ad.rank == 16 and len(ad.weights) == 30 * 7
     # a generous bound (the target is 200 ms; tests check correctness, this only catches pathologies)
     assert elapsed < 2.0, elapsed
+
+
+def test_bf16_base_with_fp32_lora_matches_fp32_reference(tmp_path):
+    base = _base(LLAMA)
+    pa = _make_adapter(base, tmp_path / "a", seed=1)
+    ad = load_adapter(tmp_path / "a", LLAMA)  # float32 A/B, also for a bf16 base
+    base16 = copy.deepcopy(base).to(torch.bfloat16)
+    base16.rope_cos, base16.rope_sin = base.rope_cos, base.rope_sin
+    idx = torch.randint(0, LLAMA.vocab_size, (3, 8))
+    with torch.no_grad():
+        want = torch.cat([pa(idx[0:1]), base(idx[1:2]), pa(idx[2:3])])
+        for hook in (BatchLora([ad, None, ad]), BatchLora([ad, ad, ad])):
+            got = base16(idx, lora=hook).float()
+            rows = [0, 2] if hook.stacked else [0, 1, 2]
+            ref = want if hook.stacked else pa(idx)
+            torch.testing.assert_close(got[rows], ref[rows], rtol=0.05, atol=0.05)

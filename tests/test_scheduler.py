@@ -252,3 +252,43 @@ def test_stop_strings_never_leak(registry):
     assert text == full[: full.index(stop)]
     assert h.result.finish_reason == "stop"
     assert all(stop not in p for p in pieces)
+
+
+class _ScriptedModel(torch.nn.Module):
+    """Emits a fixed byte script after any prompt of length ``prompt_len`` (row-independent), through a real cache."""
+
+    def __init__(self, config: ModelConfig, script: bytes, prompt_len: int) -> None:
+        super().__init__()
+        self.config, self.script, self.prompt_len = config, script, prompt_len
+
+    def forward(self, idx, *, cache=None, positions=None, lora=None, last_only=False):
+        plan = cache.plan(idx.shape[1], positions)
+        cache.commit(plan)
+        nxt = plan.positions[:, -1] + 1 - self.prompt_len  # (B,) index into the script of the next token
+        logits = torch.full((idx.shape[0], 1, self.config.vocab_size), -1e9)
+        for row, i in enumerate(nxt.tolist()):
+            logits[row, 0, self.script[i] if i < len(self.script) else 0] = 0.0
+        return logits
+
+
+def test_utf8_whole_characters_and_stop_hold_back_through_the_scheduler(registry):
+    from dataclasses import replace
+
+    text = "héllo 👋 wörld, 日本語 ### Response: tail"
+    lm = registry.get("tiny-gpt2")
+    fake = replace(lm, model=_ScriptedModel(lm.config, text.encode(), prompt_len=3))
+    sched = Scheduler(max_batch=2)
+    try:
+        n = len(text.encode())
+        h = sched.submit(Request(fake, None, [1, 2, 3], GenerationConfig(max_new_tokens=n)))
+        pieces = [d.text for d in h]
+        stopped = sched.submit(Request(fake, None, [1, 2, 3], GenerationConfig(max_new_tokens=n),
+                                       stop_strings=("\n\n### Response:", " ### Response:")))
+        stop_pieces = [d.text for d in stopped]
+    finally:
+        sched.close()
+    assert "".join(pieces) == text and h.result.finish_reason == "length"
+    assert all("\ufffd" not in p for p in pieces)
+    assert "👋" in pieces and "日" in pieces  # each emitted whole, in the delta of its last byte
+    assert "".join(stop_pieces) == "héllo 👋 wörld, 日本語"
+    assert all("#" not in p for p in stop_pieces) and stopped.result.finish_reason == "stop"
