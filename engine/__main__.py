@@ -46,10 +46,13 @@ def _generate(args: argparse.Namespace) -> int:
         if args.raw:
             ids, stops = lm.tokenizer.encode(args.prompt), ()
         else:
-            system = args.system if args.system is not None else lm.manifest.get("system_prompt")
+            fmt = engine.prompt_format(lm, args.adapter)  # an adapter may have been trained on another format
+            system = args.system
+            if system is None and fmt is lm.prompt_format:
+                system = lm.manifest.get("system_prompt")
             msgs = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": args.prompt}]
-            ids, stops = lm.prompt_format.encode_chat(msgs, lm.tokenizer), lm.prompt_format.stop_strings
+            ids, stops = fmt.encode_chat(msgs, lm.tokenizer), fmt.stop_strings
         t0 = time.perf_counter()
         if args.no_cache:
             ad = engine.adapter(lm, args.adapter)

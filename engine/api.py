@@ -104,6 +104,8 @@ def _gen_config(engine: Engine, base: str, body: _Body) -> GenerationConfig:
             over[key] = value
     if body.stop is not None:
         over["stop"] = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop)
+    if body.seed is not None and not -(2**63) <= body.seed < 2**64:
+        raise ApiError(400, f"seed {body.seed} is out of range; use a 64-bit integer", param="seed")
     if body.n != 1:
         raise ApiError(400, f"n={body.n} is not supported; ask for one choice (n=1)", param="n")
     try:
@@ -188,7 +190,7 @@ def build_router(engine: Engine, *, api_key: str | None = None) -> APIRouter:
         try:
             cfg = await asyncio.to_thread(_gen_config, engine, base, body)
             if chat:
-                ids = await asyncio.to_thread(engine.encode_chat, base, _messages(body.messages))
+                ids = await asyncio.to_thread(engine.encode_chat, base, _messages(body.messages), adapter)
                 stops = None  # the prompt format's own
             else:
                 prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)

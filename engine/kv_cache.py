@@ -29,6 +29,7 @@ class AttentionPlan:
     mask: torch.Tensor | None  # (B, 1, T, span) bool, True = attend; None when the slice is already causal
     is_causal: bool  # let SDPA build the causal mask itself (prefill from position 0)
     advance_to: int | None = None  # every row's new length when known without reading tensors (see commit)
+    row_index: torch.Tensor | None = None  # (B, 1) row indices for scattered writes, built on first use
 
 
 class KVCache:
@@ -39,6 +40,7 @@ class KVCache:
         self.values = values
         self.lengths = lengths  # (B,) int64, on CPU
         self._arange: torch.Tensor | None = None  # 0..max_seq_len-1, sliced for positions instead of built per step
+        self._row_views: dict[tuple[int, int], KVCache] = {}  # rows(start, stop) views, reused
 
     @classmethod
     def build(
@@ -95,9 +97,17 @@ class KVCache:
         self.lengths.clamp_(max=n)
 
     def rows(self, start: int, stop: int) -> KVCache:
-        """A cache over rows ``[start, stop)`` that shares storage (and lengths) with this one."""
-        return KVCache([k[start:stop] for k in self.keys], [v[start:stop] for v in self.values],
-                       self.lengths[start:stop])
+        """A cache over rows ``[start, stop)`` that shares storage (and lengths) with this one.
+
+        The views are kept, so the scheduler asking for the same rows every decode step costs no slicing."""
+        if (start, stop) == (0, self.batch_size):
+            return self
+        view = self._row_views.get((start, stop))
+        if view is None:
+            view = KVCache([k[start:stop] for k in self.keys], [v[start:stop] for v in self.values],
+                           self.lengths[start:stop])
+            self._row_views[(start, stop)] = view
+        return view
 
     def copy_row_(self, dst: int, src_cache: KVCache, src: int = 0) -> None:
         """Copy row ``src`` of ``src_cache`` (its valid prefix only) into row ``dst`` of this cache."""
@@ -172,14 +182,15 @@ class KVCache:
         kc, vc = self.keys[layer], self.values[layer]
         if plan.start is not None:
             t = k.shape[2]
-            kc[:, :, plan.start : plan.start + t] = k
-            vc[:, :, plan.start : plan.start + t] = v
+            kc.narrow(2, plan.start, t).copy_(k)  # narrow: one view op where [:, :, a:b] is three
+            vc.narrow(2, plan.start, t).copy_(v)
         else:
-            rows = torch.arange(k.shape[0])[:, None]
+            if plan.row_index is None:
+                plan.row_index = torch.arange(k.shape[0])[:, None]  # built once per forward, shared by the layers
             # advanced indices on dims 0 and 2 move to the front: the target is (B, T, n_kv_heads, head_dim)
-            kc[rows, :, plan.positions] = k.transpose(1, 2)
-            vc[rows, :, plan.positions] = v.transpose(1, 2)
-        return kc[:, :, : plan.span], vc[:, :, : plan.span]
+            kc[plan.row_index, :, plan.positions] = k.transpose(1, 2)
+            vc[plan.row_index, :, plan.positions] = v.transpose(1, 2)
+        return kc.narrow(2, 0, plan.span), vc.narrow(2, 0, plan.span)
 
     def commit(self, plan: AttentionPlan) -> None:
         """Advance the lengths after a forward pass has written every layer."""

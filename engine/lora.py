@@ -15,7 +15,6 @@ speed and :meth:`MergedAdapter.unmerge` restores the exact original tensors.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -26,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from engine.config import ModelConfig
 from engine.errors import AdapterMismatch
+from weights.store import load_safetensors, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +65,6 @@ def _pattern_value(patterns: dict, module_name: str, default: float) -> float:
         if re.match(rf"(.*\.)?({key})$", module_name):
             return value
     return default
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -157,7 +148,10 @@ def load_adapter(
                               f"modules_to_save={acfg.get('modules_to_save')!r}); only plain LoRA is supported")
 
     sha = sha256_file(w_path)
-    tensors = load_file(str(w_path))
+    try:
+        tensors = load_safetensors(w_path, fix="re-save the adapter (python -m finetune lora ... --overwrite)")
+    except ValueError as e:
+        raise AdapterMismatch(f"adapter {name!r}: {e}") from None
     shapes = projection_shapes(config)
     alpha = float(acfg.get("lora_alpha", 8))
     rslora = bool(acfg.get("use_rslora", False))

@@ -306,7 +306,10 @@ class Scheduler:
                     self._cv.wait()
                 if self._closed:
                     break
-                self._admit()
+                try:
+                    self._admit()
+                except Exception:  # e.g. out of memory for a new pool: those requests wait, the thread lives on
+                    logger.exception("admitting requests failed")
                 pools = [p for p in self._pools.values() if p.busy]
             for pool in pools:
                 try:
@@ -336,12 +339,23 @@ class Scheduler:
                 del self._pools[pool.lm.name]
                 pool = None
             if pool is None:
-                pool = self._new_pool(h.request.lm)
+                try:
+                    pool = self._new_pool(h.request.lm)
+                except Exception as e:  # e.g. no memory for the KV cache: this request fails, others go on
+                    logger.exception("could not allocate a KV pool for %s", h.request.lm.name)
+                    h.error = EngineError(f"could not allocate the KV cache: {type(e).__name__}: {e}")
+                    h._post(_DONE)
+                    continue
                 if pool is None:
                     kept.append(h)
                     continue
             if pool.prefilling is None and len(pool.decoding) < pool.max_rows:
-                self._start(pool, h)
+                try:
+                    self._start(pool, h)
+                except Exception as e:  # a bad request (e.g. a seed out of range) fails alone
+                    pool.prefilling = None
+                    h.error = e if isinstance(e, EngineError) else EngineError(f"bad request: {e}")
+                    h._post(_DONE)
             else:
                 kept.append(h)
         self._waiting = kept

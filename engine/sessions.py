@@ -7,7 +7,7 @@ history in the model's prompt format and reuses the longest cached prefix, so on
 (llama.cpp server's prompt cache, per session).
 
 The cache is keyed by everything that changes the keys and values other than the tokens themselves: the base
-(name, weights hash, the loaded instance), the adapter and its version (file hash), whether an adapter is merged,
+(name, weights hash, manifest file stamp, dtype), the adapter and its version (file hash), whether an adapter is merged,
 the prompt format and the system prompt. Any change discards it; this is the fix for reusing a prompt cache under
 the wrong adapter (llama.cpp #26207, vLLM #42125). Sampling settings do not touch the cache.
 
@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -30,11 +33,14 @@ from engine.errors import ContextTooLong, EngineError
 from engine.generate import Delta, Usage
 from engine.kv_cache import KVCache
 from engine.lora import LoraAdapter
+from engine.prompts import PromptFormat, get_prompt_format
 from engine.registry import LoadedModel, Registry
 from engine.sampling import GenerationConfig
 from engine.scheduler import Handle, Request, Scheduler
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_SESSION_CACHE_MEMORY = 1 << 30  # bytes of KV cache kept by idle chat sessions, all together
 
 
 @dataclass
@@ -83,11 +89,39 @@ class Engine:
 
     def __init__(self, root: str | Path | None = None, *, registry: Registry | None = None,
                  scheduler: Scheduler | None = None, dtype: Any = None, memory_cap: int | None = None,
-                 **scheduler_kwargs: Any) -> None:
+                 session_cache_memory: int | None = None, **scheduler_kwargs: Any) -> None:
         self.registry = registry or Registry(root, memory_cap=memory_cap, dtype=dtype)
         self.scheduler = scheduler or Scheduler(**scheduler_kwargs)
         self.registry.is_busy = self.scheduler.is_busy
         self.registry.on_evict = self.scheduler.release
+        env = os.environ.get("SCRATCHCHAT_SESSION_CACHE_MEMORY")
+        self.session_cache_memory = session_cache_memory or int(env or DEFAULT_SESSION_CACHE_MEMORY)
+        # idle sessions' KV caches, least recently used first: id(session) -> (weakref, bytes)
+        self._session_caches: OrderedDict[int, tuple[weakref.ref, int]] = OrderedDict()
+        self._caches_lock = threading.Lock()
+
+    def _keep_session_cache(self, session: ChatSession, nbytes: int) -> None:
+        """Account a session's kept cache; drop the least recently used others' over the budget (they are simply
+        re-prefilled on their next turn)."""
+        with self._caches_lock:
+            self._session_caches.pop(id(session), None)
+            self._session_caches[id(session)] = (weakref.ref(session), nbytes)
+            total = 0
+            for key, (ref, n) in list(self._session_caches.items())[::-1]:  # newest first
+                other = ref()
+                if other is None or other._cache is None:
+                    del self._session_caches[key]
+                    continue
+                total += n
+                if total > self.session_cache_memory and other is not session:
+                    other._cache = None
+                    total -= n
+                    del self._session_caches[key]
+
+    def session_cache_bytes(self) -> int:
+        """Bytes held by idle sessions' KV caches."""
+        with self._caches_lock:
+            return sum(n for ref, n in self._session_caches.values() if ref() is not None and ref()._cache)
 
     @classmethod
     def default(cls) -> Engine:
@@ -135,6 +169,20 @@ class Engine:
         """Restore ``model``'s original weights exactly."""
         self.registry.unmerge(model)
 
+    def prompt_format(self, model: str | LoadedModel, adapter: str | LoraAdapter | None = None) -> PromptFormat:
+        """The prompt format a request uses: the adapter's own (``scratchchat.json`` ``prompt_format``, the
+        format it was trained with) when it names one, else the base model's."""
+        lm = model if isinstance(model, LoadedModel) else self.load(model)
+        ad = adapter if isinstance(adapter, LoraAdapter) or adapter is None else self.adapter(lm, adapter)
+        name = ad.meta.get("prompt_format") if ad is not None else None
+        if not name or name == lm.prompt_format.name:
+            return lm.prompt_format
+        try:
+            return get_prompt_format(name)
+        except (KeyError, ValueError):
+            logger.warning("adapter %s names unknown prompt format %r; using %s's", ad.name, name, lm.name)
+            return lm.prompt_format
+
     def generation_defaults(self, model: str) -> GenerationConfig:
         """Sampling defaults from the manifest's ``generation`` dict (unknown keys are ignored with a warning)."""
         gen = dict(self.registry.read_manifest(model).get("generation") or {})
@@ -173,15 +221,16 @@ class Engine:
         if len(prompt_ids) >= n_ctx:
             raise ContextTooLong(f"the prompt is {len(prompt_ids)} tokens but {model!r} holds {n_ctx} tokens of "
                                  f"context here (prompt + answer); shorten it")
-        stops = tuple(lm.prompt_format.stop_strings if stop_strings is None else stop_strings)
+        stops = tuple(self.prompt_format(lm, ad).stop_strings if stop_strings is None else stop_strings)
         req = Request(lm=lm, adapter=ad, prompt_ids=list(prompt_ids), cfg=cfg, stop_ids=lm.tokenizer.eos_token_ids,
                       stop_strings=stops, should_stop=should_stop)
         return self.scheduler.submit(req, loop)
 
-    def encode_chat(self, model: str, messages: Sequence[dict]) -> list[int]:
-        """A chat (OpenAI-style messages) in the model's prompt format, ready to generate the next reply."""
+    def encode_chat(self, model: str, messages: Sequence[dict], adapter: str | None = None) -> list[int]:
+        """A chat (OpenAI-style messages) in the prompt format of the model (or adapter), ready for the reply."""
         lm = self.load(model)
-        return lm.prompt_format.encode_chat(list(messages), lm.tokenizer, add_generation_prompt=True)
+        fmt = self.prompt_format(lm, adapter)
+        return fmt.encode_chat(list(messages), lm.tokenizer, add_generation_prompt=True)
 
 
 @dataclass
@@ -253,8 +302,10 @@ class ChatSession:
         the request is accepted (see :meth:`_submitted`)."""
         lm = self.engine.load(self._model)
         ad = self.engine.adapter(lm, self._adapter)
-        system = self.system_prompt
-        fmt, tok = lm.prompt_format, lm.tokenizer
+        fmt, tok = self.engine.prompt_format(lm, ad), lm.tokenizer
+        # the manifest's default system prompt belongs to the base's format; an adapter trained on another format
+        # gets that format's own default (e.g. Alpaca's preamble) unless a system prompt was set explicitly
+        system = self.system_prompt if self._system_prompt is not None or fmt is lm.prompt_format else None
         n_ctx = self.engine.context_length(lm)
         reserve = min(cfg.max_new_tokens, n_ctx // 4)  # room kept for the answer when trimming history
         head = [{"role": "system", "content": system}] if system else []
@@ -273,7 +324,8 @@ class ChatSession:
         truncated = first - min(self._first_turn, n_turns)
 
         merged = lm.merged.adapter.key if lm.merged is not None else None
-        key = (lm.name, lm.sha256, id(lm), None if ad is None else ad.key, merged, fmt.name, system)
+        # the same files in the same dtype give the same keys/values, so a base evicted and reloaded keeps caches
+        key = (lm.name, lm.sha256, lm.stamp, str(lm.dtype), None if ad is None else ad.key, merged, fmt.name, system)
         prefix, prefix_len = None, 0
         if self._cache is not None and self._cache.key == key:
             n = 0
@@ -301,6 +353,7 @@ class ChatSession:
         res = handle.result
         if res.cache is not None:
             self._cache = _SessionCache(self._pending_key, res.cache, res.cache_ids)
+            self.engine._keep_session_cache(self, res.cache.nbytes)
         self.history.append({"role": "user", "content": user_text})
         self.history.append({"role": "assistant", "content": res.text})
         u = final.usage

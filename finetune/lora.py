@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                           "LoRA instruction finetuning (peft) of a store model into an adapter next to it.")
     args = args_from_namespace(LoraArgs, parser.parse_args(argv))
     result, path = run(args)
+    if result.rank != 0:
+        return 130 if result.interrupted else 0
     if result.interrupted:
         print(f"interrupted after step {result.steps}; resume with the same command plus --resume "
               f"(checkpoint in {result.run_dir})")

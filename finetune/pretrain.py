@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                           skip=("mask_instructions",))
     args = args_from_namespace(PretrainArgs, parser.parse_args(argv))
     result, manifest = run(args)
+    if result.rank != 0:
+        return 130 if result.interrupted else 0
     if result.interrupted:
         print(f"interrupted after step {result.steps}; resume with the same command plus --resume")
         return 130

@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                           "Full instruction finetuning of a store model into a new store model.")
     args = args_from_namespace(SFTArgs, parser.parse_args(argv))
     result, manifest = run(args)
+    if result.rank != 0:
+        return 130 if result.interrupted else 0
     if result.interrupted:
         print(f"interrupted after step {result.steps}; resume with the same command plus --resume "
               f"(checkpoint in {result.run_dir})")

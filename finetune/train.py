@@ -402,6 +402,8 @@ class TrainResult:
     wall_time_s: float = 0.0
     tokens_per_s: float = 0.0
     run_dir: Path | None = None
+    rank: int = 0
+    """This process's DDP rank; only rank 0 writes outputs and reports."""
 
 
 def core_module(model: nn.Module) -> nn.Module:
@@ -638,7 +640,8 @@ def train(
             record_sample(f"step {step}")
     wall = history.get("wall_time_s", 0.0)
     result = TrainResult(steps=step, interrupted=interrupted, history=history, wall_time_s=wall,
-                         tokens_per_s=history.get("run_tokens", 0) / max(wall, 1e-9), run_dir=run_dir)
+                         tokens_per_s=history.get("run_tokens", 0) / max(wall, 1e-9), run_dir=run_dir,
+                         rank=info.rank)
     if info.is_main and run_dir is not None:
         write_metrics(run_dir, result, args, info)
     return result

@@ -217,3 +217,11 @@ def test_cli_generate_cached_equals_no_cache(tmp_path, capsys, monkeypatch):
     assert "12 new tokens" in cached.err and "no cache" in uncached.err
     assert main(["generate", "--model", "missing", "--prompt", "x", "--models-dir", str(tmp_path)]) == 1
     assert "no model" in capsys.readouterr().err
+
+
+def test_seed_out_of_range_fails_alone(client):
+    with pytest.raises(openai.APIStatusError) as exc:
+        client.completions.create(model="tiny", prompt="abc", max_tokens=3, temperature=1.0, seed=2**70)
+    assert exc.value.status_code == 400 and exc.value.body["param"] == "seed"
+    r = client.completions.create(model="tiny", prompt="abc", max_tokens=3)
+    assert r.usage.completion_tokens == 3

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import threading
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch
 from engine.config import ModelConfig
 from engine.errors import AdapterMismatch, ContextTooLong, EngineError, UnknownModel
 from engine.model import GPT
+from engine.prompts import get_prompt_format as get_format
 from engine.sampling import GenerationConfig
 from engine.sessions import Engine
 from weights import store
@@ -166,15 +166,16 @@ def test_overflow_drops_oldest_turns_keeps_system_prompt(root):
 
 def test_cancel_keeps_partial_answer(engine):
     s = engine.new_session("tiny-chat")
-    stop = threading.Event()
-    n = 0
-    for d in s.stream("go on forever", GenerationConfig(max_new_tokens=200), should_stop=stop.is_set):
-        n += len(d.token_ids)
-        if n == 3:
-            stop.set()
+    polls = []
+
+    def should_stop() -> bool:  # polled by the scheduler before every step; says "stop" at the 4th poll
+        polls.append(1)
+        return len(polls) >= 4
+
+    text = "".join(d.text for d in s.stream("go on forever", GenerationConfig(max_new_tokens=200), should_stop))
     assert s.last_usage.finish_reason == "cancelled"
-    assert s.last_usage.completion_tokens <= 4
-    assert s.history[-1]["role"] == "assistant"
+    assert s.last_usage.completion_tokens <= 4 and len(polls) == 4  # nothing ran after the stop
+    assert s.history[-1] == {"role": "assistant", "content": text}
 
 
 def test_generation_defaults_and_listing(root, engine):
@@ -229,10 +230,11 @@ async def test_astream(engine):
 
 
 @pytest.mark.slow
-def test_smollm2_two_turn_chat(smollm2_store):
-    # fp32: with its default system prompt SmolLM2's first greedy token is a near tie ("The" 25.33 vs "L" 25.24),
-    # which bf16 activations flip; the serving path itself is what this test checks
-    eng = Engine(smollm2_store, dtype=torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, None], ids=["fp32", "default-dtype"])
+def test_smollm2_two_turn_chat(smollm2_store, dtype):
+    # with its default system prompt SmolLM2's first greedy token is a near tie ("The" 25.33 vs "L" 25.24 in fp32),
+    # so this also guards the bf16 numerics of the default dtype
+    eng = Engine(smollm2_store, dtype=dtype)
     try:
         s = eng.new_session("smollm2-135m-instruct")
         cfg = GenerationConfig(max_new_tokens=30)
@@ -270,9 +272,11 @@ def test_lru_evicts_idle_bases_under_the_memory_cap(root):
         b = eng.new_session("tiny-alpaca")
         _answer(b, "hi")
         assert eng.registry.loaded() == ["tiny-alpaca"]
-        _answer(a, "back again")  # reloaded on demand; the old cache belongs to the evicted instance
-        assert a.last_usage.cached_tokens == 0
+        history = list(a.history)
+        _, got = _answer(a, "back again")  # reloaded on demand from the same files: the cache is still valid
+        assert a.last_usage.cached_tokens > 0
         assert eng.registry.loaded() == ["tiny-chat"]
+        assert got == _answer(_fresh(eng, "tiny-chat", None, history), "back again")[1]
     finally:
         eng.close()
 
@@ -290,3 +294,44 @@ def test_reimported_model_with_another_format_discards_the_cache(root, engine):
     assert s.last_usage.cached_tokens == 0
     assert engine.load("tiny-fmt").prompt_format.name == "phi3"
     assert got == _answer(_fresh(engine, "tiny-fmt", None, history), "again")[1]
+
+
+def test_adapter_trained_on_another_format_uses_it_and_switching_discards_the_cache(root, engine):
+    _save_adapter(root, "tiny-chat", "alp", 30)
+    meta_path = store.adapter_dir("tiny-chat", "alp", root) / "scratchchat.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "prompt_format": "alpaca"}))
+    lm = engine.load("tiny-chat")
+    assert engine.prompt_format(lm, "alp").name == "alpaca" and engine.prompt_format(lm, "a").name == "chatml"
+
+    s = engine.new_session("tiny-chat", adapter="a")  # chatml, with the manifest's system prompt
+    _answer(s, "hello")
+    history = list(s.history)
+    s.set_adapter("alp")
+    _, got = _answer(s, "and now?")
+    assert s.last_usage.cached_tokens == 0
+    # exactly the Alpaca rendering (with Alpaca's own preamble, not the chatml system prompt) under adapter alp
+    ids = get_format("alpaca").encode_chat(history + [{"role": "user", "content": "and now?"}], lm.tokenizer)
+    assert s.last_usage.prompt_tokens == len(ids)
+    want = [t for d in engine.submit("tiny-chat", ids, GREEDY, adapter="alp") for t in d.token_ids]
+    assert got == want
+
+
+def test_idle_session_caches_stay_under_their_memory_budget(root):
+    eng = Engine(root, dtype=torch.float32)
+    try:
+        sessions = [eng.new_session("tiny-chat") for _ in range(3)]
+        _answer(sessions[0], "hello")
+        one = eng.session_cache_bytes()
+        assert one > 0
+        eng.session_cache_memory = int(2.5 * one)  # room for two caches of this size
+        for s in sessions[1:]:
+            _answer(s, "hello")
+        assert eng.session_cache_bytes() <= eng.session_cache_memory
+        assert sessions[0]._cache is None and sessions[2]._cache is not None  # the least recently used went
+        history = list(sessions[0].history)
+        _, got = _answer(sessions[0], "again")  # simply re-prefilled
+        assert sessions[0].last_usage.cached_tokens == 0
+        assert got == _answer(_fresh(eng, "tiny-chat", None, history), "again")[1]
+    finally:
+        eng.close()
