@@ -7,7 +7,12 @@ session into a temporary models root, as ``python -m weights fetch smollm2-135m-
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Several processes share 2 cores in some tests (the chainlit server, torchrun workers): OpenMP threads that spin at
+# barriers then slow a decode step by an order of magnitude. Set before anything imports torch; subprocesses inherit.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 
