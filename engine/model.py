@@ -12,11 +12,11 @@ projection and HF checkpoints map almost one-to-one. The model never samples, re
 counter: ``forward`` takes an optional :class:`~engine.kv_cache.KVCache`, which owns the positions.
 
 Inference fast path (no autograd): at batch 1 a decode step is memory-bound on the weights and, in Python, bound by
-the number of ops. So when grad is off, q/k/v (and gate/up) run as one matmul over a concatenated weight
-(:class:`_Fused`, rebuilt when a weight changes; for frozen weights the separate Linear weights become views into it,
-so nothing is stored twice), one-row inputs use ``addmv`` (a GEMV; oneDNN's bf16 GEMM is slow at M=1 on CPU), RoPE
-rotates q and k together, and dropout is skipped. Training, peft-wrapped projections and the LoRA hook's per-projection
-``(x, y)`` contract are unchanged: the fused output is split back into q, k and v before the hook sees them.
+the number of ops. So when grad is off, one-row inputs use ``addmv`` (a GEMV; oneDNN's bf16 GEMM is slow at M=1 on
+CPU), frozen q/k/v (and gate/up) projections run as one matmul over a concatenated weight that the separate Linear
+weights are views into (:class:`_Fused`: nothing is stored twice), RoPE rotates q and k together, the positions are
+slices rather than gathers, and dropout is skipped. Training, peft-wrapped projections and the LoRA hook's
+per-projection ``(x, y)`` contract are unchanged: the fused output is split back into q, k and v for the hook.
 """
 
 from __future__ import annotations
@@ -131,12 +131,14 @@ def _apply(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class _Fused:
-    """One concatenated weight (and bias) for several Linear layers that read the same input, for inference.
+    """One weight (and bias) for several frozen Linear layers that read the same input (q/k/v, gate/up).
 
-    Rebuilt whenever any source weight is replaced or changed in place (tracked by data pointer and version counter,
-    which ``load_state_dict``, optimizers and LoRA merge/unmerge all bump). When no source needs grad (a model served
-    by the registry), the sources' ``.data`` become views into the fused tensor, so it costs no extra memory and an
-    in-place change of one projection (e.g. a LoRA merge) writes straight into it.
+    Built on first use from a model whose projections are frozen (the registry serves models so): the weights are
+    concatenated once and each Linear's ``.data`` becomes a view into the result, so nothing is stored twice, the
+    state dict is unchanged, and an in-place change of one projection (``load_state_dict``, a LoRA merge or unmerge)
+    writes straight into the fused weight. If a parameter is replaced (``model.to(dtype)``), the data pointers
+    change and the fusion is redone. Trainable projections are never fused: the fused weight would be a second
+    copy that every optimizer step makes stale.
     """
 
     def __init__(self, linears: Sequence[nn.Linear]) -> None:
@@ -147,28 +149,31 @@ class _Fused:
         self.bias: torch.Tensor | None = None
 
     @staticmethod
-    def _state(t: torch.Tensor) -> tuple[int, int, torch.dtype]:
-        return t.data_ptr(), (0 if t.is_inference() else t._version), t.dtype
+    def usable(linears: Sequence[nn.Module]) -> bool:
+        """Plain, frozen Linear layers with the same bias setting (peft-wrapped ones must run themselves)."""
+        for m in linears:
+            if not _is_plain_linear(m) or m.weight.requires_grad or (m.bias is not None and m.bias.requires_grad):
+                return False
+        return len({m.bias is None for m in linears}) == 1
 
     def _key(self) -> tuple:
-        return tuple(self._state(p) for lin in self.linears for p in (lin.weight, lin.bias) if p is not None)
+        return tuple((p.data_ptr(), p.dtype) for lin in self.linears for p in (lin.weight, lin.bias) if p is not None)
 
     def get(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        key = self._key()
-        if key != self.key:
+        """The fused (sum(out), in) weight and (sum(out),) bias or None."""
+        if self._key() != self.key:
             self._build()
         return self.weight, self.bias
 
     def _build(self) -> None:
         with torch.inference_mode(False), torch.no_grad():
-            params = [[lin.weight for lin in self.linears]]
+            groups = [[lin.weight for lin in self.linears]]
             if self.linears[0].bias is not None:
-                params.append([lin.bias for lin in self.linears])
-            fused = [torch.cat([p.detach() for p in group], dim=0) for group in params]
-            if not any(p.requires_grad for group in params for p in group):
-                for group, whole in zip(params, fused, strict=True):
-                    for p, part in zip(group, whole.split(self.sizes, dim=0), strict=True):
-                        p.data = part  # share storage: one copy of the weights
+                groups.append([lin.bias for lin in self.linears])
+            fused = [torch.cat([p.detach() for p in group], dim=0) for group in groups]
+            for group, whole in zip(groups, fused, strict=True):
+                for p, part in zip(group, whole.split(self.sizes, dim=0), strict=True):
+                    p.data = part  # share storage: one copy of the weights
         self.weight = fused[0]
         self.bias = fused[1] if len(fused) > 1 else None
         self.key = self._key()
@@ -190,17 +195,18 @@ class Attention(nn.Module):
         self._qkv: _Fused | None = None  # inference-only fused q/k/v weight, built on first use
 
     def _fused_qkv(self) -> _Fused | None:
-        if not all(_is_plain_linear(m) for m in (self.q_proj, self.k_proj, self.v_proj)):
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if not _Fused.usable(projs):
             return None
-        if self._qkv is None or self._qkv.linears != (self.q_proj, self.k_proj, self.v_proj):
-            self._qkv = _Fused([self.q_proj, self.k_proj, self.v_proj])
+        if self._qkv is None or self._qkv.linears != projs:
+            self._qkv = _Fused(projs)
         return self._qkv
 
     def _project_qkv(self, x: torch.Tensor, lora: LoraHook | None) -> tuple[torch.Tensor, ...]:
         """q (B, T, d), k and v (B, T, kv), or with the fused path and no hook one (B, T, d + 2 kv) tensor."""
         fused = None if torch.is_grad_enabled() else self._fused_qkv()
         if fused is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = _apply(self.q_proj, x), _apply(self.k_proj, x), _apply(self.v_proj, x)
         else:
             qkv = linear(x, *fused.get())
             if lora is None:
@@ -257,10 +263,11 @@ class MLP(nn.Module):
         self._gate_up: _Fused | None = None  # inference-only fused gate/up weight (SwiGLU)
 
     def _fused_gate_up(self) -> _Fused | None:
-        if torch.is_grad_enabled() or not (_is_plain_linear(self.gate_proj) and _is_plain_linear(self.up_proj)):
+        projs = (self.gate_proj, self.up_proj)
+        if torch.is_grad_enabled() or not _Fused.usable(projs):
             return None
-        if self._gate_up is None or self._gate_up.linears != (self.gate_proj, self.up_proj):
-            self._gate_up = _Fused([self.gate_proj, self.up_proj])
+        if self._gate_up is None or self._gate_up.linears != projs:
+            self._gate_up = _Fused(projs)
         return self._gate_up
 
     def forward(self, x: torch.Tensor, lora: LoraHook | None) -> torch.Tensor:
@@ -270,7 +277,7 @@ class MLP(nn.Module):
             if fused is not None:
                 gate, up = linear(x, *fused.get()).split(fused.sizes, dim=-1)
             else:
-                gate, up = self.gate_proj(x), self.up_proj(x)
+                gate, up = _apply(self.gate_proj, x), _apply(self.up_proj, x)
             if lora is not None:
                 gate, up = lora(i, "gate_proj", x, gate), lora(i, "up_proj", x, up)
             h = F.silu(gate) * up
