@@ -109,8 +109,8 @@ def _apply_rope_rolled(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Ten
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` that runs a single row (decode at batch 1) as a GEMV: ``addmv`` reads the weight once at close
-    to memory bandwidth, where a bf16 GEMM with M=1 is compute-bound on CPU (measured 1.5-2x slower here)."""
+    """``F.linear`` that runs a single row (decode at batch 1) as a GEMV when grad is off: ``addmv`` reads the weight
+    at close to memory bandwidth, where oneDNN's bf16 GEMM with M=1 was measured 1.5-2x slower on this CPU."""
     if x.numel() != x.shape[-1] or torch.is_grad_enabled():
         return F.linear(x, weight, bias)
     flat = x.reshape(-1)
