@@ -411,12 +411,29 @@ class GPT(nn.Module):
             x = x[:, -1:]
         x = self.norm_f(x)
         if self.lm_head is None:
-            return linear(x, self.tok_emb.weight)
-        return _apply(self.lm_head, x)
+            weight, logits = self.tok_emb.weight, linear(x, self.tok_emb.weight)
+        else:
+            weight, logits = self.lm_head.weight, _apply(self.lm_head, x)
+        if weight.dtype != torch.float32 and not torch.is_grad_enabled():
+            logits = _refine_top_logits(logits, x, weight)
+        return logits
 
     def num_parameters(self) -> int:
         """Trainable-parameter count with a tied head counted once (``sum(p.numel())``)."""
         return sum(p.numel() for p in self.parameters())
+
+
+def _refine_top_logits(logits: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, k: int = 8) -> torch.Tensor:
+    """float32 logits whose ``k`` largest entries are recomputed in float32 from the same (low-precision) inputs.
+
+    A bf16 head rounds logits near 25 to steps of 0.125, so the top two candidates can tie exactly and greedy
+    decoding then follows the rounding (SmolLM2 answered "L'Étoile..." instead of "The capital of France is
+    Paris." on such a tie). Recomputing only the top-k keeps the head's bandwidth at bf16.
+    """
+    logits = logits.float()
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices  # (B, T, k)
+    exact = torch.einsum("btd,btkd->btk", x.float(), weight[top].float())
+    return logits.scatter_(-1, top, exact)
 
 
 def build_model(config: ModelConfig, *, device: torch.device | str | None = None,

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,6 +33,31 @@ CHROMIUM_ARGS = [
 ]
 ANSWER = ".step[data-step-type='assistant_message']"
 USER = ".step[data-step-type='user_message']"
+FOOTER_MARK = "completion tokens"  # every answer's footer says "... N prompt + M completion tokens ..."
+
+# Installed in a page before a message is sent: a MutationObserver (not a timer, which background pages throttle)
+# records with the page's wall clock when the next answer first shows text (still without its footer), when its
+# footer shows, and when the stop button appears and goes. All pages of a browser share that clock.
+_WATCH_NEXT_ANSWER_JS = """([answerSel, footerMark]) => {
+  const before = document.querySelectorAll(answerSel).length;
+  const times = {first_text: null, footer: null, busy: null, idle: null};
+  window.__answerTimes = times;
+  const check = () => {
+    const now = Date.now();
+    const busy = document.querySelector('#stop-button') !== null;
+    if (busy && times.busy === null) times.busy = now;
+    if (!busy && times.busy !== null && times.idle === null) times.idle = now;
+    const answers = document.querySelectorAll(answerSel);
+    if (answers.length > before) {
+      const text = answers[answers.length - 1].innerText;
+      if (text.includes(footerMark)) { if (times.footer === null) times.footer = now; }
+      else if (times.first_text === null && text.trim().length > 0) times.first_text = now;
+    }
+    if (times.footer !== null && times.idle !== null) observer.disconnect();
+  };
+  const observer = new MutationObserver(check);
+  observer.observe(document.body, {childList: true, subtree: true, characterData: true});
+}"""
 
 
 def free_port() -> int:
@@ -151,10 +176,14 @@ class ChatPage:
         box.click()
         box.fill(text)
 
+    def press_send(self) -> None:
+        """Press Enter in the composer (sends what type_message put there)."""
+        self.page.locator("#chat-input").press("Enter")
+
     def send(self, text: str) -> None:
         """Type text and press Enter."""
         self.type_message(text)
-        self.page.locator("#chat-input").press("Enter")
+        self.press_send()
 
     def wait_idle(self, timeout: float = 120_000) -> None:
         """Wait until no task runs (the stop button is gone)."""
@@ -174,6 +203,29 @@ class ChatPage:
         self.wait_idle(timeout)
         loc = self.answers()
         return "\n".join(loc.nth(i).inner_text() for i in range(before, loc.count()))
+
+    def wait_footer(self, before: int, timeout: float = 120_000) -> str:
+        """Wait until there are more than `before` answers, the last one carries its footer and the task ended;
+        return the last answer's text."""
+        self.page.wait_for_function(
+            "([sel, n, mark]) => { const a = document.querySelectorAll(sel); return a.length > n && "
+            "a[a.length - 1].innerText.includes(mark); }", arg=[ANSWER, before, FOOTER_MARK], timeout=timeout)
+        self.wait_idle(timeout)
+        return self.last_answer_text()
+
+    def user_texts(self) -> list[str]:
+        """The text of every user message shown, oldest first."""
+        loc = self.page.locator(USER)
+        return [loc.nth(i).inner_text().strip() for i in range(loc.count())]
+
+    def watch_next_answer(self) -> None:
+        """Start recording the timing of the next answer (call before sending; read with answer_times())."""
+        self.page.evaluate(_WATCH_NEXT_ANSWER_JS, [ANSWER, FOOTER_MARK])
+
+    def answer_times(self) -> dict[str, float | None]:
+        """Epoch milliseconds (the page's clock) recorded since watch_next_answer(): `first_text` (the answer shows
+        text, no footer yet: it is streaming), `footer`, `busy` (stop button shown), `idle` (stop button gone)."""
+        return self.page.evaluate("() => window.__answerTimes")
 
     def screenshot(self, name: str) -> Path:
         """Save a full-page screenshot into test-artifacts/ and return its path."""
@@ -209,6 +261,31 @@ class ChatPage:
             confirm.click()
         except Exception:  # no dialog when the chat is empty
             pass
+
+
+@contextmanager
+def chat_contexts(browser, url: str, n: int, viewport: dict | None = None) -> Iterator[list[ChatPage]]:
+    """n fresh browser contexts (each its own Chainlit session) with the app open; closed on exit."""
+    contexts = []
+    try:
+        chats = []
+        for _ in range(n):
+            contexts.append(browser.new_context(viewport=viewport or {"width": 1000, "height": 800}))
+            chats.append(ChatPage(contexts[-1].new_page(), url).open())
+        yield chats
+    finally:
+        for ctx in contexts:
+            ctx.close()
+
+
+def max_overlap(intervals: Sequence[tuple[float, float]]) -> int:
+    """The largest number of [start, end) intervals that share one instant (one that ends as another starts: no)."""
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    best = cur = 0
+    for _, step in events:
+        cur += step
+        best = max(best, cur)
+    return best
 
 
 # --- model store fixtures shared by the handler and browser tests ----------------------------------------------

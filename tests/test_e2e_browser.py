@@ -17,7 +17,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from e2e_helpers import REPO, ChatPage, add_tiny_adapter, launch_chromium, running_server
+from e2e_helpers import (REPO, ChatPage, add_tiny_adapter, chat_contexts, launch_chromium, max_overlap,
+                         running_server)
 
 pytestmark = pytest.mark.browser
 
@@ -177,29 +178,61 @@ def test_stop_during_a_long_answer(chat):
     assert "completion tokens" in again, "the chat goes on after a stop"
 
 
+def _send_all_at_once(chats: list[ChatPage], questions: list[str]) -> None:
+    """Type each question in its page, then press send in every page, without waiting in between."""
+    for cp, q in zip(chats, questions):
+        cp.type_message(q)
+        cp.watch_next_answer()
+    for cp in chats:
+        cp.press_send()
+
+
 def test_two_browser_contexts_chat_at_once(browser, server):
-    pages = []
-    for _ in range(2):
-        ctx = browser.new_context(viewport={"width": 1000, "height": 800})
-        pages.append((ctx, ChatPage(ctx.new_page(), server.url).open()))
-    try:
-        questions = ["What is the capital of France?", "What is 2 + 2?"]
-        for (_, cp), q in zip(pages, questions):
-            cp.send(q)
-        pages[1][1].wait_busy(20_000)
-        assert pages[0][1].page.locator("#stop-button").count() == 1, "both contexts generate at the same time"
-        for i, (_, cp) in enumerate(pages):
-            cp.page.wait_for_function(
-                "([sel]) => { const a = document.querySelectorAll(sel); return a.length > 1 && "
-                "a[a.length - 1].innerText.includes('completion tokens'); }",
-                arg=[".step[data-step-type='assistant_message']"], timeout=ANSWER_TIMEOUT)
-            cp.wait_idle(ANSWER_TIMEOUT)
+    with chat_contexts(browser, server.url, 2) as chats:
+        _send_all_at_once(chats, ["What is the capital of France?", "What is 2 + 2?"])
+        for i, cp in enumerate(chats):
+            cp.wait_footer(1, ANSWER_TIMEOUT)
             cp.screenshot(f"06-context-{i}")
-        a, b = (cp.last_answer_text() for _, cp in pages)
+        a, b = (cp.last_answer_text() for cp in chats)
         assert "Paris" in a and "Paris" not in b, "each context gets the answer to its own question"
-    finally:
-        for ctx, _ in pages:
-            ctx.close()
+        busy = [(t["busy"], t["idle"]) for t in (cp.answer_times() for cp in chats)]
+        assert max_overlap(busy) == 2, f"both contexts generate at the same time: {busy}"
+
+
+EIGHT_TOPICS = ["apples", "rivers", "guitars", "tigers", "bicycles", "clouds", "castles", "violins"]
+
+
+def test_eight_browser_contexts_chat_at_once(browser, server):
+    """Eight sessions (one browser, eight contexts) ask eight different questions at once; each gets its own streamed
+    answer with a footer, and the answers stream at the same time: the engine decodes them as one batch."""
+    questions = [f"Tell me about {topic}." for topic in EIGHT_TOPICS]  # answers run to the 32-token default
+    with chat_contexts(browser, server.url, len(questions)) as chats:
+        t0 = time.monotonic()
+        _send_all_at_once(chats, questions)
+        for cp in chats:
+            cp.wait_footer(1, ANSWER_TIMEOUT)
+        elapsed = time.monotonic() - t0
+        chats[0].screenshot("10-eight-contexts-1")
+        chats[-1].screenshot("10-eight-contexts-8")
+
+        for i, (cp, q) in enumerate(zip(chats, questions)):
+            assert cp.user_texts() == [q], f"page {i} shows exactly its own question"
+            assert cp.answer_count() == 2, f"page {i}: the welcome message and one answer"
+            answer = cp.last_answer_text()
+            foot = _footer(answer)
+            assert f"{BASE} (no adapter)" in foot and "tokens/s" in foot, foot
+            assert answer.split(foot)[0].strip(), f"page {i} got an empty answer"
+            shown = cp.page.locator("body").inner_text()
+            leaked = [other for other in questions if other != q and other in shown]
+            assert not leaked, f"page {i} shows other sessions' questions: {leaked}"
+
+        times = [cp.answer_times() for cp in chats]
+        for i, t in enumerate(times):
+            assert t["first_text"] is not None and t["first_text"] < t["footer"], f"page {i} did not stream: {t}"
+        streaming = [(t["first_text"], t["footer"]) for t in times]
+        together = max_overlap(streaming)
+        assert together == len(chats), f"only {together} of 8 answers streamed at the same time: {streaming}"
+        assert elapsed < 60, f"eight answers took {elapsed:.1f} s"
 
 
 def test_switch_profile_and_compare_with_two_models(chat, e2e_store):

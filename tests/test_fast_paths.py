@@ -157,7 +157,7 @@ def test_fused_weights_follow_load_state_dict_and_dtype_change():
         torch.testing.assert_close(model(x), other(x), atol=0, rtol=0)
         bf = model.to(torch.bfloat16)  # new parameter tensors: the fused weights are rebuilt in bf16
         out = bf(x)
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == torch.float32  # a bf16 model returns float32 logits (its top-k refined in float32)
     assert bf.blocks[0].attn._qkv.weight.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), reference_logits(other, x), atol=0.15, rtol=0.05)
 
@@ -256,7 +256,7 @@ def test_prefill_decode_step_dtypes(dtype):
     cache = KVCache.build(model.config, 1, 16, dtype=dtype)
     last = prefill(model, x[:, :8], cache, chunk_size=3)
     step = decode_step(model, x[:, 8:9], cache)
-    assert last.dtype == dtype and step.shape == (1, 257)
+    assert last.dtype == torch.float32 and step.shape == (1, 257)  # logits are float32 in both dtypes
     ref = reference_logits(model, x)
     tol = TOL if dtype == torch.float32 else dict(atol=0.15, rtol=0.05)
     torch.testing.assert_close(last.float(), ref[:, 7].float(), **tol)
@@ -321,3 +321,18 @@ def test_lora_merge_and_unmerge_on_a_fused_model(tmp_path):
     torch.testing.assert_close(after, base_out, atol=0, rtol=0)
     attn = model.blocks[0].attn
     assert attn.q_proj.weight.untyped_storage().data_ptr() == attn._qkv.weight.untyped_storage().data_ptr()
+
+
+def test_bf16_head_recomputes_the_top_logits_in_float32():
+    """A bf16 head rounds logits to coarse steps; the top-k are recomputed in float32 from the same bf16 inputs."""
+    from engine.model import _refine_top_logits
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 16).bfloat16()
+    weight = torch.randn(50, 16).bfloat16() * 8
+    logits = _refine_top_logits(torch.nn.functional.linear(x, weight), x, weight, k=5)
+    exact = torch.nn.functional.linear(x.float(), weight.float())
+    top = exact.topk(5, dim=-1).indices
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits.gather(-1, top), exact.gather(-1, top), rtol=0, atol=1e-5)
+    assert torch.equal(logits.argmax(-1), exact.argmax(-1))
