@@ -17,8 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from e2e_helpers import (REPO, ChatPage, add_tiny_adapter, chat_contexts, launch_chromium, max_overlap,
-                         running_server)
+from e2e_helpers import REPO, ChatPage, add_tiny_adapter, chat_contexts, launch_chromium, max_overlap, running_server
 
 pytestmark = pytest.mark.browser
 
@@ -221,7 +220,10 @@ def test_eight_browser_contexts_chat_at_once(browser, server):
             answer = cp.last_answer_text()
             foot = _footer(answer)
             assert f"{BASE} (no adapter)" in foot and "tokens/s" in foot, foot
-            assert answer.split(foot)[0].strip(), f"page {i} got an empty answer"
+            body = answer.split(foot)[0].strip()
+            assert body, f"page {i} got an empty answer"
+            topic = EIGHT_TOPICS[i].removesuffix("s")  # greedy SmolLM2 opens with the topic: "Apples are ..."
+            assert topic in body.lower(), f"page {i} ({q!r}) got an answer about something else: {body!r}"
             shown = cp.page.locator("body").inner_text()
             leaked = [other for other in questions if other != q and other in shown]
             assert not leaked, f"page {i} shows other sessions' questions: {leaked}"
