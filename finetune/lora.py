@@ -37,6 +37,7 @@ from finetune.train import (
     build_parser,
     build_sample_fn,
     default_run_dir,
+    early_exit_code,
     prepare_instruction_run,
     setup_distributed,
     setup_logging,
@@ -186,12 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                           "LoRA instruction finetuning (peft) of a store model into an adapter next to it.")
     args = args_from_namespace(LoraArgs, parser.parse_args(argv))
     result, path = run(args)
-    if result.rank != 0:
-        return 130 if result.interrupted else 0
-    if result.interrupted:
-        print(f"interrupted after step {result.steps}; resume with the same command plus --resume "
-              f"(checkpoint in {result.run_dir})")
-        return 130
+    if (code := early_exit_code(result)) is not None:
+        return code
     if path is not None:
         print(f"saved adapter {args.out} of {args.model} to {path} ({result.steps} steps, "
               f"{result.tokens_per_s:.0f} tokens/s, {result.wall_time_s:.1f} s)")

@@ -33,6 +33,7 @@ from finetune.train import (
     args_from_namespace,
     build_parser,
     default_run_dir,
+    early_exit_code,
     load_base,
     setup_distributed,
     setup_logging,
@@ -187,11 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                           skip=("mask_instructions",))
     args = args_from_namespace(PretrainArgs, parser.parse_args(argv))
     result, manifest = run(args)
-    if result.rank != 0:
-        return 130 if result.interrupted else 0
-    if result.interrupted:
-        print(f"interrupted after step {result.steps}; resume with the same command plus --resume")
-        return 130
+    if (code := early_exit_code(result)) is not None:
+        return code
     if manifest is not None:
         print(f"saved model {manifest['name']} ({result.steps} steps, {result.tokens_per_s:.0f} tokens/s)")
     return 0

@@ -25,6 +25,7 @@ from finetune.train import (
     build_parser,
     build_sample_fn,
     default_run_dir,
+    early_exit_code,
     prepare_instruction_run,
     setup_distributed,
     setup_logging,
@@ -125,12 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                           "Full instruction finetuning of a store model into a new store model.")
     args = args_from_namespace(SFTArgs, parser.parse_args(argv))
     result, manifest = run(args)
-    if result.rank != 0:
-        return 130 if result.interrupted else 0
-    if result.interrupted:
-        print(f"interrupted after step {result.steps}; resume with the same command plus --resume "
-              f"(checkpoint in {result.run_dir})")
-        return 130
+    if (code := early_exit_code(result)) is not None:
+        return code
     if manifest is not None:
         print(f"saved model {manifest['name']} ({result.steps} steps, {result.tokens_per_s:.0f} tokens/s, "
               f"{result.wall_time_s:.1f} s); metrics in {result.run_dir}")

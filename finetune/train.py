@@ -827,6 +827,18 @@ def build_sample_fn(run: InstructionRun, max_new_tokens: int) -> Callable[[nn.Mo
     return sample
 
 
+def early_exit_code(result: TrainResult) -> int | None:
+    """The command's exit code when there is nothing to report: ranks other than 0, or an interrupted run (130,
+    after saying how to resume). ``None`` means rank 0 finished and should print its summary."""
+    if result.rank != 0:
+        return 130 if result.interrupted else 0
+    if result.interrupted:
+        print(f"interrupted after step {result.steps}; resume with the same command plus --resume "
+              f"(checkpoint in {result.run_dir})")
+        return 130
+    return None
+
+
 def setup_logging(info: DistInfo) -> None:
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
