@@ -1,11 +1,11 @@
 """ScratchChat's Chainlit front end: `chainlit run chat_app.py`.
 
-Handlers only; every token comes from the engine's serving layer (engine.sessions: Engine, ChatSession, see
-docs/CONTRACTS.md). Chat profiles are the models in the store (bases and full finetunes), the settings panel holds
-the LoRA adapter for the current base and the sampling knobs, answers stream token by token with a footer (model,
-adapter, tokens, tokens/s, time to first token), Stop signals the engine through a threading.Event (Chainlit cancels
-the asyncio task but not the engine's worker thread, chainlit #1539), and Compare answers the last question with the
-base and with the finetune side by side. The engine's OpenAI-compatible API is mounted on the same server under /v1.
+Handlers only; every token comes from the engine's serving layer (engine.sessions: Engine, ChatSession). Chat
+profiles are the models in the store (bases and full finetunes), the settings panel holds the LoRA adapter for the
+current base and the sampling knobs, answers stream token by token with a footer (model, adapter, tokens, tokens/s,
+time to first token), Stop signals the engine through a threading.Event (Chainlit cancels the asyncio task but not
+the engine's worker thread, chainlit #1539), and Compare answers the last question with the base and with the
+finetune side by side. The engine's OpenAI-compatible API is mounted on the same server under /v1.
 
 The thin-handler shape follows LLMs-from-scratch ch05/11_qwen3/qwen3-chat-interface-multiturn.py (history in
 cl.user_session, Message(content="") + stream_token + update).

@@ -326,7 +326,7 @@ def copy_model(root: Path, src: str, dst: str, *, created_from: dict | None = No
 
 def add_tiny_adapter(root: Path, base: str, name: str, *, seed: int = 1, rank: int = 2, scale: float = 0.05,
                      targets: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
-    """A small random PEFT LoRA adapter for `base`, saved into the store as CONTRACTS.md describes.
+    """A small random PEFT LoRA adapter for `base`, saved into the store as finetune's `lora` saves one.
 
     peft wraps engine.model.GPT built from the base's config (weights don't matter for the adapter's shapes);
     B is random and scaled down so the adapter nudges the base instead of drowning it.

@@ -2,10 +2,10 @@
 a Mock(spec=WebsocketSession) whose emit is an AsyncMock, set as the context), asserting on the streamed tokens and
 the messages sent.
 
-Most tests run against FakeEngine, which follows the "Engine serving layer" block of docs/CONTRACTS.md exactly
+Most tests run against FakeEngine, which has the public API of engine.sessions.Engine and ChatSession
 (list_models/list_adapters/generation_defaults/new_session; ChatSession.astream with should_stop, last_usage,
 set_adapter, set_system_prompt, history) and streams from a worker thread like the real one. The tests at the end
-run the same handlers against the real engine on the SmolLM2 store (skipped until engine.sessions exists).
+run the same handlers against the real engine on tiny models in a temporary store.
 """
 
 from __future__ import annotations
@@ -26,28 +26,15 @@ from chainlit.session import WebsocketSession
 
 import chat_app
 from engine.errors import AdapterMismatch, ContextTooLong, EngineBusy, ModelLoadError
+from engine.sampling import GenerationConfig
 
 # ---------------------------------------------------------------------------------------------------------------
-# a fake engine that follows CONTRACTS.md
+# a fake engine with the public API of engine.sessions.Engine / ChatSession
 
 
-@dataclass(frozen=True)
-class FakeGenerationConfig:
-    max_new_tokens: int = 64
-    temperature: float = 0.7
-    top_k: int | None = 50
-    top_p: float | None = 0.9
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+def fake_defaults() -> GenerationConfig:
+    """The fake engine's per-model defaults, in the engine's own (validated) GenerationConfig."""
+    return GenerationConfig(max_new_tokens=64, temperature=0.7, top_k=50, top_p=0.9)
 
 
 @dataclass
@@ -162,8 +149,8 @@ class FakeEngine:
     def list_adapters(self, base: str) -> list[str]:
         return list(self.adapters.get(base, []))
 
-    def generation_defaults(self, model: str) -> FakeGenerationConfig:
-        return FakeGenerationConfig()
+    def generation_defaults(self, model: str) -> GenerationConfig:
+        return fake_defaults()
 
     def new_session(self, model: str, adapter: str | None = None, system_prompt: str | None = None) -> FakeSession:
         if model in self.broken:
@@ -276,7 +263,7 @@ def test_parse_seed(value, seed):
 
 
 def test_build_generation_config_applies_settings_and_greedy():
-    d = FakeGenerationConfig()
+    d = fake_defaults()
     cfg = chat_app.build_generation_config(d, {"temperature": 1.2, "top_k": 0, "top_p": 0.5, "max_new_tokens": 9,
                                                "repetition_penalty": 1.1, "seed": "5", "greedy": False})
     assert (cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_new_tokens, cfg.repetition_penalty, cfg.seed) == (
@@ -321,7 +308,7 @@ async def test_chat_start_sends_settings_from_model_defaults(engine):
     by_id = {w["id"]: w for w in panel}
     assert [i["value"] for i in by_id["adapter"]["items"]] == ["none", "tiny", "alpaca-lora"]
     assert by_id["adapter"]["initial"] == "none"
-    d = FakeGenerationConfig()
+    d = fake_defaults()
     assert by_id["temperature"]["initial"] == d.temperature
     assert by_id["top_k"]["initial"] == d.top_k
     assert by_id["top_p"]["initial"] == d.top_p
@@ -412,7 +399,7 @@ async def test_invalid_sampling_settings_are_refused_with_a_message(engine):
         await chat_app.on_settings_update({"max_new_tokens": 0})
         await chat_app.on_message(user_message("still works"))
     assert any(m.get("isError") and "max_new_tokens" in m["output"] for m in rec.messages())
-    assert engine.sessions[0].configs[0].max_new_tokens == FakeGenerationConfig().max_new_tokens
+    assert engine.sessions[0].configs[0].max_new_tokens == fake_defaults().max_new_tokens
     assert "still works" in rec.texts()[-1]
 
 

@@ -10,7 +10,7 @@ names the canonical tensor(s) and the transform to apply. The transforms are the
   q/k head's rows; we undo it (HF transformers ``modeling_gguf_pytorch_utils.py`` does the same).
 - ``head``: the output head, dropped when the config ties it to the token embedding (stored once).
 
-The canonical names are those of ``engine.model.GPT.state_dict()`` (see docs/CONTRACTS.md). This module speaks plain
+The canonical names are those of ``engine.model.GPT.state_dict()``. This module speaks plain
 data (a config dict with ModelConfig's field names), so it imports nothing from ``engine``.
 """
 

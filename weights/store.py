@@ -1,7 +1,9 @@
 """The model store: one folder per model under ``$CHAT_MODELS_DIR`` (default ``<repo>/models``).
 
 Each model folder holds ``model.safetensors`` (our canonical names, tied embeddings stored once), ``model.json`` (the
-manifest, see docs/CONTRACTS.md) and its tokenizer files; adapters live in ``<model>/adapters/<name>/`` as standard
+manifest: name, family, config (``ModelConfig`` fields), tokenizer (``{"type": "gpt2-bpe"|"hf"|"none", "files",
+"eos_token_ids", ...}``), prompt_format, dtype on disk, num_parameters, source, sha256, created_from, created_at,
+generation defaults, system_prompt) and its tokenizer files; adapters live in ``<model>/adapters/<name>/`` as standard
 PEFT folders. Every write is atomic: it goes into a hidden temp folder inside the models dir (same filesystem), is
 fsynced, then renamed into place, so an interrupted import leaves nothing that :func:`list_models` would show.
 Loading memory-maps the safetensors file (``safetensors.torch.load_file`` uses mmap on CPU).
