@@ -2,8 +2,8 @@
 
 Every figure is a same-run ratio against a peer (``transformers`` ``generate`` on the very same weights, exported
 with :func:`weights.hf.write`; the memory-bandwidth roofline; our own no-cache path; turn 1 vs turn 10; one
-session vs eight; base vs mixed adapters), all with the same dtype and thread count. ``transformers`` (and
-``llama_cpp`` when installed) are imported lazily: they are benchmark peers, never engine dependencies. The output
+session vs eight; base vs mixed adapters; llama.cpp on SmolLM2's GGUF, run in its own venv by :mod:`engine.bench_llama`),
+all with the same dtype and thread count. ``transformers`` is imported lazily: peers are never engine dependencies. The output
 is a Markdown table (stdout) and a JSON file; timings are medians of ``--repeats`` runs.
 """
 
@@ -219,27 +219,17 @@ def serving_figures(root: Path, name: str, dtype: torch.dtype, tmp: Path, n_new:
 
 
 def _llama_cpp_row(args: argparse.Namespace, ours_tok_s: float | None) -> dict[str, Any]:
-    """llama.cpp (llama-cpp-python) decoding SmolLM2's Q4_1 GGUF with the same thread count, when installed."""
-    try:
-        from llama_cpp import Llama  # optional peer, never in requirements.txt
-    except ImportError:
-        return {"skipped": "llama-cpp-python is not installed (pip install llama-cpp-python in a bench env)"}
-    try:
-        from weights.fetch import get_smollm2_gguf
+    """llama.cpp decoding SmolLM2's Q4_1 GGUF with the same thread count, run in its own venv (see bench_llama)."""
+    from engine.bench_llama import llama_cpp_row
+    from weights.fetch import get_smollm2_gguf
 
-        llm = Llama(model_path=str(get_smollm2_gguf()), n_threads=args.threads, n_ctx=1024, verbose=False)
-        tokens = llm.tokenize(b"The history of the city begins long ago, when the river was young")
-        times = []
-        for i, _tok in enumerate(llm.generate(tokens, temp=0.0, reset=True)):
-            times.append(time.perf_counter())
-            if i + 1 == args.new_tokens:
-                break
-        rate = (len(times) - 1) / (times[-1] - times[0])
-    except Exception as e:  # an API difference between versions must not hide the other figures
-        return {"skipped": f"llama.cpp failed: {type(e).__name__}: {e}"}
-    out = {"llama_cpp_tok_s": rate}
-    if ours_tok_s:
-        out.update(ours_tok_s=ours_tok_s, ratio=ours_tok_s / rate)
+    try:
+        gguf = get_smollm2_gguf()
+    except Exception as e:  # offline without a cached GGUF: the other rows still count
+        return {"skipped": f"no SmolLM2 GGUF: {e}"}
+    out = llama_cpp_row(gguf, args.threads, args.new_tokens, args.llama_python, repeats=args.repeats)
+    if "llama_cpp_tok_s" in out and ours_tok_s:
+        out.update(ours_tok_s=ours_tok_s, ratio=ours_tok_s / out["llama_cpp_tok_s"])
     return out
 
 
@@ -337,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-hf", action="store_true", help="leave out the transformers peer")
     p.add_argument("--models-dir", default=None)
+    p.add_argument("--llama-python", default=None,
+                   help="python of the llama.cpp bench venv (default: $SCRATCHCHAT_LLAMA_PYTHON, else the venv made by "
+                        "scripts/bench-llama-env.sh)")
     p.add_argument("--json", type=Path, default=Path("bench.json"), help="where to write the JSON")
     args = p.parse_args(argv)
     res = run(args)
