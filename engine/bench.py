@@ -2,9 +2,10 @@
 
 Every figure is a same-run ratio against a peer (``transformers`` ``generate`` on the very same weights, exported
 with :func:`weights.hf.write`; the memory-bandwidth roofline; our own no-cache path; turn 1 vs turn 10; one
-session vs eight; base vs mixed adapters; llama.cpp on SmolLM2's GGUF, run in its own venv by :mod:`engine.bench_llama`),
-all with the same dtype and thread count. ``transformers`` is imported lazily: peers are never engine dependencies. The output
-is a Markdown table (stdout) and a JSON file; timings are medians of ``--repeats`` runs.
+session vs eight; base vs mixed adapters; llama.cpp on SmolLM2's GGUF, run in its own venv by
+:mod:`engine.bench_llama`), all with the same dtype and thread count. ``transformers`` is imported lazily: peers are
+never engine dependencies. The output is a Markdown table (stdout) and a JSON file; timings are medians of
+``--repeats`` runs.
 """
 
 from __future__ import annotations
