@@ -79,7 +79,9 @@ def _peak_rss_mib() -> float:
 
 def _batches(spec: dict[str, Any]) -> tuple[Any, list[list[int]], Any]:
     """(run, the global batches of the first epoch in our order, base) shared by every case."""
-    from finetune.train import TrainArgs, epoch_batches, prepare_instruction_run
+    from finetune.args import TrainArgs
+    from finetune.distributed import epoch_batches
+    from finetune.runs import prepare_instruction_run
 
     args = TrainArgs(model=spec["model"], data=spec["data"], format=spec["format"], models_dir=spec["models_dir"],
                      batch_size=spec["batch_size"], seed=spec["seed"])
@@ -99,8 +101,9 @@ def _rate(spec: dict[str, Any], stamps: list[float], tokens: list[int]) -> dict[
 
 
 def worker_ours(spec: dict[str, Any], lora: bool) -> dict[str, Any]:
+    from finetune.args import TrainArgs
     from finetune.lora import LoraArgs, apply_lora
-    from finetune.train import TrainArgs, train
+    from finetune.train import train
 
     run, batches, base = _batches(spec)
     model = base.model
@@ -225,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--worker"]:
         print(json.dumps(run_worker(argv[1], json.loads(argv[2]))))
         return 0
-    from finetune.train import args_from_namespace, build_parser
+    from finetune.args import args_from_namespace, build_parser
 
     parser = build_parser(BenchArgs, "python -m finetune bench",
                           "Training tokens/s: ours vs HF Trainer + peft, and LoRA vs full SFT, on the same batches.")

@@ -2,11 +2,12 @@
 
 The book's ch. 7.7-7.8: greedy responses (``max_new_tokens=256``) for every test entry, extracted with the prompt
 format's ``extract_response`` (the seed's ``.replace("### Response:", "").strip()``), saved as
-``instruction-data-with-response.json``; then each response is scored 0-100 by a judge with the seed's exact
-prompt, replies that are not an integer are counted and skipped, and the average is reported. The judge is Ollama's
-``/api/chat`` (the seed's payload: ``options = {"seed": 123, "temperature": 0, "num_ctx": 2048}``, streamed JSON
-lines) or any OpenAI-compatible ``/v1/chat/completions`` (``seed`` 123, ``temperature`` 0), for example this
-project's own ``python -m engine serve``.
+``instruction-data-with-response.json``; then :mod:`finetune.judge` scores each one 0-100 and reports the average.
+The answers are decoded ``--batch-size`` at a time by the engine's continuous-batching
+:class:`~engine.scheduler.Scheduler` (rows of different prompt lengths share each decode step; a finished row is
+refilled with the next entry), on a float32 base loaded by :class:`~engine.registry.Registry` with the adapter applied
+per row; greedy decoding makes the answers the same as one entry at a time (:func:`generate_response`, which the
+training loop also uses for its after-epoch sample).
 
 Usage:
     python -m finetune evaluate --model NAME [--adapter A] [--judge-url http://localhost:11434/api/chat]
@@ -17,11 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
-import urllib.parse
-import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,14 +27,26 @@ from typing import Any
 import torch
 from torch import nn
 
+from finetune.judge import PARSE_RULES, generate_model_scores, query_model
+
 log = logging.getLogger(__name__)
 
-DEFAULT_JUDGE_URL = "http://localhost:11434/api/chat"
-JUDGE_OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}
 RESPONSES_FILE = "instruction-data-with-response.json"
 
 
 # ------------------------------------------------------------------------------------------------ responses
+
+
+def _prompt_and_config(tokenizer: Any, fmt: Any, entry: dict[str, str], context: int, max_new_tokens: int
+                       ) -> tuple[list[int], Any]:
+    """The prompt ids of ``entry`` (cut to fit the context) and its greedy generation settings."""
+    from engine.sampling import GenerationConfig
+
+    prompt_ids = fmt.encode_prompt(entry["instruction"], tokenizer, entry.get("input", ""), add_generation_prompt=True)
+    if len(prompt_ids) >= context:
+        prompt_ids = prompt_ids[-(context - 1):]  # keep the end, where the answer opens
+    cfg = GenerationConfig(max_new_tokens=min(max_new_tokens, context - len(prompt_ids)), temperature=0.0)
+    return list(prompt_ids), cfg
 
 
 def generate_response(model: nn.Module, tokenizer: Any, fmt: Any, entry: dict[str, str], *, max_new_tokens: int = 256,
@@ -47,13 +57,8 @@ def generate_response(model: nn.Module, tokenizer: Any, fmt: Any, entry: dict[st
     exactly the prefix the model was trained to continue; generation stops at an EOS id or a stop string.
     """
     from engine.generate import TextStream, generate_tokens
-    from engine.sampling import GenerationConfig
 
-    prompt_ids = fmt.encode_prompt(entry["instruction"], tokenizer, entry.get("input", ""), add_generation_prompt=True)
-    context = model.config.context_length
-    if len(prompt_ids) >= context:
-        prompt_ids = prompt_ids[-(context - 1):]  # keep the end, where the answer opens
-    cfg = GenerationConfig(max_new_tokens=min(max_new_tokens, context - len(prompt_ids)), temperature=0.0)
+    prompt_ids, cfg = _prompt_and_config(tokenizer, fmt, entry, model.config.context_length, max_new_tokens)
     eos = tuple(tokenizer.eos_token_ids)
     stream = TextStream(tokenizer, fmt.stop_strings, eos)
     for token in generate_tokens(model, prompt_ids, cfg, stop_ids=eos, lora=lora):
@@ -64,137 +69,52 @@ def generate_response(model: nn.Module, tokenizer: Any, fmt: Any, entry: dict[st
     return fmt.extract_response(stream.text)
 
 
-def generate_responses(model: nn.Module, tokenizer: Any, fmt: Any, entries: Sequence[dict[str, str]], *,
-                       max_new_tokens: int = 256, lora: Any = None, key: str = "model_response",
-                       progress: bool = True) -> list[dict[str, Any]]:
-    """Copies of ``entries`` with ``entry[key]`` = the model's answer (the book's ``test_data[i]["model_response"]``).
-    """
-    from tqdm.auto import tqdm
-
-    model.eval()
-    out = []
-    torch.manual_seed(123)
-    for entry in tqdm(entries, desc="responses", disable=not progress):
-        out.append({**entry, key: generate_response(model, tokenizer, fmt, entry, max_new_tokens=max_new_tokens,
-                                                    lora=lora)})
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ judge
-
-
-def format_input(entry: dict[str, str]) -> str:
-    """The book's Alpaca ``format_input``, which the seed's judge prompt embeds whatever format was trained."""
-    from engine.prompts import get_prompt_format
-
-    return get_prompt_format("alpaca").format(entry["instruction"], entry.get("input", ""))
-
-
-def judge_prompt(entry: dict[str, str], key: str = "model_response") -> str:
-    """The seed's exact scoring prompt."""
-    return (
-        f"Given the input `{format_input(entry)}` "
-        f"and correct output `{entry['output']}`, "
-        f"score the model response `{entry[key]}`"
-        f" on a scale from 0 to 100, where 100 is the best score. "
-        f"Respond with the integer number only."
-    )
-
-
-def detect_api(url: str) -> str:
-    """``ollama`` for an ``/api/chat`` URL, else ``openai``."""
-    return "ollama" if urllib.parse.urlparse(url).path.rstrip("/").endswith("/api/chat") else "openai"
-
-
-def openai_chat_url(url: str) -> str:
-    """Accept a server root, a ``/v1`` base or the full ``/v1/chat/completions`` URL."""
-    path = urllib.parse.urlparse(url).path.rstrip("/")
-    if path.endswith("/chat/completions"):
-        return url
-    if path.endswith("/v1"):
-        return url.rstrip("/") + "/chat/completions"
-    return url.rstrip("/") + "/v1/chat/completions"
-
-
-def query_model(prompt: str, *, url: str = DEFAULT_JUDGE_URL, model: str = "llama3", api: str = "auto",
-                timeout: float = 300.0, api_key: str | None = None, max_tokens: int | None = None) -> str:
-    """Send one user message to the judge and return its reply text.
+def generate_responses(lm: Any, fmt: Any, entries: Sequence[dict[str, str]], *, adapter: Any = None,
+                       max_new_tokens: int = 256, batch_size: int = 8, key: str = "model_response",
+                       progress: bool = True) -> tuple[list[dict[str, Any]], int]:
+    """Copies of ``entries`` with ``entry[key]`` = the model's greedy answer (the book's
+    ``test_data[i]["model_response"]``), decoded ``batch_size`` entries at a time.
 
     Args:
-        api: ``ollama`` (POST the seed's payload to ``/api/chat``, read the streamed JSON lines and join each
-            ``message.content``), ``openai`` (POST to ``/v1/chat/completions``, read ``choices[0].message.content``)
-            or ``auto`` (by the URL's path).
-        api_key: sent as a Bearer token to OpenAI-compatible servers that need one.
-        max_tokens: cap the reply (OpenAI ``max_tokens``, Ollama ``num_predict``); None sends the seed's payload.
+        lm: the base, an :class:`engine.registry.LoadedModel`.
+        fmt: the prompt format the answers are asked in (and extracted with).
+        adapter: an :class:`engine.lora.LoraAdapter` applied to every entry, or None.
+        batch_size: entries decoded together by the engine's scheduler.
 
-    Raises:
-        OSError: the server cannot be reached or answers with an HTTP error (message names the URL).
-        ValueError: the reply is not the protocol's JSON.
+    Returns:
+        The entries with their answers, and the number of tokens generated.
     """
-    api = detect_api(url) if api == "auto" else api
-    messages = [{"role": "user", "content": prompt}]
-    headers = {"Content-Type": "application/json"}
-    if api == "ollama":
-        payload: dict[str, Any] = {"model": model, "messages": messages, "options": dict(JUDGE_OPTIONS)}
-        if max_tokens is not None:
-            payload["options"]["num_predict"] = max_tokens
-    elif api == "openai":
-        url = openai_chat_url(url)
-        payload = {"model": model, "messages": messages, "seed": JUDGE_OPTIONS["seed"],
-                   "temperature": JUDGE_OPTIONS["temperature"], "stream": False}
-        if max_tokens is not None:
-            payload["max_tokens"] = max_tokens
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-    else:
-        raise ValueError(f"judge api must be auto, ollama or openai, got {api!r}")
-    request = urllib.request.Request(url, data=json.dumps(payload).encode("utf-8"), headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            body = response.read().decode("utf-8")
-    except OSError as exc:
-        raise OSError(f"judge at {url} is not reachable: {exc}. Start it (ollama serve / python -m engine serve) "
-                      f"or pass --judge-url") from exc
-    try:
-        if api == "ollama":
-            return "".join(json.loads(line)["message"]["content"] for line in body.splitlines() if line.strip())
-        return json.loads(body)["choices"][0]["message"]["content"]
-    except (json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
-        raise ValueError(f"judge at {url} sent a reply that is not {api} chat JSON: {body[:200]!r}") from exc
-
-
-@dataclass
-class JudgeResult:
-    """Scores of the entries whose reply was an integer; ``skipped`` lists (index, reply) of the others."""
-
-    scores: list[int] = field(default_factory=list)
-    skipped: list[tuple[int, str]] = field(default_factory=list)
-    total: int = 0
-
-    @property
-    def average(self) -> float | None:
-        return sum(self.scores) / len(self.scores) if self.scores else None
-
-    def summary(self) -> str:
-        avg = "n/a" if self.average is None else f"{self.average:.2f}"
-        return f"Number of scores: {len(self.scores)} of {self.total} ({len(self.skipped)} skipped)\n" \
-               f"Average score: {avg}"
-
-
-def generate_model_scores(entries: Sequence[dict[str, Any]], key: str = "model_response", *,
-                          query: Callable[[str], str], progress: bool = True) -> JudgeResult:
-    """The seed's ``generate_model_scores``: ``int(reply)`` per entry; a reply that is not an integer is skipped."""
     from tqdm.auto import tqdm
 
-    result = JudgeResult(total=len(entries))
-    for i, entry in enumerate(tqdm(entries, desc="scoring", disable=not progress)):
-        reply = query(judge_prompt(entry, key))
-        try:
-            result.scores.append(int(reply.strip()))
-        except ValueError:
-            log.warning("Could not convert score: %r (entry %d)", reply, i)
-            result.skipped.append((i, reply))
-    return result
+    from engine.scheduler import Request, Scheduler
+
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if not entries:
+        return [], 0
+    context = lm.config.context_length
+    prompts = [_prompt_and_config(lm.tokenizer, fmt, e, context, max_new_tokens) for e in entries]
+    # Rows as long as the longest prompt plus the longest answer, not the model's full context.
+    needed = min(context, max(len(ids) + cfg.max_new_tokens for ids, cfg in prompts))
+    scheduler = Scheduler(max_batch=batch_size, max_queue=len(entries), max_context=needed)
+    eos = tuple(lm.tokenizer.eos_token_ids)
+    handles = []
+    try:
+        torch.manual_seed(123)
+        for ids, cfg in prompts:
+            handles.append(scheduler.submit(Request(lm=lm, adapter=adapter, prompt_ids=ids, cfg=cfg, stop_ids=eos,
+                                                    stop_strings=tuple(fmt.stop_strings))))
+        out, tokens = [], 0
+        for entry, handle in zip(entries, tqdm(handles, desc="responses", disable=not progress)):
+            for _ in handle:  # deltas; the handle raises if the request failed
+                pass
+            out.append({**entry, key: fmt.extract_response(handle.result.text)})
+            tokens += handle.result.completion_tokens
+        return out, tokens
+    finally:
+        for handle in handles:
+            handle.cancel()  # no-op for finished requests; frees the rows after an interruption
+        scheduler.close()
 
 
 # ------------------------------------------------------------------------------------------------ command
@@ -217,6 +137,8 @@ class EvaluateArgs:
     """Evaluate only the first N test entries."""
     max_new_tokens: int = 256
     """Longest generated answer."""
+    batch_size: int = 8
+    """Test entries answered together in one batched decode (greedy: the same answers as one at a time)."""
     output: str = RESPONSES_FILE
     """Where to save the entries with their model_response."""
     responses: str | None = None
@@ -230,6 +152,11 @@ class EvaluateArgs:
     """auto (by URL), ollama or openai."""
     judge_max_tokens: int | None = None
     """Cap the judge's reply in tokens (a weak local judge may ramble; an integer needs few)."""
+    judge_parse: str = field(default="int", metadata={"choices": tuple(PARSE_RULES)})
+    """How a reply becomes a score: int (the seed's int(reply); anything else is skipped) or first-int (the first
+    integer 0..100 in the reply, for weak judges that answer "Score: 85/100")."""
+    judge_output: str | None = None
+    """Also save each entry's judge reply and parsed score to this JSON file."""
     judge_api_key_env: str = "OPENAI_API_KEY"
     """Environment variable holding a Bearer token for OpenAI-compatible judges (used only when set)."""
     models_dir: str | None = None
@@ -238,39 +165,31 @@ class EvaluateArgs:
     """Show tqdm progress bars."""
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=4)
-    os.replace(tmp, path)
+def load_for_inference(name: str, adapter: str | None, root: str | None) -> tuple[Any, Any, str]:
+    """(the base as an :class:`engine.registry.LoadedModel` in float32, the adapter or None, the prompt format name:
+    the adapter's, else the base manifest's) from the store."""
+    from engine.registry import Registry
 
-
-def load_for_inference(name: str, adapter: str | None, root: str | None) -> tuple[nn.Module, Any, Any, str]:
-    """(model in eval mode, tokenizer, LoRA hook or None, prompt format name) from the store."""
-    from engine.lora import BatchLora, load_adapter
-    from finetune.train import load_base
-    from weights import store
-
-    base = load_base(name, root)
-    model = base.model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    fmt_name = base.manifest.get("prompt_format") or "none"
-    hook = None
+    registry = Registry(root, dtype=torch.float32)
+    lm = registry.get(name)
+    fmt_name = lm.manifest.get("prompt_format") or "none"
+    lora = None
     if adapter:
-        path = store.adapter_dir(name, adapter, root)
-        lora = load_adapter(path, model.config, name=adapter, base_name=name, base_sha256=base.sha256 or None)
-        hook = BatchLora([lora])
+        lora = registry.get_adapter(lm, adapter)
         fmt_name = lora.meta.get("prompt_format") or fmt_name
-    return model, base.tokenizer, hook, fmt_name
+    return lm, lora, fmt_name
 
 
 def run(args: EvaluateArgs) -> dict[str, Any]:
     """Generate (or read) responses, then score them if a judge is given; returns a summary dict."""
     from engine.prompts import get_prompt_format
+    from finetune.checkpoint import write_json_atomic
     from finetune.data import load_instruction_data, split_data
 
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.judge_parse not in PARSE_RULES:
+        raise ValueError(f"--judge-parse must be one of {sorted(PARSE_RULES)}, got {args.judge_parse!r}")
     summary: dict[str, Any] = {}
     if args.responses:
         with open(args.responses, encoding="utf-8") as f:
@@ -283,13 +202,13 @@ def run(args: EvaluateArgs) -> dict[str, Any]:
         _, test, _ = split_data(load_instruction_data(args.data))
         if args.limit is not None:
             test = test[:args.limit]
-        model, tokenizer, hook, fmt_name = load_for_inference(args.model, args.adapter, args.models_dir)
+        lm, adapter, fmt_name = load_for_inference(args.model, args.adapter, args.models_dir)
         fmt = get_prompt_format(args.format or fmt_name)
         start = time.perf_counter()
-        entries = generate_responses(model, tokenizer, fmt, test, max_new_tokens=args.max_new_tokens, lora=hook,
-                                     progress=args.progress)
-        summary["generation_s"] = time.perf_counter() - start
-        _write_json_atomic(Path(args.output), entries)
+        entries, tokens = generate_responses(lm, fmt, test, adapter=adapter, max_new_tokens=args.max_new_tokens,
+                                             batch_size=args.batch_size, progress=args.progress)
+        summary.update(generation_s=time.perf_counter() - start, generated_tokens=tokens, format=fmt.name)
+        write_json_atomic(Path(args.output), entries, indent=4)  # the book saves with indent=4
         summary["responses_file"] = str(Path(args.output).resolve())
     summary["entries"] = len(entries)
     if args.judge_url:
@@ -299,14 +218,24 @@ def run(args: EvaluateArgs) -> dict[str, Any]:
             return query_model(prompt, url=args.judge_url, model=args.judge_model, api=args.judge_api,
                                api_key=api_key, max_tokens=args.judge_max_tokens)
 
-        result = generate_model_scores(entries, query=query, progress=args.progress)
-        summary.update(scored=len(result.scores), total=result.total, skipped=len(result.skipped),
-                       average=result.average, summary=result.summary())
+        start = time.perf_counter()
+        result = generate_model_scores(entries, query=query, rule=args.judge_parse, progress=args.progress)
+        summary.update(scoring_s=time.perf_counter() - start, parse_rule=result.rule, scored=len(result.scores),
+                       total=result.total, skipped=len(result.skipped), average=result.average,
+                       summary=result.summary())
+        if args.judge_output:
+            scores = iter(result.scores)
+            skipped = {i for i, _ in result.skipped}
+            write_json_atomic(Path(args.judge_output), {
+                "parse_rule": result.rule, "judge_model": args.judge_model, "scored": len(result.scores),
+                "total": result.total, "skipped": len(result.skipped), "average": result.average,
+                "replies": [{"index": i, "reply": r, "score": None if i in skipped else next(scores)}
+                            for i, r in enumerate(result.replies)]})
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    from finetune.train import args_from_namespace, build_parser
+    from finetune.args import args_from_namespace, build_parser
 
     parser = build_parser(EvaluateArgs, "python -m finetune evaluate",
                           "Answer the test split through the engine and score the answers with a judge model.")
@@ -314,10 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     summary = run(args)
     if "responses_file" in summary:
-        print(f"saved {summary['entries']} responses to {summary['responses_file']} "
-              f"({summary['generation_s']:.1f} s)")
+        s = summary["generation_s"]
+        print(f"saved {summary['entries']} responses to {summary['responses_file']} ({s:.1f} s, "
+              f"{summary['generated_tokens']} tokens, {summary['generated_tokens'] / max(s, 1e-9):.1f} tokens/s, "
+              f"batch {args.batch_size})")
     if "summary" in summary:
         print(summary["summary"])
+        print(f"judge time: {summary['scoring_s']:.1f} s")
     return 0
 
 

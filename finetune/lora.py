@@ -29,22 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from finetune.args import TrainArgs, args_from_namespace, build_parser, validate_args
+from finetune.distributed import setup_distributed, setup_logging, teardown_distributed
+from finetune.runs import build_sample_fn, default_run_dir, early_exit_code, prepare_instruction_run
 from finetune.sft import hyperparameters
-from finetune.train import (
-    TrainArgs,
-    TrainResult,
-    args_from_namespace,
-    build_parser,
-    build_sample_fn,
-    default_run_dir,
-    early_exit_code,
-    prepare_instruction_run,
-    setup_distributed,
-    setup_logging,
-    teardown_distributed,
-    train,
-    validate_args,
-)
+from finetune.train import TrainResult, train
 
 log = logging.getLogger(__name__)
 

@@ -25,22 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from finetune.args import TrainArgs, args_from_namespace, build_parser, validate_args
 from finetune.data import SlidingWindowDataset, stack_collate
-from finetune.train import (
-    BaseModel,
-    TrainArgs,
-    TrainResult,
-    args_from_namespace,
-    build_parser,
-    default_run_dir,
-    early_exit_code,
-    load_base,
-    setup_distributed,
-    setup_logging,
-    teardown_distributed,
-    train,
-    validate_args,
-)
+from finetune.distributed import setup_distributed, setup_logging, teardown_distributed
+from finetune.runs import BaseModel, default_run_dir, early_exit_code, load_base
+from finetune.train import TrainResult, train
 
 log = logging.getLogger(__name__)
 

@@ -18,21 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.train import (
-    TrainArgs,
-    TrainResult,
-    args_from_namespace,
-    build_parser,
-    build_sample_fn,
-    default_run_dir,
-    early_exit_code,
-    prepare_instruction_run,
-    setup_distributed,
-    setup_logging,
-    teardown_distributed,
-    train,
-    validate_args,
-)
+from finetune.args import TrainArgs, args_from_namespace, build_parser, validate_args
+from finetune.distributed import setup_distributed, setup_logging, teardown_distributed
+from finetune.runs import build_sample_fn, default_run_dir, early_exit_code, prepare_instruction_run
+from finetune.train import TrainResult, train
 
 log = logging.getLogger(__name__)
 

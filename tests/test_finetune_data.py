@@ -238,7 +238,7 @@ def test_download_caches_and_reuses(tmp_path, monkeypatch):
 def test_chatml_rows_end_with_one_im_end(smollm2_store, entries):
     """ChatML on SmolLM2: markers are special ids, and each row ends with exactly one <|im_end|> (kept in targets)."""
     from engine.tokenizer import load_tokenizer
-    from finetune.train import end_of_text_id
+    from finetune.runs import end_of_text_id
     from weights import store
 
     manifest = store.read_manifest("smollm2-135m-instruct", smollm2_store)

@@ -14,7 +14,7 @@ from engine.config import ModelConfig
 from engine.lora import BatchLora, load_adapter, merge_adapter
 from engine.model import GPT
 from finetune import lora
-from finetune.train import load_base
+from finetune.runs import load_base
 from weights import store
 
 peft = pytest.importorskip("peft")

@@ -14,18 +14,12 @@ import torch
 from engine.config import ModelConfig
 from engine.model import GPT
 from finetune import sft
+from finetune.args import TrainArgs, _attribute_docs
+from finetune.distributed import DistInfo, epoch_batches, local_micro_batches
 from finetune.pretrain import PretrainArgs
 from finetune.pretrain import run as pretrain_run
-from finetune.train import (
-    DistInfo,
-    TrainArgs,
-    _attribute_docs,
-    epoch_batches,
-    load_base,
-    local_micro_batches,
-    prepare_instruction_run,
-    train,
-)
+from finetune.runs import load_base, prepare_instruction_run
+from finetune.train import train
 from weights import store
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -69,6 +63,16 @@ def test_train_args_have_docstrings_for_help():
     docs = _attribute_docs(sft.SFTArgs)
     assert set(docs) >= {f for f in TrainArgs.__dataclass_fields__} | {"save_dtype", "overwrite"}
     assert "Global batch" in docs["batch_size"]
+
+
+@pytest.mark.parametrize("command", ["sft", "lora", "pretrain", "evaluate", "bench"])
+def test_every_command_help_renders(command, capsys):
+    """--help shows every option's docstring; a literal % in one ("the book's 10%") must not break argparse."""
+    import importlib
+
+    with pytest.raises(SystemExit) as done:
+        importlib.import_module(f"finetune.{command}").main(["--help"])
+    assert done.value.code == 0 and "--" in capsys.readouterr().out
 
 
 def test_sft_loss_falls_and_model_lands_in_store(tiny_store, tmp_path):
