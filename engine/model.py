@@ -17,6 +17,8 @@ CPU), frozen q/k/v (and gate/up) projections run as one matmul over a concatenat
 weights are views into (:class:`_Fused`: nothing is stored twice), RoPE rotates q and k together, the positions are
 slices rather than gathers, and dropout is skipped. Training, peft-wrapped projections and the LoRA hook's
 per-projection ``(x, y)`` contract are unchanged: the fused output is split back into q, k and v for the hook.
+With ``SCRATCHCHAT_QUANT=int8`` the projections also carry int8 copies that a single row reads instead
+(:mod:`engine.quant`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.kv_cache import AttentionPlan, KVCache
+from engine.quant import Int8Weight, int8_linear
 
 # A per-request LoRA hook: (layer index, projection name, input x, base output y) -> adapted output.
 LoraHook = Callable[[int, str, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -118,6 +121,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
+def linear_q(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, w8: Int8Weight | None) -> torch.Tensor:
+    """:func:`linear`, or with an int8 copy of ``weight`` (see :mod:`engine.quant`) and a single row, the int8
+    weight-only kernel: it reads half the bytes, and is only fast for one row."""
+    if w8 is not None and x.numel() == x.shape[-1] and not torch.is_grad_enabled():
+        return int8_linear(x, w8, bias)
+    return linear(x, weight, bias)
+
+
 def _is_plain_linear(module: nn.Module) -> bool:
     # peft (or anything else) may wrap a projection; then the module itself must run
     return type(module) is nn.Linear
@@ -126,7 +137,7 @@ def _is_plain_linear(module: nn.Module) -> bool:
 def _apply(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)``, with plain Linear layers going through :func:`linear` (GEMV for one row) when grad is off."""
     if _is_plain_linear(module) and not torch.is_grad_enabled():
-        return linear(x, module.weight, module.bias)
+        return linear_q(x, module.weight, module.bias, module.__dict__.get("int8"))
     return module(x)
 
 
@@ -147,6 +158,8 @@ class _Fused:
         self.key: tuple | None = None
         self.weight: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
+        self._int8_parts: list[Int8Weight] | None = None
+        self._int8: Int8Weight | None = None
 
     @staticmethod
     def usable(linears: Sequence[nn.Module]) -> bool:
@@ -164,6 +177,17 @@ class _Fused:
         if self._key() != self.key:
             self._build()
         return self.weight, self.bias
+
+    def int8(self) -> Int8Weight | None:
+        """The projections' int8 copies (:mod:`engine.quant`) concatenated like the weight, or None."""
+        parts = [lin.__dict__.get("int8") for lin in self.linears]
+        if any(p is None for p in parts):
+            return None
+        # the parts themselves are the key (held, so compared by identity: a requantization makes new ones)
+        if self._int8_parts is None or any(p is not k for p, k in zip(parts, self._int8_parts, strict=True)):
+            self._int8 = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+            self._int8_parts = parts
+        return self._int8
 
     def _build(self) -> None:
         with torch.inference_mode(False), torch.no_grad():
@@ -208,7 +232,7 @@ class Attention(nn.Module):
         if fused is None:
             q, k, v = _apply(self.q_proj, x), _apply(self.k_proj, x), _apply(self.v_proj, x)
         else:
-            qkv = linear(x, *fused.get())
+            qkv = linear_q(x, *fused.get(), fused.int8())
             if lora is None:
                 return (qkv,)
             q, k, v = qkv.split(fused.sizes, dim=-1)
@@ -275,7 +299,7 @@ class MLP(nn.Module):
         if self.swiglu:
             fused = self._fused_gate_up()
             if fused is not None:
-                gate, up = linear(x, *fused.get()).split(fused.sizes, dim=-1)
+                gate, up = linear_q(x, *fused.get(), fused.int8()).split(fused.sizes, dim=-1)
             else:
                 gate, up = _apply(self.gate_proj, x), _apply(self.up_proj, x)
             if lora is not None:

@@ -4,7 +4,8 @@ A base is loaded once: ``weights.store.read`` gives the manifest and a state dic
 engine builds :class:`~engine.model.GPT` from the manifest's config and loads it with ``strict=True`` (missing,
 unexpected or mis-shaped tensors are a :class:`~engine.errors.ModelLoadError` naming them). Weights are cast to
 the serving dtype at load: bf16 where the CPU has native bf16 matmuls (AMX / AVX512-BF16), else fp32; the
-``SCRATCHCHAT_DTYPE`` environment variable (``float32`` | ``bfloat16`` | ``auto``) overrides it.
+``SCRATCHCHAT_DTYPE`` environment variable (``float32`` | ``bfloat16`` | ``auto``) overrides it. With
+``SCRATCHCHAT_QUANT=int8`` a bf16 base is also quantized to int8 weight-only for batch-1 decode (:mod:`engine.quant`).
 
 Adapters are loaded next to their base (never merged unless asked) and versioned by the sha256 of their weights
 file; a changed file on disk is reloaded on next use, so a finetune run that overwrites an adapter takes effect
@@ -30,6 +31,7 @@ from engine.errors import AdapterMismatch, ModelLoadError, UnknownModel
 from engine.lora import ADAPTER_WEIGHTS, LoraAdapter, MergedAdapter, load_adapter, merge_adapter
 from engine.model import GPT, build_rope_cache
 from engine.prompts import PromptFormat, get_prompt_format
+from engine.quant import default_quant, quantize_int8_
 from engine.tokenizer import Tokenizer, load_tokenizer
 from weights import store
 
@@ -72,6 +74,7 @@ class LoadedModel:
     adapter_stats: dict[str, tuple[int, int]] = field(default_factory=dict)
     lock: threading.RLock = field(default_factory=threading.RLock)
     stamp: tuple[int, int] = (0, 0)  # model.json's (mtime_ns, inode) when loaded
+    quant: str = "none"  # "int8": weight-only int8 for batch-1 decode (engine.quant)
 
     @property
     def family(self) -> str:
@@ -86,14 +89,19 @@ class Registry:
         memory_cap: bytes of base weights to keep loaded (``$SCRATCHCHAT_MODEL_MEMORY`` or 8 GiB). The least
             recently used base that is not busy is evicted to make room; a busy one is kept even over the cap.
         dtype: serving dtype (default :func:`default_dtype`).
+        quant: ``"none"`` or ``"int8"`` (default ``$SCRATCHCHAT_QUANT``, else none); int8 needs bf16.
     """
 
     def __init__(self, root: str | Path | None = None, *, memory_cap: int | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, quant: str | None = None) -> None:
         self._root = Path(root) if root is not None else None
         cap_env = os.environ.get("SCRATCHCHAT_MODEL_MEMORY")
         self.memory_cap = memory_cap if memory_cap is not None else int(cap_env) if cap_env else DEFAULT_MEMORY_CAP
         self.dtype = dtype or default_dtype()
+        self.quant = quant or default_quant()
+        if self.quant == "int8" and self.dtype != torch.bfloat16:
+            raise ValueError(f"int8 weight-only quantization needs bf16 serving, not {self.dtype} "
+                             "(set SCRATCHCHAT_DTYPE=bf16 or SCRATCHCHAT_QUANT=none)")
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.RLock()
         self._load_locks: dict[str, threading.Lock] = {}
@@ -198,6 +206,8 @@ class Registry:
             model.eval()
             for p in model.parameters():
                 p.requires_grad_(False)
+            if self.quant == "int8":
+                quantize_int8_(model)
             tokenizer = load_tokenizer(store.model_dir(name, self.root), manifest.get("tokenizer") or {"type": "none"})
             fmt = get_prompt_format(manifest.get("prompt_format") or "none")
         except UnknownModel:
@@ -208,7 +218,7 @@ class Registry:
         logger.info("loaded %s (%s, %.1f MB) in %.2f s", name, self.dtype, nbytes / 2**20, time.perf_counter() - t0)
         return LoadedModel(name=name, manifest=manifest, config=config, model=model, tokenizer=tokenizer,
                            prompt_format=fmt, dtype=self.dtype, sha256=manifest.get("sha256") or "", nbytes=nbytes,
-                           stamp=stamp)
+                           stamp=stamp, quant=self.quant)
 
     # ---- adapters
     def get_adapter(self, base: str | LoadedModel, adapter: str) -> LoraAdapter:
@@ -270,6 +280,8 @@ class Registry:
                     return
                 self.unmerge(lm)
             lm.merged = merge_adapter(lm.model, ad)
+            if lm.quant == "int8":  # the merged weights need int8 copies (on the int8 grid) of their own
+                quantize_int8_(lm.model)
 
     def unmerge(self, base: str | LoadedModel) -> None:
         lm = base if isinstance(base, LoadedModel) else self._loaded.get(base)
@@ -279,3 +291,5 @@ class Registry:
             if lm.merged is not None:
                 lm.merged.unmerge()
                 lm.merged = None
+                if lm.quant == "int8":
+                    quantize_int8_(lm.model)
