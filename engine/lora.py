@@ -6,11 +6,11 @@ LoRA (Hu et al. 2021) adds a low-rank update to a frozen linear layer: ``y = W x
 ``finetune`` or any PEFT user, plus our ``scratchchat.json`` naming the base they were trained on.
 
 Serving follows LoRAX/Punica's idea of a heterogeneous batch: row ``i`` of one decode batch may use adapter ``a_i``
-or none. :class:`BatchLora` is the hook the model calls after every q/k/v/o/gate/up/down projection. It stacks
-the rows' ``A``/``B`` once per batch composition (scale folded into ``B``, zero rank for rows without that
-projection), so each hooked projection costs one ``bmm`` plus one ``baddbmm``; a batch whose rows all use the same
-adapter uses two plain matmuls instead. :func:`merge_adapter` folds one adapter into the base weights for maximum
-speed and :meth:`MergedAdapter.unmerge` restores the exact original tensors.
+or none. :class:`BatchLora` is the hook the model calls after every q/k/v/o/gate/up/down projection (or once per
+fused q/k/v and gate/up group). It packs the batch's adapters once per composition (scale folded into ``B``), so
+each hooked projection costs two small matmuls for the whole batch, with a per-row mask when rows differ.
+:func:`merge_adapter` folds one adapter into the base weights for maximum speed and :meth:`MergedAdapter.unmerge`
+restores the exact original tensors.
 """
 
 from __future__ import annotations
@@ -198,16 +198,32 @@ def load_adapter(
                        path=path)
 
 
+# projections that read the same input and that the model runs as one fused matmul (engine.model._Fused); a hook
+# with a ``group`` method adapts each group in one call instead of one call per projection
+GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+
+# (A (in, R), B (R, out), mask (rows, R) or None) for one projection or group under one batch composition
+Packed = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
 class BatchLora:
     """The ``lora`` hook for one batch composition: row ``i`` uses ``adapters[i]`` (None = base only).
 
     Build it when the batch composition changes, not per step. ``merged`` names an adapter already folded into
     the base weights (see :func:`merge_adapter`): rows that use it need nothing, other rows subtract it.
+
+    Every distinct (adapter, sign) of the batch is one "contribution". For each projection the contributions'
+    ``A`` are concatenated along the rank, ``A_all`` (in, R), and their ``B`` likewise, ``B_all`` (R, out); a
+    (rows, R) mask holds each row's sign on its own contributions' rank columns and zero elsewhere. Then
+    ``delta = ((x @ A_all) * mask) @ B_all``: two small matmuls for the whole batch, whatever its mix, and every
+    adapter's weights are read once per step, not once per row. When every row has the same contributions the mask
+    is folded into ``B_all`` (two plain matmuls, the first fused into an ``addmm``). For fused q/k/v and gate/up the
+    projections of a group are packed together (``B_all`` block-diagonal over the outputs), so a layer costs four
+    hook calls, not seven. Packs are built lazily, once per (layer, projection) and composition.
     """
 
     def __init__(self, adapters: Sequence[LoraAdapter | None], *, merged: LoraAdapter | None = None) -> None:
-        # each row's list of (adapter, sign) contributions
-        rows: list[list[tuple[LoraAdapter, float]]] = []
+        rows: list[list[tuple[LoraAdapter, float]]] = []  # each row's (adapter, sign) contributions
         for ad in adapters:
             if merged is not None and ad is not None and ad.key == merged.key:
                 rows.append([])
@@ -215,77 +231,84 @@ class BatchLora:
                 rows.append(([(ad, 1.0)] if ad is not None else []) + ([(merged, -1.0)] if merged else []))
         self.batch_size = len(rows)
         self.keys = tuple(None if a is None else a.key for a in adapters)
-        self.shared: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.stacked: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.rows_idx: torch.Tensor | None = None  # rows that the stacked weights cover (None = all)
-        distinct = {tuple((a.key, s) for a, s in r) for r in rows}
-        if len(distinct) == 1 and rows and rows[0]:
-            # every row has the same contribution: plain matmuls with shared weights
-            for proj_key in sorted({k for a, _ in rows[0] for k in a.weights}):
-                self.shared[proj_key] = _concat_rank([(a.weights.get(proj_key), s) for a, s in rows[0]])
-        elif any(rows):
-            # stack only the rows that have an adapter: base-only rows cost no LoRA work or weight traffic
-            active = [i for i, r in enumerate(rows) if r]
-            self.rows_idx = None if len(active) == len(rows) else torch.tensor(active)
-            for proj_key in sorted({k for r in rows for a, _ in r for k in a.weights}):
-                per_row = [_concat_rank([(a.weights.get(proj_key), s) for a, s in rows[i]]) for i in active]
-                self.stacked[proj_key] = _stack_rows(per_row)
+        index: dict[tuple, int] = {}
+        self.contributions: list[tuple[LoraAdapter, float]] = []
+        for r in rows:
+            for a, sign in r:
+                if (a.key, sign) not in index:
+                    index[(a.key, sign)] = len(self.contributions)
+                    self.contributions.append((a, sign))
+        # (rows, contributions): a row's sign on each contribution it uses, else 0
+        self.coef = torch.zeros(len(rows), len(self.contributions))
+        for i, r in enumerate(rows):
+            for a, sign in r:
+                self.coef[i, index[(a.key, sign)]] = sign
+        uniform = len({tuple((a.key, sign) for a, sign in r) for r in rows}) == 1
+        self.shared = uniform and bool(self.contributions)  # every row: the same contributions (no mask)
+        self.stacked = not uniform and bool(self.contributions)  # rows differ (a mask selects each row's)
+        self._packs: dict[tuple[int, str], Packed | None] = {}
 
     @property
     def is_empty(self) -> bool:
         """True when no row needs any LoRA work: pass ``lora=None`` to the model instead."""
-        return not self.shared and not self.stacked
+        return not self.contributions
 
     def __call__(self, layer: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x (B, T, in), y (B, T, out) = base projection output -> y + row-wise scale * x A^T B^T."""
-        w = self.shared.get((layer, proj))
-        if w is not None:
-            at, bt = w
-            B, T, n_in = x.shape
-            x2 = x.reshape(B * T, n_in)
-            if y.dtype == at.dtype:
-                return torch.addmm(y.reshape(B * T, -1), x2 @ at, bt).view(y.shape)
-            return y + ((x2.to(at.dtype) @ at) @ bt).view(y.shape).to(y.dtype)
-        w = self.stacked.get((layer, proj))
-        if w is None:
-            return y
-        a, b = w  # (n, in, R), (n, R, out) for the n rows in rows_idx
-        idx = self.rows_idx
-        if idx is None:
-            if y.dtype == a.dtype:
-                return torch.baddbmm(y, torch.bmm(x, a), b)
-            # bf16 model: the low-rank product runs in float32 (small bf16 bmm kernels are ~10x slower on CPU)
-            return y + torch.bmm(torch.bmm(x.to(a.dtype), a), b).to(y.dtype)
-        delta = torch.bmm(torch.bmm(x.index_select(0, idx).to(a.dtype), a), b)  # (n, T, out)
-        return y.index_add(0, idx, delta.to(y.dtype))
+        key = (layer, proj)
+        if key not in self._packs:
+            self._packs[key] = self._pack(layer, (proj,), None)
+        return _add_delta(x, y, self._packs[key])
+
+    def group(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+        """Like ``__call__`` for the fused output ``y`` (B, T, sum(sizes)) of the projections ``GROUPS[name]``."""
+        key = (layer, name)
+        if key not in self._packs:
+            self._packs[key] = self._pack(layer, GROUPS[name], tuple(sizes))
+        return _add_delta(x, y, self._packs[key])
+
+    def _pack(self, layer: int, projs: tuple[str, ...], sizes: tuple[int, ...] | None) -> Packed | None:
+        a_parts, b_parts, mask_parts = [], [], []
+        offsets = [0]
+        for n in sizes or ():
+            offsets.append(offsets[-1] + n)
+        for p, proj in enumerate(projs):
+            for j, (ad, sign) in enumerate(self.contributions):
+                w = ad.weights.get((layer, proj))
+                if w is None:
+                    continue
+                at, bt = w  # (in, r), (r, out) with the scale folded in
+                if sizes is not None:  # place B's columns at this projection's slice of the fused output
+                    wide = bt.new_zeros(bt.shape[0], offsets[-1])
+                    wide[:, offsets[p] : offsets[p + 1]] = bt
+                    bt = wide
+                if self.shared:
+                    bt = bt if sign == 1.0 else -bt
+                else:
+                    mask_parts.append(self.coef[:, j : j + 1].expand(-1, at.shape[1]))
+                a_parts.append(at)
+                b_parts.append(bt)
+        if not a_parts:
+            return None
+        a_all, b_all = torch.cat(a_parts, dim=1), torch.cat(b_parts, dim=0)
+        mask = torch.cat(mask_parts, dim=1).to(a_all.dtype) if mask_parts else None
+        return a_all, b_all, mask
 
 
-def _concat_rank(parts: list[tuple[tuple[torch.Tensor, torch.Tensor] | None, float]]
-                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Sum of several LoRA deltas as one wider-rank pair: [A1 A2] (in, r1+r2), [s1 B1; s2 B2] (r1+r2, out)."""
-    parts = [(w, s) for w, s in parts if w is not None]
-    if not parts:
-        return None
-    if len(parts) == 1 and parts[0][1] == 1.0:
-        return parts[0][0]
-    at = torch.cat([w[0] for w, _ in parts], dim=1)
-    bt = torch.cat([w[1] if s == 1.0 else -w[1] for w, s in parts], dim=0)
-    return at, bt
-
-
-def _stack_rows(per_row: list[tuple[torch.Tensor, torch.Tensor] | None]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack per-row pairs into (n, in, R) / (n, R, out), zero-padding ranks; rows with None get zeros."""
-    ref = next(w for w in per_row if w is not None)
-    n_in, n_out = ref[0].shape[0], ref[1].shape[1]
-    R = max(w[0].shape[1] for w in per_row if w is not None)
-    a = ref[0].new_zeros(len(per_row), n_in, R)
-    b = ref[1].new_zeros(len(per_row), R, n_out)
-    for i, w in enumerate(per_row):
-        if w is not None:
-            r = w[0].shape[1]
-            a[i, :, :r] = w[0]
-            b[i, :r] = w[1]
-    return a, b
+def _add_delta(x: torch.Tensor, y: torch.Tensor, packed: Packed | None) -> torch.Tensor:
+    """y + ((x @ A) * mask) @ B, the low-rank part in the adapter's dtype (float32 for a bf16 base: small bf16
+    matmuls are slow on CPU and the sum is more exact)."""
+    if packed is None:
+        return y
+    a_all, b_all, mask = packed
+    B, T, n_in = x.shape
+    h = x.reshape(B * T, n_in)
+    h = (h if h.dtype == a_all.dtype else h.to(a_all.dtype)) @ a_all  # (B*T, R)
+    if mask is not None:
+        h = (h.view(B, T, -1) * mask[:, None, :]).view(B * T, -1)
+    if y.dtype == a_all.dtype:
+        return torch.addmm(y.reshape(B * T, -1), h, b_all).view(y.shape)
+    return y + (h @ b_all).view(y.shape).to(y.dtype)
 
 
 def _projection(model: nn.Module, layer: int, proj: str) -> nn.Linear:

@@ -235,6 +235,9 @@ class Attention(nn.Module):
             qkv = linear_q(x, *fused.get(), fused.int8())
             if lora is None:
                 return (qkv,)
+            group = getattr(lora, "group", None)  # a hook that adapts the fused q/k/v in one call
+            if group is not None:
+                return (group(self.layer_idx, "qkv", x, qkv, fused.sizes),)
             q, k, v = qkv.split(fused.sizes, dim=-1)
         if lora is not None:
             q, k, v = lora(self.layer_idx, "q_proj", x, q), lora(self.layer_idx, "k_proj", x, k), \
@@ -298,11 +301,15 @@ class MLP(nn.Module):
         i = self.layer_idx
         if self.swiglu:
             fused = self._fused_gate_up()
+            group = getattr(lora, "group", None)  # a hook that adapts the fused gate/up in one call
             if fused is not None:
-                gate, up = linear_q(x, *fused.get(), fused.int8()).split(fused.sizes, dim=-1)
+                gate_up = linear_q(x, *fused.get(), fused.int8())
+                if group is not None:
+                    gate_up = group(i, "gate_up", x, gate_up, fused.sizes)
+                gate, up = gate_up.split(fused.sizes, dim=-1)
             else:
                 gate, up = _apply(self.gate_proj, x), _apply(self.up_proj, x)
-            if lora is not None:
+            if lora is not None and (fused is None or group is None):
                 gate, up = lora(i, "gate_proj", x, gate), lora(i, "up_proj", x, up)
             h = F.silu(gate) * up
         else:

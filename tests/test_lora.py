@@ -40,8 +40,14 @@ def _make_adapter(base: GPT, folder, *, seed: int, r: int = 8, alpha: int = 16, 
     return pm
 
 
+def _served(base: GPT) -> GPT:
+    """A frozen copy, as the registry serves it: q/k/v and gate/up run fused and the hook adapts each group at once."""
+    return copy.deepcopy(base).requires_grad_(False)
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["per-projection", "fused-groups"])
 @pytest.mark.parametrize("config", [LLAMA, GPT2], ids=["llama", "gpt2"])
-def test_mixed_batch_matches_peft(tmp_path, config):
+def test_mixed_batch_matches_peft(tmp_path, config, frozen):
     base = _base(config)
     pa = _make_adapter(base, tmp_path / "a", seed=1)
     pb = _make_adapter(base, tmp_path / "b", seed=2, r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"],
@@ -55,6 +61,8 @@ def test_mixed_batch_matches_peft(tmp_path, config):
     with torch.no_grad():
         want = torch.cat([pa(idx[0:1]), base(idx[1:2]), pb(idx[2:3])])
         hook = BatchLora([ad_a, None, ad_b])
+        if frozen:
+            base = _served(base)
         got = base(idx, lora=hook)
         # the adapters really change the output, and row 1 is untouched
         assert (pa(idx[0:1]) - base(idx[0:1])).abs().max() > 1e-3
@@ -81,11 +89,14 @@ def test_shared_adapter_path_and_empty_hook(tmp_path):
     assert BatchLora([None, None]).is_empty
 
 
-def test_merge_equals_unmerged_and_unmerge_is_exact(tmp_path):
+@pytest.mark.parametrize("frozen", [False, True], ids=["per-projection", "fused-groups"])
+def test_merge_equals_unmerged_and_unmerge_is_exact(tmp_path, frozen):
     base = _base(LLAMA)
     _make_adapter(base, tmp_path / "a", seed=1)
     _make_adapter(base, tmp_path / "b", seed=2)
     ad_a, ad_b = load_adapter(tmp_path / "a", LLAMA), load_adapter(tmp_path / "b", LLAMA)
+    if frozen:
+        base = _served(base)
     idx = torch.randint(0, LLAMA.vocab_size, (3, 8))
     before = {k: v.clone() for k, v in base.state_dict().items()}
     with torch.no_grad():
