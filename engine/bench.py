@@ -280,7 +280,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         r["hf_error"] = f"{type(e).__name__}: {e}"
                 row[dname] = r
             row["no_cache"] = {}
-            for dname in [d for d in args.dtypes if d != "int8"] or args.dtypes[:1]:
+            for dname in args.dtypes:
                 dtype, quant = VARIANTS[dname]
                 lm = Registry(root, dtype=dtype, quant=quant).get(name)
                 row["no_cache"][dname] = no_cache_speedup(lm, args.no_cache_tokens)
