@@ -5,22 +5,20 @@
 * ``serve`` runs the OpenAI-compatible API (:mod:`engine.api`) with uvicorn, on 127.0.0.1 unless told otherwise.
 * ``bench`` runs :mod:`engine.bench`.
 
-OpenMP threads sleep at barriers instead of spinning (``OMP_WAIT_POLICY=PASSIVE``, set before torch loads unless
-already set): on a small shared CPU, spinning threads of two busy processes slow each other down by 10x or more.
+OpenMP's wait policy is left at libgomp's default (threads spin briefly between parallel regions, then sleep), as in
+the chat app: a decode step is hundreds of small ops, and ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep at once) was
+measured to cost 40-45% of int8 and batched decode speed here. On a machine shared with other busy processes, set
+``OMP_WAIT_POLICY=PASSIVE`` yourself: there, spinning threads of two processes slow each other down far more.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-
-# before torch is imported (it is imported lazily below): libgomp reads this once, when it loads
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _add_models_dir(p: argparse.ArgumentParser) -> None:
