@@ -23,12 +23,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
 
 import torch
 
@@ -37,7 +34,8 @@ from engine.generate import Delta, TextStream, Usage
 from engine.kv_cache import KVCache
 from engine.lora import BatchLora, LoraAdapter
 from engine.registry import LoadedModel
-from engine.sampling import GenerationConfig, build_generator, sample_rows
+from engine.requests import Handle, Request, Result
+from engine.sampling import build_generator, sample_rows
 
 logger = logging.getLogger(__name__)
 
@@ -46,119 +44,6 @@ DEFAULT_MAX_QUEUE = 64
 DEFAULT_KV_MEMORY = 2 << 30  # bytes for all pools' KV caches together
 DEFAULT_MAX_CONTEXT = 4096  # tokens per row; a model's own context_length is used when smaller
 DEFAULT_PREFILL_CHUNK = 256  # tokens per prefill step while other rows are decoding
-
-
-@dataclass
-class Request:
-    """A generation request for the scheduler (built by :mod:`engine.sessions` or the API).
-
-    Attributes:
-        lm: the loaded base model.
-        adapter: the LoRA adapter for this request, or None.
-        prompt_ids: the full prompt.
-        cfg: sampling settings (max_new_tokens, temperature, ..., seed, stop).
-        stop_ids: token ids that end the answer (not emitted).
-        stop_strings: strings that end the answer (never partly streamed).
-        should_stop: polled before every step; True cancels the request.
-        prefix: optional batch-1 cache whose first ``prefix_len`` positions hold ``prompt_ids[:prefix_len]``.
-        keep_cache: hand the request's KV cache back when it ends (for the next turn of a session).
-    """
-
-    lm: LoadedModel
-    adapter: LoraAdapter | None
-    prompt_ids: list[int]
-    cfg: GenerationConfig
-    stop_ids: tuple[int, ...] = ()
-    stop_strings: tuple[str, ...] = ()
-    should_stop: Callable[[], bool] | None = None
-    prefix: KVCache | None = None
-    prefix_len: int = 0
-    keep_cache: bool = False
-
-
-@dataclass
-class Result:
-    """How a request ended."""
-
-    finish_reason: str  # "stop" | "length" | "cancelled"
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int  # prompt tokens reused from the prefix instead of prefilled
-    ttft_s: float
-    decode_tokens_per_s: float
-    text: str
-    token_ids: list[int]
-    cache: KVCache | None = None  # batch-1 cache of prompt + fed tokens (when keep_cache)
-    cache_ids: list[int] = field(default_factory=list)  # the token ids that cache holds
-
-
-_DONE = object()
-
-
-class Handle:
-    """The caller's side of a request: iterate it for :class:`Delta` s; ``result`` once it has ended."""
-
-    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self.request = request
-        self.t_submit = time.perf_counter()  # time to first token counts the wait in the queue too
-        self.result: Result | None = None
-        self.error: BaseException | None = None
-        self._cancel = threading.Event()
-        self._loop = loop
-        self._q: queue.SimpleQueue | asyncio.Queue = asyncio.Queue() if loop is not None else queue.SimpleQueue()
-
-    def cancel(self) -> None:
-        """Ask the scheduler to end this request (within one decode step)."""
-        self._cancel.set()
-
-    @property
-    def cancelled(self) -> bool:
-        if self._cancel.is_set():
-            return True
-        stop = self.request.should_stop
-        if stop is not None:
-            try:
-                if stop():
-                    self._cancel.set()
-            except Exception:  # a broken callback must not kill the scheduler; treat it as "stop"
-                logger.exception("should_stop raised; cancelling the request")
-                self._cancel.set()
-        return self._cancel.is_set()
-
-    def _post(self, item: object) -> None:
-        if self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._q.put_nowait, item)
-            except RuntimeError:  # the caller's loop is closed: nobody is listening any more
-                self._cancel.set()
-        else:
-            self._q.put(item)
-
-    def __iter__(self) -> Iterator[Delta]:
-        try:
-            while True:
-                item = self._q.get()
-                if item is _DONE:
-                    break
-                yield item
-        finally:  # the consumer stopped early (closed generator): free the row
-            if self.result is None and self.error is None:
-                self.cancel()
-        if self.error is not None:
-            raise self.error
-
-    async def __aiter__(self) -> AsyncIterator[Delta]:
-        try:
-            while True:
-                item = await self._q.get()
-                if item is _DONE:
-                    break
-                yield item
-        finally:
-            if self.result is None and self.error is None:
-                self.cancel()
-        if self.error is not None:
-            raise self.error
 
 
 class _Active:
@@ -344,7 +229,7 @@ class Scheduler:
                 except Exception as e:  # e.g. no memory for the KV cache: this request fails, others go on
                     logger.exception("could not allocate a KV pool for %s", h.request.lm.name)
                     h.error = EngineError(f"could not allocate the KV cache: {type(e).__name__}: {e}")
-                    h._post(_DONE)
+                    h.end_stream()
                     continue
                 if pool is None:
                     kept.append(h)
@@ -355,7 +240,7 @@ class Scheduler:
                 except Exception as e:  # a bad request (e.g. a seed out of range) fails alone
                     pool.prefilling = None
                     h.error = e if isinstance(e, EngineError) else EngineError(f"bad request: {e}")
-                    h._post(_DONE)
+                    h.end_stream()
             else:
                 kept.append(h)
         self._waiting = kept
@@ -485,7 +370,7 @@ class Scheduler:
         usage = Usage(result.prompt_tokens, result.completion_tokens, result.ttft_s, result.decode_tokens_per_s,
                       reason)
         act.handle._post(Delta(tail, [], reason, usage))
-        act.handle._post(_DONE)
+        act.handle.end_stream()
 
     def _remove_row(self, pool: _Pool, row: int) -> None:
         rows = pool.decoding
@@ -502,7 +387,7 @@ class Scheduler:
     def _finish_unstarted(self, h: Handle) -> None:
         h.result = Result("cancelled", len(h.request.prompt_ids), 0, 0, 0.0, 0.0, "", [])
         h._post(Delta("", [], "cancelled", Usage(len(h.request.prompt_ids), 0, 0.0, 0.0, "cancelled")))
-        h._post(_DONE)
+        h.end_stream()
 
     def _fail_pool(self, pool: _Pool, exc: Exception) -> None:
         err = exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {type(exc).__name__}: {exc}")
@@ -511,14 +396,14 @@ class Scheduler:
         pool.cache.reset()
         for act in acts:
             act.handle.error = err
-            act.handle._post(_DONE)
+            act.handle.end_stream()
 
     def _shutdown(self) -> None:
         err = EngineError("the engine shut down")
         with self._cv:
             for h in self._waiting:
                 h.error = err
-                h._post(_DONE)
+                h.end_stream()
             self._waiting.clear()
             for pool in self._pools.values():
                 self._fail_pool(pool, err)

@@ -35,8 +35,9 @@ from engine.kv_cache import KVCache
 from engine.lora import LoraAdapter
 from engine.prompts import PromptFormat, get_prompt_format
 from engine.registry import LoadedModel, Registry
+from engine.requests import Handle, Request
 from engine.sampling import GenerationConfig
-from engine.scheduler import Handle, Request, Scheduler
+from engine.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 

@@ -86,7 +86,8 @@ def generate_responses(lm: Any, fmt: Any, entries: Sequence[dict[str, str]], *, 
     """
     from tqdm.auto import tqdm
 
-    from engine.scheduler import Request, Scheduler
+    from engine.requests import Request
+    from engine.scheduler import Scheduler
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")

@@ -16,8 +16,9 @@ from engine.lora import BatchLora
 from engine.model import GPT
 from engine.quant import default_quant, int8_linear, is_quantized, quantize_int8_, quantize_rows
 from engine.registry import Registry
+from engine.requests import Request
 from engine.sampling import GenerationConfig
-from engine.scheduler import Request, Scheduler
+from engine.scheduler import Scheduler
 from weights import store
 
 LLAMA = ModelConfig(vocab_size=257, context_length=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,

@@ -17,8 +17,9 @@ from engine.generate import generate_tokens
 from engine.lora import BatchLora
 from engine.model import GPT
 from engine.registry import Registry
+from engine.requests import Request
 from engine.sampling import GenerationConfig
-from engine.scheduler import Request, Scheduler
+from engine.scheduler import Scheduler
 from weights import store
 
 LLAMA = ModelConfig(vocab_size=257, context_length=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
