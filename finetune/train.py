@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finetune.allocator import keep_freed_memory, release_freed_memory
 from finetune.args import TrainArgs, validate_args
 from finetune.checkpoint import (
     CHECKPOINT_DIRNAME,
@@ -149,6 +150,18 @@ def make_autocast(dtype: str, device: torch.device) -> Callable[[], contextlib.A
     return contextlib.nullcontext
 
 
+def build_optimizer(params: list[nn.Parameter], args: TrainArgs, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over ``params``, fused into one kernel per step on CPU and CUDA.
+
+    torch's default on CPU is the per-parameter loop, about ten elementwise passes over every weight, gradient and
+    moment; the fused kernel makes one pass. SmolLM2-135M full SFT at batch 8: 0.55 s of optimizer time per step
+    on 1 thread, and 11-17% more tokens/s fused (1 or 2 threads). LoRA's few parameters make no difference.
+    HF's Trainer defaults to the same kernel (``adamw_torch_fused``).
+    """
+    fused = device.type in ("cpu", "cuda") and all(p.dtype in (torch.float32, torch.bfloat16) for p in params)
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=fused or None)
+
+
 def train(
     model: nn.Module,
     train_data: Any,
@@ -195,13 +208,15 @@ def train(
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if device.type == "cpu":  # every step frees and reallocates the same big tensors: keep their pages resident
+        keep_freed_memory()
     torch.manual_seed(args.seed)
     model.to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = build_optimizer(params, args, device)
     history: dict[str, Any] = {"step": [], "train_loss": [], "tokens_seen": [], "val": [], "samples": [],
                                "epoch_end_steps": []}
     step = 0
@@ -322,6 +337,7 @@ def train(
         record_val(step)
         if step % steps_per_epoch:  # stopped by --max-steps inside an epoch: still show where the model is
             record_sample(f"step {step}")
+    release_freed_memory()
     wall = history.get("wall_time_s", 0.0)
     result = TrainResult(steps=step, interrupted=interrupted, history=history, wall_time_s=wall,
                          tokens_per_s=history.get("run_tokens", 0) / max(wall, 1e-9), run_dir=run_dir,
