@@ -8,16 +8,15 @@ the engine's worker thread, chainlit #1539), and Compare answers the last questi
 finetune side by side. The engine's OpenAI-compatible API is mounted on the same server under /v1.
 
 The thin-handler shape follows LLMs-from-scratch ch05/11_qwen3/qwen3-chat-interface-multiturn.py (history in
-cl.user_session, Message(content="") + stream_token + update).
+cl.user_session, Message(content="") + stream_token + update). What needs no Chainlit (texts, settings ->
+GenerationConfig, streaming with Stop, the route plumbing) is in chat_support.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
-import re
 import threading
 from typing import Any
 
@@ -25,6 +24,22 @@ import chainlit as cl
 from chainlit.input_widget import NumberInput, Select, Slider, Switch, TextInput
 
 # imported here, while Chainlit's load_module has this folder on sys.path (it takes it off afterwards)
+from chat_support import (
+    CATCH_ALL,
+    build_generation_config,
+    choose_model,
+    compare_pair,
+    describe_error,
+    describe_model,
+    footer,
+    mount_api,
+    no_model_text,
+    offline_index_html,
+    routes_changed,
+    settings_values,
+    side_label,
+    stream_answer,
+)
 from engine.api import build_router
 from engine.errors import EngineError
 from engine.sessions import Engine
@@ -32,7 +47,6 @@ from engine.sessions import Engine
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-FETCH_COMMAND = "python -m weights fetch smollm2-135m-instruct"
 NO_ADAPTER = "none"
 STREAM_UPDATE_S = 0.15  # how often the Compare view re-renders while both answers stream
 
@@ -48,90 +62,7 @@ def get_engine():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# small pure helpers (tested directly)
-
-
-def format_params(n: int | None) -> str:
-    """124439808 -> '124M', 1_500_000_000 -> '1.5B'."""
-    if not n:
-        return "?"
-    if n >= 1e9:
-        return f"{n / 1e9:.1f}B"
-    return f"{round(n / 1e6)}M"
-
-
-def describe_model(info: Any) -> str:
-    """One markdown paragraph about a model (ModelInfo) for its chat profile and the welcome message."""
-    parts = [f"**{info.name}**: {info.family}, {format_params(info.num_parameters)} parameters, "
-             f"prompt format `{info.prompt_format}`, stored as {info.dtype}."]
-    created_from = getattr(info, "created_from", None)
-    if created_from:
-        parts.append(f"Finetuned from `{created_from.get('name', '?')}`.")
-    adapters = list(getattr(info, "adapters", []) or [])
-    if adapters:
-        parts.append("Adapters: " + ", ".join(f"`{a}`" for a in adapters) + ".")
-    return " ".join(parts)
-
-
-def base_of(info: Any) -> str | None:
-    """The model a full finetune was made from (its manifest's created_from.name), or None for a base model."""
-    created_from = getattr(info, "created_from", None)
-    return created_from.get("name") if isinstance(created_from, dict) else None
-
-
-def footer(usage: Any, *, stopped: bool = False) -> str:
-    """The line under each answer: model (+ adapter), prompt/completion tokens, tokens/s, time to first token."""
-    model = getattr(usage, "model", None) or "?"
-    adapter = getattr(usage, "adapter", None)
-    who = f"{model} + adapter {adapter}" if adapter else f"{model} (no adapter)"
-    bits = [who, f"{usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens"]
-    tps = getattr(usage, "decode_tokens_per_s", None)
-    if tps:
-        bits.append(f"{tps:.1f} tokens/s")
-    ttft = getattr(usage, "ttft_s", None)
-    if ttft is not None:
-        bits.append(f"first token {ttft:.2f} s")
-    finish = getattr(usage, "finish_reason", None)
-    if stopped or finish == "cancelled":
-        bits.append("stopped by the user")
-    elif finish == "length":
-        bits.append("hit max new tokens")
-    dropped = getattr(usage, "truncated_turns", 0) or 0
-    if dropped:
-        bits.append(f"{dropped} oldest turn(s) dropped to fit the context")
-    return "*" + " · ".join(bits) + "*"
-
-
-def parse_seed(value: Any) -> int | None:
-    """The seed widget's value -> int, or None (random) for empty/negative/garbage."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    try:
-        seed = int(float(value))
-    except (TypeError, ValueError):
-        return None
-    return seed if seed >= 0 else None
-
-
-def build_generation_config(defaults: Any, settings: dict[str, Any]) -> Any:
-    """The model's GenerationConfig with the settings panel applied; ValueError (from the config) if invalid."""
-    changes: dict[str, Any] = {}
-    if "temperature" in settings:
-        changes["temperature"] = float(settings["temperature"])
-    if "top_k" in settings:
-        top_k = int(settings["top_k"])
-        changes["top_k"] = top_k if top_k > 0 else None
-    if "top_p" in settings:
-        changes["top_p"] = float(settings["top_p"])
-    if "max_new_tokens" in settings:
-        changes["max_new_tokens"] = int(settings["max_new_tokens"])
-    if "repetition_penalty" in settings:
-        changes["repetition_penalty"] = float(settings["repetition_penalty"])
-    if "seed" in settings:
-        changes["seed"] = parse_seed(settings["seed"])
-    if settings.get("greedy"):
-        changes["temperature"] = 0.0  # temperature 0 = argmax in engine.sampling
-    return dataclasses.replace(defaults, **changes)
+# the settings panel (chainlit's input widgets; the values it sends are read by chat_support.build_generation_config)
 
 
 def settings_widgets(defaults: Any, adapters: list[str], adapter: str | None, system_prompt: str) -> list:
@@ -157,11 +88,6 @@ def settings_widgets(defaults: Any, adapters: list[str], adapter: str | None, sy
     ]
 
 
-def settings_values(widgets: list) -> dict[str, Any]:
-    """The values a freshly sent settings panel holds (what Chainlit's ChatSettings.send() returns)."""
-    return {w.id: w.initial for w in widgets}
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # sending helpers
 
@@ -174,42 +100,6 @@ async def notice(text: str) -> None:
 async def error(text: str) -> None:
     """An error shown in the chat; the app stays usable."""
     await cl.ErrorMessage(content=text, author="Error").send()
-
-
-_ERROR_TITLES = {  # EngineError subclass name -> what the user reads first
-    "ContextTooLong": "Message too long for the model's context",
-    "EngineBusy": "The engine is busy",
-    "ModelLoadError": "The model failed to load",
-    "AdapterMismatch": "This adapter does not fit the model",
-    "UnknownModel": "Not in the model store",
-}
-
-
-def describe_error(e: EngineError) -> str:
-    """'**Title:** the engine's own message' for an engine error."""
-    title = _ERROR_TITLES.get(type(e).__name__, "The engine could not answer")
-    return f"**{title}:** {e}"
-
-
-def _no_model_text() -> str:
-    root = _models_dir_hint()
-    return (f"No model in the store{root}. Fetch the default model, then reload this page:\n\n"
-            f"```\n{FETCH_COMMAND}\n```")
-
-
-def _models_dir_hint() -> str:
-    return f" (`{os.environ['CHAT_MODELS_DIR']}`)" if os.environ.get("CHAT_MODELS_DIR") else " (`./models`)"
-
-
-def _chosen_model(models: list[Any]) -> Any | None:
-    """The ModelInfo of the chat profile the user picked (or the default one)."""
-    if not models:
-        return None
-    name = cl.user_session.get("chat_profile")
-    by_name = {m.name: m for m in models}
-    if name in by_name:
-        return by_name[name]
-    return by_name.get(DEFAULT_MODEL, models[0])
 
 
 async def _refresh_settings_panel(*, force: bool = False) -> None:
@@ -262,9 +152,9 @@ async def on_chat_start() -> None:
         logger.exception("listing models failed")
         await error(f"Could not read the model store: {e}")
         return
-    info = _chosen_model(models)
+    info = choose_model(models, cl.user_session.get("chat_profile"), DEFAULT_MODEL)
     if info is None:
-        await notice(_no_model_text())
+        await notice(no_model_text())
         return
     try:
         defaults = engine.generation_defaults(info.name)
@@ -294,7 +184,7 @@ async def on_settings_update(settings: dict[str, Any]) -> None:
     """Apply the settings panel: hot-swap the adapter (history kept), set the system prompt, keep sampling knobs."""
     session = cl.user_session.get("chat")
     if session is None:
-        await notice(_no_model_text())
+        await notice(no_model_text())
         return
     old = dict(cl.user_session.get("settings") or {})
     new = {**old, **settings}
@@ -337,29 +227,12 @@ async def on_chat_end() -> None:
     await on_stop()
 
 
-async def _stream_answer(session: Any, text: str, cfg: Any, stop: threading.Event, on_text) -> None:
-    """Stream session.astream(text) into on_text(delta_text); if this task is cancelled (Stop), set the event and
-    let the engine finish its step so the partial answer lands in the session's history."""
-
-    async def pump() -> None:
-        async for delta in session.astream(text, cfg, should_stop=stop.is_set):
-            if delta.text:
-                await on_text(delta.text)
-
-    task = asyncio.create_task(pump())
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        stop.set()
-        await task
-
-
 @cl.on_message
 async def on_message(message: cl.Message) -> None:
     """Stream the engine's answer to the user's message, then add the footer (and the Compare action)."""
     session = cl.user_session.get("chat")
     if session is None:
-        await notice(_no_model_text() if not get_engine().list_models()
+        await notice(no_model_text() if not get_engine().list_models()
                      else "This chat has no model (it failed to load). Pick another model in the profile menu.")
         return
     text = message.content or ""
@@ -377,7 +250,7 @@ async def on_message(message: cl.Message) -> None:
     msg = cl.Message(content="")
     failure: str | None = None
     try:
-        await _stream_answer(session, text, cfg, stop, msg.stream_token)
+        await stream_answer(session, text, cfg, stop, msg.stream_token)
     except EngineError as e:
         failure = describe_error(e)
     except Exception as e:  # the chat must survive anything the engine throws
@@ -394,7 +267,7 @@ async def on_message(message: cl.Message) -> None:
     if usage is not None:
         parts.append(footer(usage, stopped=stop.is_set()))
     msg.content = "\n\n".join(parts)
-    if _compare_pair(session) is not None:
+    if compare_pair(session, cl.user_session.get("model_info")) is not None:
         msg.actions = [cl.Action(name="compare", payload={}, label="Compare base vs finetuned", icon="columns-2",
                                  tooltip="Answer your last message with the base and the finetuned model")]
     if msg.streaming:
@@ -408,21 +281,6 @@ async def on_message(message: cl.Message) -> None:
 # Compare: the base and the finetune answer the last user message side by side
 
 
-def _compare_pair(session: Any) -> tuple[tuple[str, str | None], tuple[str, str | None]] | None:
-    """((base model, None), (finetuned model, adapter)) for the current chat, or None if there is no finetune."""
-    if session.adapter:
-        return (session.model, None), (session.model, session.adapter)
-    info = cl.user_session.get("model_info")
-    base = base_of(info) if info is not None else None
-    if base:
-        return (base, None), (session.model, None)
-    return None
-
-
-def _label(model: str, adapter: str | None) -> str:
-    return f"{model} + {adapter}" if adapter else model
-
-
 @cl.action_callback("compare")
 async def on_compare(action: cl.Action) -> None:
     """Answer the last user message (after the same earlier conversation) with the base and the finetuned model at
@@ -432,7 +290,7 @@ async def on_compare(action: cl.Action) -> None:
     if session is None or not text:
         await notice("Send a message first; Compare answers your last message with both models.")
         return
-    pair = _compare_pair(session)
+    pair = compare_pair(session, cl.user_session.get("model_info"))
     if pair is None:
         await notice("Nothing to compare yet: pick a LoRA adapter in the settings, or a finetuned model in the "
                      "profile menu.")
@@ -446,8 +304,8 @@ async def on_compare(action: cl.Action) -> None:
         prior = prior[:-2]  # the last exchange is the one being compared
     stop = threading.Event()
     cl.user_session.set("stop_event", stop)
-    sides = [{"title": _label(*pair[0]), "role": "base", "text": "", "footer": ""},
-             {"title": _label(*pair[1]), "role": "finetuned", "text": "", "footer": ""}]
+    sides = [{"title": side_label(*pair[0]), "role": "base", "text": "", "footer": ""},
+             {"title": side_label(*pair[1]), "role": "finetuned", "text": "", "footer": ""}]
     view = cl.CustomElement(name="Compare", props={"question": text, "sides": sides, "done": False},
                             display="inline")
     msg = cl.Message(content=f"**Compare** on your last message: base `{sides[0]['title']}` vs finetuned "
@@ -465,7 +323,7 @@ async def on_compare(action: cl.Action) -> None:
                 sides[i]["text"] += delta
                 dirty.set()
 
-            await _stream_answer(s, text, cfg, stop, add)
+            await stream_answer(s, text, cfg, stop, add)
             if s.last_usage is not None:
                 sides[i]["footer"] = footer(s.last_usage, stopped=stop.is_set()).strip("*")
         except EngineError as e:
@@ -497,42 +355,7 @@ async def on_compare(action: cl.Action) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the OpenAI-compatible API on the same server
-
-
-CATCH_ALL = "/{full_path:path}"
-
-
-def mount_api(app: Any, api_router: Any) -> None:
-    """Serve the engine's OpenAI-compatible routes (engine.api.build_router: paths under /v1) on Chainlit's server.
-
-    Chainlit 2.12 registers a catch-all `GET /{full_path:path}` (the UI) when chainlit.server is imported, before
-    the user's module loads, and routes match in order, so a plain include_router would leave GET /v1/models to
-    the UI. /v1 belongs to the API alone, so its routes go first.
-    """
-    routes = app.router.routes
-    n = len(routes)
-    app.include_router(api_router)
-    routes[:] = routes[n:] + routes[:n]
-    _routes_changed(app.router)
-
-
-def _routes_changed(router: Any) -> None:
-    # FastAPI 0.165 caches the flattened routes of included routers per routes version; editing the list by hand
-    # must bump it (a no-op on versions without the cache)
-    mark = getattr(router, "_mark_routes_changed", None)
-    if mark is not None:
-        mark()
-
-
-_EXTERNAL_LINK = re.compile(
-    r'<link\b[^>]*?href="https://(?:fonts\.googleapis\.com|fonts\.gstatic\.com|cdn\.jsdelivr\.net)[^"]*"[^>]*>\s*')
-
-
-def offline_index_html(html: str) -> str:
-    """Chainlit's index page without its links to Google Fonts and the KaTeX CDN (latex is off; the UI falls back to
-    local fonts), so opening the app contacts nothing outside this machine."""
-    return _EXTERNAL_LINK.sub("", html)
+# the OpenAI-compatible API and the offline index page on the same server (the plumbing is in chat_support)
 
 
 def serve_offline_index(router: Any) -> bool:
@@ -555,7 +378,7 @@ def serve_offline_index(router: Any) -> bool:
     router.add_api_route(CATCH_ALL, index, methods=["GET"], response_class=HTMLResponse, include_in_schema=False,
                          name="offline_index")
     routes.insert(at, routes.pop())
-    _routes_changed(router)
+    routes_changed(router)
     return True
 
 

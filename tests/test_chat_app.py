@@ -1,6 +1,6 @@
 """Handler tests for chat_app.py with Chainlit's context mocked (the way chainlit's backend/tests/conftest.py does:
 a Mock(spec=WebsocketSession) whose emit is an AsyncMock, set as the context), asserting on the streamed tokens and
-the messages sent.
+the messages sent; its Chainlit-free helpers (chat_support.py) are tested directly.
 
 Most tests run against FakeEngine, which has the public API of engine.sessions.Engine and ChatSession
 (list_models/list_adapters/generation_defaults/new_session; ChatSession.astream with should_stop, last_usage,
@@ -25,6 +25,7 @@ from chainlit.context import ChainlitContext, context_var
 from chainlit.session import WebsocketSession
 
 import chat_app
+import chat_support
 from engine.errors import AdapterMismatch, ContextTooLong, EngineBusy, ModelLoadError
 from engine.sampling import GenerationConfig
 
@@ -247,41 +248,65 @@ async def start_and_ask(text: str) -> None:
 
 def test_footer_lists_model_adapter_tokens_speed_ttft():
     usage = FakeUsage(12, 34, 0.214, 25.26, "stop", "smollm2-135m-instruct", "tiny")
-    text = chat_app.footer(usage)
+    text = chat_support.footer(usage)
     assert text == ("*smollm2-135m-instruct + adapter tiny · 12 prompt + 34 completion tokens · 25.3 tokens/s · "
                     "first token 0.21 s*")
-    stopped = chat_app.footer(dataclasses.replace(usage, finish_reason="cancelled", adapter=None))
+    stopped = chat_support.footer(dataclasses.replace(usage, finish_reason="cancelled", adapter=None))
     assert "smollm2-135m-instruct (no adapter)" in stopped and stopped.endswith("stopped by the user*")
-    assert "hit max new tokens" in chat_app.footer(dataclasses.replace(usage, finish_reason="length"))
-    assert "2 oldest turn(s) dropped" in chat_app.footer(dataclasses.replace(usage, truncated_turns=2))
+    assert "hit max new tokens" in chat_support.footer(dataclasses.replace(usage, finish_reason="length"))
+    assert "2 oldest turn(s) dropped" in chat_support.footer(dataclasses.replace(usage, truncated_turns=2))
 
 
 @pytest.mark.parametrize(("value", "seed"), [(None, None), ("", None), ("  ", None), (7, 7), ("42", 42), (3.0, 3),
                                              (-1, None), ("abc", None)])
 def test_parse_seed(value, seed):
-    assert chat_app.parse_seed(value) == seed
+    assert chat_support.parse_seed(value) == seed
 
 
 def test_build_generation_config_applies_settings_and_greedy():
     d = fake_defaults()
-    cfg = chat_app.build_generation_config(d, {"temperature": 1.2, "top_k": 0, "top_p": 0.5, "max_new_tokens": 9,
-                                               "repetition_penalty": 1.1, "seed": "5", "greedy": False})
+    cfg = chat_support.build_generation_config(d, {"temperature": 1.2, "top_k": 0, "top_p": 0.5, "max_new_tokens": 9,
+                                                   "repetition_penalty": 1.1, "seed": "5", "greedy": False})
     assert (cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_new_tokens, cfg.repetition_penalty, cfg.seed) == (
         1.2, None, 0.5, 9, 1.1, 5)
-    assert chat_app.build_generation_config(d, {"temperature": 1.2, "greedy": True}).temperature == 0.0
-    assert chat_app.build_generation_config(d, {}) == d
+    assert chat_support.build_generation_config(d, {"temperature": 1.2, "greedy": True}).temperature == 0.0
+    assert chat_support.build_generation_config(d, {}) == d
     with pytest.raises(ValueError, match="max_new_tokens"):
-        chat_app.build_generation_config(d, {"max_new_tokens": 0})
+        chat_support.build_generation_config(d, {"max_new_tokens": 0})
 
 
 def test_format_params_and_describe_model():
-    assert chat_app.format_params(124_439_808) == "124M"
-    assert chat_app.format_params(1_500_000_000) == "1.5B"
+    assert chat_support.format_params(124_439_808) == "124M"
+    assert chat_support.format_params(1_500_000_000) == "1.5B"
     info = FakeModelInfo("ft", adapters=["a1"], created_from={"name": "smollm2-135m-instruct"})
-    text = chat_app.describe_model(info)
+    text = chat_support.describe_model(info)
     assert "**ft**" in text and "Finetuned from `smollm2-135m-instruct`" in text and "`a1`" in text
-    assert chat_app.base_of(info) == "smollm2-135m-instruct"
-    assert chat_app.base_of(FakeModelInfo("b")) is None
+    assert chat_support.base_of(info) == "smollm2-135m-instruct"
+    assert chat_support.base_of(FakeModelInfo("b")) is None
+
+
+def test_choose_model_compare_pair_and_side_label():
+    models = [FakeModelInfo("a"), FakeModelInfo("default"), FakeModelInfo("ft", created_from={"name": "a"})]
+    assert chat_support.choose_model(models, "ft", "default").name == "ft"
+    assert chat_support.choose_model(models, "gone", "default").name == "default"
+    assert chat_support.choose_model(models, None, "missing").name == "a"
+    assert chat_support.choose_model([], "a", "default") is None
+    lora = Mock(model="a", adapter="tiny")
+    assert chat_support.compare_pair(lora, models[0]) == (("a", None), ("a", "tiny"))
+    plain = Mock(model="ft", adapter=None)
+    assert chat_support.compare_pair(plain, models[2]) == (("a", None), ("ft", None))
+    assert chat_support.compare_pair(plain, None) is None
+    assert chat_support.compare_pair(Mock(model="a", adapter=None), models[0]) is None
+    assert [chat_support.side_label(*side) for side in chat_support.compare_pair(lora, None)] == ["a", "a + tiny"]
+
+
+def test_chat_support_does_not_import_chainlit():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, chat_support; assert 'chainlit' not in sys.modules, 'chat_support imported chainlit'"
+    subprocess.run([sys.executable, "-c", code], cwd=Path(chat_support.__file__).parent, check=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -701,7 +726,7 @@ def test_mount_api_goes_before_the_catch_all():
     app, _ = _app_with_catch_all()
     client = TestClient(app)
     assert client.get("/v1/models").json() == {"ui": "v1/models"}, "the catch-all shadows what comes after it"
-    chat_app.mount_api(app, api)
+    chat_support.mount_api(app, api)
     assert client.get("/v1/models").json()["data"][0]["id"] == "smollm2-135m-instruct"
     assert client.get("/anything").json() == {"ui": "anything"}
     assert client.get("/project/settings").json() == {"settings": True}
@@ -713,7 +738,7 @@ def test_real_api_router_on_a_chainlit_shaped_app(real_engine):
     from engine.api import build_router
 
     app, _ = _app_with_catch_all()
-    chat_app.mount_api(app, build_router(real_engine))
+    chat_support.mount_api(app, build_router(real_engine))
     ids = [m["id"] for m in TestClient(app).get("/v1/models").json()["data"]]
     assert ids == ["tiny-base", "tiny-base:tiny-lora", "tiny-ft"]
 
@@ -721,7 +746,7 @@ def test_real_api_router_on_a_chainlit_shaped_app(real_engine):
 def test_index_page_links_nothing_external():
     from chainlit.server import get_html_template
 
-    html = chat_app.offline_index_html(get_html_template(""))
+    html = chat_support.offline_index_html(get_html_template(""))
     assert "https://fonts.googleapis.com" not in html and "cdn.jsdelivr.net" not in html
     assert '<script type="module" crossorigin src="/assets/' in html and "<title>ScratchChat</title>" in html
 
