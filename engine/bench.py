@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import tempfile
 import threading
@@ -24,7 +25,7 @@ import torch
 
 from engine.generate import generate_tokens, generate_uncached
 from engine.lora import load_adapter, projection_shapes
-from engine.registry import LoadedModel, Registry
+from engine.registry import LoadedModel, Registry, default_dtype
 from engine.requests import Request
 from engine.sampling import GenerationConfig
 from engine.scheduler import Scheduler
@@ -248,11 +249,24 @@ def _llama_cpp_row(args: argparse.Namespace, ours_tok_s: float | None) -> dict[s
     return out
 
 
+def cpu_summary() -> str:
+    """The CPU model and the vector/matrix extensions that decide which kernels are fast (from /proc/cpuinfo)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((set(line.split(":", 1)[1].split()) for line in info.splitlines() if line.startswith("flags")), set())
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
+    return f"{model} ({', '.join(shown) or 'no AVX2'}), {os.cpu_count()} cores"
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     root = Path(args.models_dir) if args.models_dir else store.models_dir()
     present = {m["name"] for m in store.list_models(root)}
-    results: dict[str, Any] = {"threads": args.threads, "new_tokens": args.new_tokens, "models": {}}
+    results: dict[str, Any] = {"cpu": cpu_summary(), "threads": args.threads, "new_tokens": args.new_tokens,
+                               "models": {}}
     bandwidths = [read_bandwidth()]
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
@@ -266,7 +280,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 dtype, quant = VARIANTS[dname]
                 lm = Registry(root, dtype=dtype, quant=quant).get(name)
                 ours = decode_ours(lm, args.new_tokens, args.repeats)
-                r: dict[str, Any] = {"ours_tok_s": ours}
+                r: dict[str, Any] = {"ours_tok_s": ours, "decode_kernels": lm.model.__dict__.get("decode_kernels")}
                 r["weight_bytes_per_token"] = weight_bytes_per_token(lm)
                 bandwidths.append(read_bandwidth())  # next to each decode figure: the best reading counts
                 if not args.skip_hf:
@@ -285,7 +299,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 dtype, quant = VARIANTS[dname]
                 lm = Registry(root, dtype=dtype, quant=quant).get(name)
                 row["no_cache"][dname] = no_cache_speedup(lm, args.no_cache_tokens)
-            row["serving"] = serving_figures(root, name, VARIANTS[args.dtypes[0]][0], tmp, args.new_tokens // 2)
+            # serving figures in the dtype this CPU serves by default (bf16 only with native bf16 matmuls: without
+            # them bf16 decodes one row fast but batches and prefills several times slower than fp32)
+            row["serving_dtype"] = str(default_dtype()).removeprefix("torch.")
+            row["serving"] = serving_figures(root, name, default_dtype(), tmp, args.new_tokens // 2)
             results["models"][name] = row
     # the roofline uses the best bandwidth reading of the run: one taken while something else briefly loaded the
     # machine must not inflate every roofline fraction
@@ -306,9 +323,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def to_markdown(res: dict[str, Any]) -> str:
-    lines = [f"threads={res['threads']}, read bandwidth {res['read_bandwidth_gb_s']:.1f} GB/s, "
-             f"{res['new_tokens']} new tokens", "", "| model | figure | ours | peer | ratio | target |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"{res.get('cpu', '')}; threads={res['threads']}, read bandwidth {res['read_bandwidth_gb_s']:.1f} GB/s, "
+             f"{res['new_tokens']} new tokens"]
+    for name, row in res["models"].items():
+        for dname in VARIANTS:
+            kernels = (row.get(dname) or {}).get("decode_kernels")
+            if kernels:
+                lines.append(f"- {name} {dname} decode kernels: {', '.join(f'{k} {v}' for k, v in kernels.items())}")
+        if "serving_dtype" in row:
+            lines.append(f"- {name} serving figures (sessions, adapters) in {row['serving_dtype']}, this CPU's default")
+    lines += ["", "| model | figure | ours | peer | ratio | target |", "|---|---|---|---|---|---|"]
     for name, row in res["models"].items():
         if "skipped" in row:
             lines.append(f"| {name} | — | skipped: {row['skipped']} | | | |")

@@ -198,7 +198,7 @@ def load_adapter(
                        path=path)
 
 
-# projections that read the same input and that the model runs as one fused matmul (engine.model._Fused); a hook
+# projections that read the same input and that the model runs as one fused matmul (engine.linear.FusedLinears); a hook
 # with a ``group`` method adapts each group in one call instead of one call per projection
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
 

@@ -11,19 +11,15 @@ Q, K and V are separate ``nn.Linear`` layers with HF Llama's names so that peft'
 projection and HF checkpoints map almost one-to-one. The model never samples, reads files or keeps a position
 counter: ``forward`` takes an optional :class:`~engine.kv_cache.KVCache`, which owns the positions.
 
-Inference fast path (no autograd): at batch 1 a decode step is memory-bound on the weights and, in Python, bound by
-the number of ops. So when grad is off, one-row inputs use ``addmv`` (a GEMV; oneDNN's bf16 GEMM is slow at M=1 on
-CPU), frozen q/k/v (and gate/up) projections run as one matmul over a concatenated weight that the separate Linear
-weights are views into (:class:`_Fused`: nothing is stored twice), RoPE rotates q and k together, the positions are
+Inference fast path (no autograd, :mod:`engine.linear`): one-row inputs run as a GEMV (or an int8 or packed
+kernel), frozen q/k/v and gate/up projections as one matmul each, RoPE rotates q and k together, positions are
 slices rather than gathers, and dropout is skipped. Training, peft-wrapped projections and the LoRA hook's
 per-projection ``(x, y)`` contract are unchanged: the fused output is split back into q, k and v for the hook.
-With ``SCRATCHCHAT_QUANT=int8`` the projections also carry int8 copies that a single row reads instead
-(:mod:`engine.quant`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +27,7 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.kv_cache import AttentionPlan, KVCache
-from engine.quant import Int8Weight, int8_linear
+from engine.linear import FusedLinears, apply_linear, linear_q, refine_top_logits
 
 # A per-request LoRA hook: (layer index, projection name, input x, base output y) -> adapted output.
 LoraHook = Callable[[int, str, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -111,98 +107,6 @@ def _apply_rope_rolled(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Ten
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` that runs a single row (decode at batch 1) as a GEMV when grad is off: ``addmv`` reads the weight
-    at close to memory bandwidth, where oneDNN's bf16 GEMM with M=1 was measured 1.5-2x slower on this CPU."""
-    if x.numel() != x.shape[-1] or torch.is_grad_enabled():
-        return F.linear(x, weight, bias)
-    flat = x.reshape(-1)
-    y = torch.mv(weight, flat) if bias is None else torch.addmv(bias, weight, flat)
-    return y.view(*x.shape[:-1], weight.shape[0])
-
-
-def linear_q(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, w8: Int8Weight | None) -> torch.Tensor:
-    """:func:`linear`, or with an int8 copy of ``weight`` (see :mod:`engine.quant`) and a single row, the int8
-    weight-only kernel: it reads half the bytes, and is only fast for one row."""
-    if w8 is not None and x.numel() == x.shape[-1] and not torch.is_grad_enabled():
-        return int8_linear(x, w8, bias)
-    return linear(x, weight, bias)
-
-
-def _is_plain_linear(module: nn.Module) -> bool:
-    # peft (or anything else) may wrap a projection; then the module itself must run
-    return type(module) is nn.Linear
-
-
-def _apply(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)``, with plain Linear layers going through :func:`linear` (GEMV for one row) when grad is off."""
-    if _is_plain_linear(module) and not torch.is_grad_enabled():
-        return linear_q(x, module.weight, module.bias, module.__dict__.get("int8"))
-    return module(x)
-
-
-class _Fused:
-    """One weight (and bias) for several frozen Linear layers that read the same input (q/k/v, gate/up).
-
-    Built on first use from a model whose projections are frozen (the registry serves models so): the weights are
-    concatenated once and each Linear's ``.data`` becomes a view into the result, so nothing is stored twice, the
-    state dict is unchanged, and an in-place change of one projection (``load_state_dict``, a LoRA merge or unmerge)
-    writes straight into the fused weight. If a parameter is replaced (``model.to(dtype)``), the data pointers
-    change and the fusion is redone. Trainable projections are never fused: the fused weight would be a second
-    copy that every optimizer step makes stale.
-    """
-
-    def __init__(self, linears: Sequence[nn.Linear]) -> None:
-        self.linears = tuple(linears)
-        self.sizes = [lin.out_features for lin in linears]
-        self.key: tuple | None = None
-        self.weight: torch.Tensor | None = None
-        self.bias: torch.Tensor | None = None
-        self._int8_parts: list[Int8Weight] | None = None
-        self._int8: Int8Weight | None = None
-
-    @staticmethod
-    def usable(linears: Sequence[nn.Module]) -> bool:
-        """Plain, frozen Linear layers with the same bias setting (peft-wrapped ones must run themselves)."""
-        for m in linears:
-            if not _is_plain_linear(m) or m.weight.requires_grad or (m.bias is not None and m.bias.requires_grad):
-                return False
-        return len({m.bias is None for m in linears}) == 1
-
-    def _key(self) -> tuple:
-        return tuple((p.data_ptr(), p.dtype) for lin in self.linears for p in (lin.weight, lin.bias) if p is not None)
-
-    def get(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The fused (sum(out), in) weight and (sum(out),) bias or None."""
-        if self._key() != self.key:
-            self._build()
-        return self.weight, self.bias
-
-    def int8(self) -> Int8Weight | None:
-        """The projections' int8 copies (:mod:`engine.quant`) concatenated like the weight, or None."""
-        parts = [lin.__dict__.get("int8") for lin in self.linears]
-        if any(p is None for p in parts):
-            return None
-        # the parts themselves are the key (held, so compared by identity: a requantization makes new ones)
-        if self._int8_parts is None or any(p is not k for p, k in zip(parts, self._int8_parts, strict=True)):
-            self._int8 = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
-            self._int8_parts = parts
-        return self._int8
-
-    def _build(self) -> None:
-        with torch.inference_mode(False), torch.no_grad():
-            groups = [[lin.weight for lin in self.linears]]
-            if self.linears[0].bias is not None:
-                groups.append([lin.bias for lin in self.linears])
-            fused = [torch.cat([p.detach() for p in group], dim=0) for group in groups]
-            for group, whole in zip(groups, fused, strict=True):
-                for p, part in zip(group, whole.split(self.sizes, dim=0), strict=True):
-                    p.data = part  # share storage: one copy of the weights
-        self.weight = fused[0]
-        self.bias = fused[1] if len(fused) > 1 else None
-        self.key = self._key()
-
-
 class Attention(nn.Module):
     """Causal multi-head attention with grouped K/V heads (MHA when n_kv_heads == n_heads, MQA when 1)."""
 
@@ -216,23 +120,23 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, kv, bias=config.qkv_bias)
         self.o_proj = nn.Linear(d, d, bias=config.bias)
         self.dropout = config.dropout
-        self._qkv: _Fused | None = None  # inference-only fused q/k/v weight, built on first use
+        self._qkv: FusedLinears | None = None  # inference-only fused q/k/v weight, built on first use
 
-    def _fused_qkv(self) -> _Fused | None:
+    def _fused_qkv(self) -> FusedLinears | None:
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        if not _Fused.usable(projs):
+        if not FusedLinears.usable(projs):
             return None
         if self._qkv is None or self._qkv.linears != projs:
-            self._qkv = _Fused(projs)
+            self._qkv = FusedLinears(projs)
         return self._qkv
 
     def _project_qkv(self, x: torch.Tensor, lora: LoraHook | None) -> tuple[torch.Tensor, ...]:
         """q (B, T, d), k and v (B, T, kv), or with the fused path and no hook one (B, T, d + 2 kv) tensor."""
         fused = None if torch.is_grad_enabled() else self._fused_qkv()
         if fused is None:
-            q, k, v = _apply(self.q_proj, x), _apply(self.k_proj, x), _apply(self.v_proj, x)
+            q, k, v = apply_linear(self.q_proj, x), apply_linear(self.k_proj, x), apply_linear(self.v_proj, x)
         else:
-            qkv = linear_q(x, *fused.get(), fused.int8())
+            qkv = fused.apply(x)
             if lora is None:
                 return (qkv,)
             group = getattr(lora, "group", None)  # a hook that adapts the fused q/k/v in one call
@@ -271,7 +175,7 @@ class Attention(nn.Module):
             enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, n_heads, T, head_dim)
         y = y.transpose(1, 2).reshape(B, T, -1)
-        out = _apply(self.o_proj, y)
+        out = apply_linear(self.o_proj, y)
         return out if lora is None else lora(self.layer_idx, "o_proj", y, out)
 
 
@@ -287,14 +191,14 @@ class MLP(nn.Module):
             self.gate_proj = nn.Linear(d, f, bias=config.bias)
         self.up_proj = nn.Linear(d, f, bias=config.bias)
         self.down_proj = nn.Linear(f, d, bias=config.bias)
-        self._gate_up: _Fused | None = None  # inference-only fused gate/up weight (SwiGLU)
+        self._gate_up: FusedLinears | None = None  # inference-only fused gate/up weight (SwiGLU)
 
-    def _fused_gate_up(self) -> _Fused | None:
+    def _fused_gate_up(self) -> FusedLinears | None:
         projs = (self.gate_proj, self.up_proj)
-        if torch.is_grad_enabled() or not _Fused.usable(projs):
+        if torch.is_grad_enabled() or not FusedLinears.usable(projs):
             return None
         if self._gate_up is None or self._gate_up.linears != projs:
-            self._gate_up = _Fused(projs)
+            self._gate_up = FusedLinears(projs)
         return self._gate_up
 
     def forward(self, x: torch.Tensor, lora: LoraHook | None) -> torch.Tensor:
@@ -303,21 +207,21 @@ class MLP(nn.Module):
             fused = self._fused_gate_up()
             group = getattr(lora, "group", None)  # a hook that adapts the fused gate/up in one call
             if fused is not None:
-                gate_up = linear_q(x, *fused.get(), fused.int8())
+                gate_up = fused.apply(x)
                 if group is not None:
                     gate_up = group(i, "gate_up", x, gate_up, fused.sizes)
                 gate, up = gate_up.split(fused.sizes, dim=-1)
             else:
-                gate, up = _apply(self.gate_proj, x), _apply(self.up_proj, x)
+                gate, up = apply_linear(self.gate_proj, x), apply_linear(self.up_proj, x)
             if lora is not None and (fused is None or group is None):
                 gate, up = lora(i, "gate_proj", x, gate), lora(i, "up_proj", x, up)
             h = F.silu(gate) * up
         else:
-            up = _apply(self.up_proj, x)
+            up = apply_linear(self.up_proj, x)
             if lora is not None:
                 up = lora(i, "up_proj", x, up)
             h = gelu_tanh(up)
-        out = _apply(self.down_proj, h)
+        out = apply_linear(self.down_proj, h)
         return out if lora is None else lora(i, "down_proj", h, out)
 
 
@@ -378,6 +282,7 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         lora: LoraHook | None = None,
         last_only: bool = False,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the model.
 
@@ -389,10 +294,16 @@ class GPT(nn.Module):
             lora: optional per-request LoRA hook (see :mod:`engine.lora`).
             last_only: return logits for the last position only, (B, 1, vocab_size), which saves the head's
                 (T x vocab) matmul during prefill.
+            keep: optional (B, T) bool mask of the positions that need logits. Training passes
+                ``targets != -100``: the head's matmul, the logits and the loss's softmax (the biggest tensors of a
+                step at a 49k vocabulary) then skip padding and masked instruction tokens.
 
         Returns:
-            logits (B, T, vocab_size), or (B, 1, vocab_size) with ``last_only``.
+            logits (B, T, vocab_size); (B, 1, vocab_size) with ``last_only``; (N, vocab_size) for the N kept
+            positions, in row-major order, with ``keep``.
         """
+        if keep is not None and (last_only or keep.shape != idx.shape):
+            raise ValueError(f"keep must be a (B, T) mask like idx {tuple(idx.shape)}, without last_only")
         B, T = idx.shape
         plan = None
         start = None  # the common first position of every row, when known without reading tensors
@@ -440,31 +351,21 @@ class GPT(nn.Module):
             cache.commit(plan)
         if last_only:
             x = x[:, -1:]
+        elif keep is not None:
+            x = x[keep]  # (N, d_model)
         x = self.norm_f(x)
         if self.lm_head is None:
-            weight, logits = self.tok_emb.weight, linear(x, self.tok_emb.weight)
+            weight = self.tok_emb.weight
+            logits = linear_q(x, weight, None, None, self.__dict__.get("head_packed"))
         else:
-            weight, logits = self.lm_head.weight, _apply(self.lm_head, x)
+            weight, logits = self.lm_head.weight, apply_linear(self.lm_head, x)
         if weight.dtype != torch.float32 and not torch.is_grad_enabled():
-            logits = _refine_top_logits(logits, x, weight)
+            logits = refine_top_logits(logits, x, weight)
         return logits
 
     def num_parameters(self) -> int:
         """Trainable-parameter count with a tied head counted once (``sum(p.numel())``)."""
         return sum(p.numel() for p in self.parameters())
-
-
-def _refine_top_logits(logits: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, k: int = 8) -> torch.Tensor:
-    """float32 logits whose ``k`` largest entries are recomputed in float32 from the same (low-precision) inputs.
-
-    A bf16 head rounds logits near 25 to steps of 0.125, so the top two candidates can tie exactly and greedy
-    decoding then follows the rounding (SmolLM2 answered "L'Étoile..." instead of "The capital of France is
-    Paris." on such a tie). Recomputing only the top-k keeps the head's bandwidth at bf16.
-    """
-    logits = logits.float()
-    top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices  # (B, T, k)
-    exact = torch.einsum("btd,btkd->btk", x.float(), weight[top].float())
-    return logits.scatter_(-1, top, exact)
 
 
 def build_model(config: ModelConfig, *, device: torch.device | str | None = None,

@@ -6,6 +6,8 @@ unexpected or mis-shaped tensors are a :class:`~engine.errors.ModelLoadError` na
 the serving dtype at load: bf16 where the CPU has native bf16 matmuls (AMX / AVX512-BF16), else fp32; the
 ``SCRATCHCHAT_DTYPE`` environment variable (``float32`` | ``bfloat16`` | ``auto``) overrides it. With
 ``SCRATCHCHAT_QUANT=int8`` a bf16 base is also quantized to int8 weight-only for batch-1 decode (:mod:`engine.quant`).
+Then each kind of projection gets a copy packed for one-row products where a packed kernel measured faster than
+the plain GEMV on this CPU (:mod:`engine.prepack`; ``SCRATCHCHAT_PACK=off`` declines the extra memory).
 
 Adapters are loaded next to their base (never merged unless asked) and versioned by the sha256 of their weights
 file; a changed file on disk is reloaded on next use, so a finetune run that overwrites an adapter takes effect
@@ -30,6 +32,7 @@ from engine.config import ModelConfig
 from engine.errors import AdapterMismatch, ModelLoadError, UnknownModel
 from engine.lora import ADAPTER_WEIGHTS, LoraAdapter, MergedAdapter, load_adapter, merge_adapter
 from engine.model import GPT, build_rope_cache
+from engine.prepack import PACK_MODES, default_pack, prepack_
 from engine.prompts import PromptFormat, get_prompt_format
 from engine.quant import default_quant, quantize_int8_
 from engine.tokenizer import Tokenizer, load_tokenizer
@@ -90,15 +93,20 @@ class Registry:
             recently used base that is not busy is evicted to make room; a busy one is kept even over the cap.
         dtype: serving dtype (default :func:`default_dtype`).
         quant: ``"none"`` or ``"int8"`` (default ``$SCRATCHCHAT_QUANT``, else none); int8 needs bf16.
+        pack: ``"auto"`` (measure and keep faster packed decode weights), ``"off"``, or ``"mkl"``/``"onednn"``
+            to force a kernel (default ``$SCRATCHCHAT_PACK``, else auto).
     """
 
     def __init__(self, root: str | Path | None = None, *, memory_cap: int | None = None,
-                 dtype: torch.dtype | None = None, quant: str | None = None) -> None:
+                 dtype: torch.dtype | None = None, quant: str | None = None, pack: str | None = None) -> None:
         self._root = Path(root) if root is not None else None
         cap_env = os.environ.get("SCRATCHCHAT_MODEL_MEMORY")
         self.memory_cap = memory_cap if memory_cap is not None else int(cap_env) if cap_env else DEFAULT_MEMORY_CAP
         self.dtype = dtype or default_dtype()
         self.quant = quant or default_quant()
+        self.pack = pack or default_pack()
+        if self.pack not in PACK_MODES:
+            raise ValueError(f"pack must be one of {list(PACK_MODES)}, got {self.pack!r}")
         if self.quant == "int8" and self.dtype != torch.bfloat16:
             raise ValueError(f"int8 weight-only quantization needs bf16 serving, not {self.dtype} "
                              "(set SCRATCHCHAT_DTYPE=bf16 or SCRATCHCHAT_QUANT=none)")
@@ -208,13 +216,15 @@ class Registry:
                 p.requires_grad_(False)
             if self.quant == "int8":
                 quantize_int8_(model)
+            if self.pack != "off":
+                prepack_(model, self.pack)
             tokenizer = load_tokenizer(store.model_dir(name, self.root), manifest.get("tokenizer") or {"type": "none"})
             fmt = get_prompt_format(manifest.get("prompt_format") or "none")
         except UnknownModel:
             raise
         except Exception as e:  # any failure to build the model is reported as one readable error
             raise ModelLoadError(f"could not load model {name!r}: {type(e).__name__}: {e}") from e
-        nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        nbytes = sum(p.numel() * p.element_size() for p in model.parameters()) + model.__dict__.get("packed_bytes", 0)
         logger.info("loaded %s (%s, %.1f MB) in %.2f s", name, self.dtype, nbytes / 2**20, time.perf_counter() - t0)
         return LoadedModel(name=name, manifest=manifest, config=config, model=model, tokenizer=tokenizer,
                            prompt_format=fmt, dtype=self.dtype, sha256=manifest.get("sha256") or "", nbytes=nbytes,
@@ -280,8 +290,7 @@ class Registry:
                     return
                 self.unmerge(lm)
             lm.merged = merge_adapter(lm.model, ad)
-            if lm.quant == "int8":  # the merged weights need int8 copies (on the int8 grid) of their own
-                quantize_int8_(lm.model)
+            self._requantize(lm)
 
     def unmerge(self, base: str | LoadedModel) -> None:
         lm = base if isinstance(base, LoadedModel) else self._loaded.get(base)
@@ -291,5 +300,11 @@ class Registry:
             if lm.merged is not None:
                 lm.merged.unmerge()
                 lm.merged = None
-                if lm.quant == "int8":
-                    quantize_int8_(lm.model)
+                self._requantize(lm)
+
+    def _requantize(self, lm: LoadedModel) -> None:
+        """New int8 and packed copies of weights a merge or unmerge changed (the old ones are stale)."""
+        if lm.quant == "int8":  # the merged weights need int8 copies (on the int8 grid) of their own
+            quantize_int8_(lm.model)
+        if self.pack != "off":
+            prepack_(lm.model, self.pack)

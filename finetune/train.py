@@ -106,11 +106,10 @@ def core_module(model: nn.Module) -> nn.Module:
 def loss_sum_and_count(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                        autocast: contextlib.AbstractContextManager) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the non-ignored targets, and their count (ignore_index=-100)."""
+    keep = targets != IGNORE_INDEX
     with autocast:
-        logits = model(inputs)  # (B, T, vocab)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-    return loss, int((targets != IGNORE_INDEX).sum())
+        logits = model(inputs, keep=keep)  # (N, vocab): only the positions with a target
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
 
 
 @torch.no_grad()

@@ -19,7 +19,8 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.generate import decode_step, generate_tokens, generate_uncached, prefill
 from engine.kv_cache import KVCache
-from engine.model import GPT, linear
+from engine.linear import linear
+from engine.model import GPT
 from engine.sampling import GenerationConfig
 
 TOL = dict(atol=2e-5, rtol=2e-5)
@@ -325,12 +326,12 @@ def test_lora_merge_and_unmerge_on_a_fused_model(tmp_path):
 
 def test_bf16_head_recomputes_the_top_logits_in_float32():
     """A bf16 head rounds logits to coarse steps; the top-k are recomputed in float32 from the same bf16 inputs."""
-    from engine.model import _refine_top_logits
+    from engine.linear import refine_top_logits
 
     torch.manual_seed(0)
     x = torch.randn(1, 2, 16).bfloat16()
     weight = torch.randn(50, 16).bfloat16() * 8
-    logits = _refine_top_logits(torch.nn.functional.linear(x, weight), x, weight, k=5)
+    logits = refine_top_logits(torch.nn.functional.linear(x, weight), x, weight, k=5)
     exact = torch.nn.functional.linear(x.float(), weight.float())
     top = exact.topk(5, dim=-1).indices
     assert logits.dtype == torch.float32

@@ -210,3 +210,33 @@ def test_pretrain_on_the_verdict(tmp_path):
     assert manifest["prompt_format"] == "none" and manifest["created_from"] is None
     assert manifest["config"]["context_length"] == 32
     assert result.history["samples"][0]["text"].startswith("Every effort moves you")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_loss_on_kept_positions_equals_the_full_head(family):
+    """``keep`` computes the head only where a target exists; loss and every gradient equal the full-logits loss."""
+    from finetune.train import loss_sum_and_count
+
+    cfg = TINY if family == "gpt2" else ModelConfig(
+        vocab_size=300, context_length=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+        pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, qkv_bias=False)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    inputs = torch.randint(0, 200, (3, 10))
+    targets = torch.randint(0, 200, (3, 10))
+    targets[0, :4] = -100  # a masked instruction
+    targets[2, 6:] = -100  # padding
+    full = model(inputs)
+    kept = model(inputs, keep=targets != -100)
+    torch.testing.assert_close(kept, full[targets != -100])
+
+    loss, count = loss_sum_and_count(model, inputs, targets, torch.autocast("cpu", enabled=False))
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    ref = torch.nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), reduction="sum")
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    assert count == int((targets != -100).sum())
+    torch.testing.assert_close(loss, ref)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r)
+    with pytest.raises(ValueError, match="keep must be"):
+        model(inputs, keep=targets[:, :5] != -100)

@@ -1,0 +1,150 @@
+"""engine.prepack: packed decode weights give the plain model's logits and tokens, go stale safely when a weight
+changes in place, follow a registry merge/unmerge, and never touch the global RNG."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import prepack
+from engine.config import ModelConfig
+from engine.generate import generate_tokens, generate_uncached
+from engine.kv_cache import KVCache
+from engine.model import GPT
+from engine.sampling import GenerationConfig
+
+
+def frozen_tiny(family: str, tied: bool = True) -> GPT:
+    torch.manual_seed(7)
+    if family == "gpt2":
+        cfg = ModelConfig(vocab_size=300, context_length=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4,
+                          ffn_dim=256, tie_embeddings=tied)
+    else:
+        cfg = ModelConfig(vocab_size=300, context_length=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                          ffn_dim=128, norm="rmsnorm", mlp="swiglu", pos_emb="rope", bias=False, qkv_bias=False,
+                          tie_embeddings=tied)
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+            p.requires_grad_(False)
+    return model
+
+
+def available_kernels() -> list[str]:
+    w = torch.randn(8, 16)
+    out = []
+    for name, pack in prepack.PACKERS.items():
+        try:
+            pw = prepack.PackedWeight(name, pack(w), w, ())
+            prepack.packed_linear(torch.randn(1, 16), pw)
+        except (RuntimeError, AttributeError, NotImplementedError):
+            continue
+        out.append(name)
+    return out
+
+
+KERNELS = available_kernels()
+
+
+def decode_logits(model: GPT, prompt: list[int], steps: int) -> torch.Tensor:
+    cache = KVCache.build(model.config, 1, 32)
+    out = []
+    with torch.inference_mode():
+        model(torch.tensor([prompt]), cache=cache)
+        for t in range(steps):
+            out.append(model(torch.tensor([[t + 3]]), cache=cache))
+    return torch.cat(out, dim=1)
+
+
+def test_this_build_has_a_packed_kernel():
+    assert KERNELS, "neither MKL nor oneDNN packed linear works in this torch build"
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("family,tied", [("gpt2", True), ("llama", True), ("llama", False)])
+def test_packed_decode_equals_plain(kernel, family, tied):
+    model = frozen_tiny(family, tied)
+    plain = decode_logits(model, [5, 17, 42], 6)
+    chosen = prepack.prepack_(model, kernel)
+    kinds = {"qkv", "o_proj", "down_proj", "head"} | ({"gate_up"} if family == "llama" else {"up_proj"})
+    assert chosen == dict.fromkeys(kinds, kernel)
+    assert model.blocks[0].attn._qkv.packed.kernel == kernel
+    assert ("head_packed" in model.__dict__) == tied
+    torch.testing.assert_close(decode_logits(model, [5, 17, 42], 6), plain, rtol=1e-5, atol=1e-5)
+    cfg = GenerationConfig(max_new_tokens=20)
+    assert list(generate_tokens(model, [5, 17, 42], cfg)) == list(generate_uncached(model, [5, 17, 42], cfg))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_weight_changed_in_place_makes_its_packed_copy_stale(kernel):
+    model = frozen_tiny("llama")
+    prepack.prepack_(model, kernel)
+    attn, mlp = model.blocks[1].attn, model.blocks[1].mlp
+    with torch.no_grad():
+        attn.k_proj.weight.mul_(1.5)  # part of the fused q/k/v
+        mlp.down_proj.weight.add_(0.1)
+        model.tok_emb.weight[7].add_(1.0)  # the tied head
+    assert not attn._qkv.packed.fresh(attn._qkv.sources())
+    assert not mlp.down_proj.packed.fresh([mlp.down_proj.weight])
+    assert model.blocks[0].attn._qkv.packed.fresh(model.blocks[0].attn._qkv.sources())
+    packed = decode_logits(model, [5, 17, 42], 4)
+    prepack.prepack_(model, "off")
+    assert model.blocks[0].attn._qkv.packed is None and model.decode_kernels["qkv"] == "plain"
+    torch.testing.assert_close(packed, decode_logits(model, [5, 17, 42], 4), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_measures_and_keeps_the_global_rng():
+    model = frozen_tiny("gpt2")
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    chosen = prepack.prepack_(model, "auto")
+    assert torch.equal(torch.rand(4), expected)
+    assert set(chosen.values()) <= {"plain", *KERNELS}
+    qkv_packed = [b.attn._qkv.packed for b in model.blocks]
+    assert all((p is None) == (chosen["qkv"] == "plain") for p in qkv_packed)
+    extra = sum(t.weight.numel() * 4 for t in prepack.decode_weights(model) if chosen[t.kind] != "plain")
+    assert model.packed_bytes == extra
+
+
+def test_bad_modes_are_errors(monkeypatch):
+    with pytest.raises(ValueError, match="pack mode"):
+        prepack.prepack_(frozen_tiny("gpt2"), "fast")
+    monkeypatch.setenv("SCRATCHCHAT_PACK", "sometimes")
+    with pytest.raises(ValueError, match="SCRATCHCHAT_PACK"):
+        prepack.default_pack()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_registry_repacks_after_merge_and_unmerge(tmp_path, kernel):
+    """A merge writes the base weights in place; the registry packs them again, and outputs follow the weights."""
+    peft = pytest.importorskip("peft")
+    import copy
+
+    from engine.registry import Registry
+    from weights import store
+
+    model = frozen_tiny("llama")
+    root = tmp_path / "models"
+    store.add_model("tiny", model.config.to_dict(), model.state_dict(), tokenizer={"type": "none"},
+                    prompt_format="none", root=root)
+    reg = Registry(root, dtype=torch.float32, pack=kernel)
+    lm = reg.get("tiny")
+    assert lm.model.decode_kernels["gate_up"] == kernel
+    torch.manual_seed(5)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    pm = peft.get_peft_model(copy.deepcopy(model), cfg).eval()
+    pm.save_pretrained(str(store.adapter_dir("tiny", "ad", root)))
+    base = decode_logits(lm.model, [5, 17, 42], 4)
+    reg.merge("tiny", "ad")
+    qkv = lm.model.blocks[0].attn._qkv
+    assert qkv.packed is not None and qkv.packed.fresh(qkv.sources())
+    merged = decode_logits(lm.model, [5, 17, 42], 4)
+    with torch.no_grad():
+        out = pm(torch.tensor([[5, 17, 42, 3, 4, 5, 6]]))
+    torch.testing.assert_close(merged[0], getattr(out, "logits", out)[0, 3:], rtol=1e-4, atol=1e-4)
+    reg.unmerge("tiny")
+    assert qkv.packed.fresh(qkv.sources())
+    torch.testing.assert_close(decode_logits(lm.model, [5, 17, 42], 4), base, rtol=1e-5, atol=1e-5)
