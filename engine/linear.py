@@ -33,13 +33,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def linear_q(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, w8: Int8Weight | None,
              packed: PackedWeight | None = None, sources: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-    """:func:`linear`, or for a single row: with an int8 copy of ``weight`` (see :mod:`engine.quant`) the int8
-    weight-only kernel, which reads half the bytes; with a packed copy (:mod:`engine.prepack`) that is still fresh
-    for ``sources`` (default ``weight``), the packed kernel."""
-    if x.numel() == x.shape[-1] and not torch.is_grad_enabled():
-        if w8 is not None:
+    """:func:`linear`, or for a single row with an int8 copy of ``weight`` (see :mod:`engine.quant`) the int8
+    weight-only kernel, which reads half the bytes; or, for the row counts a packed copy (:mod:`engine.prepack`)
+    serves while it is still fresh for ``sources`` (default ``weight``), the packed kernel."""
+    if not torch.is_grad_enabled():
+        rows = x.numel() // x.shape[-1]
+        if w8 is not None and rows == 1:
             return int8_linear(x, w8, bias)
-        if packed is not None and packed.fresh(sources or (weight,)):
+        if packed is not None and packed.serves(rows) and packed.fresh(sources or (weight,)):
             return packed_linear(x, packed, bias)
     return linear(x, weight, bias)
 

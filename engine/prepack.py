@@ -1,4 +1,4 @@
-"""Prepacked weights for batch-1 decode, chosen per projection kind by measuring when a model is loaded.
+"""Prepacked weights for decode steps (1 to 8 rows), chosen per projection kind by measuring when a model loads.
 
 At batch 1 a decode step is one GEMV per projection, and which library kernel streams a weight fastest depends on
 the CPU, the dtype and the shape. On a 2-core AMD EPYC (AVX2, no AVX-512) PyTorch's float32 ``addmv`` (MKL) ran
@@ -7,12 +7,17 @@ reached 16-28 GB/s for the wide matrices (fused q/k/v, fused gate/up, the 49k-ro
 tall ones (``down_proj``). Inductor's CPU backend uses the same two packed kernels (``mkl._mkl_linear``,
 ``mkldnn._linear_pointwise``) for frozen float32 linears.
 
+Batched decode (a few rows) has the same problem: MKL's float32 GEMM at 4-8 rows read the weights at 5-8 GB/s
+there, and oneDNN's kernel on a weight packed for 8 rows ran gate/up, down and the head 2-3x faster.
+
 So :func:`prepack_` times each kind of projection (every layer's weights of that kind in turn, so they stream from
-memory as in a real step) with the plain kernel and with each packed kernel this build and CPU offer, and keeps a
-packed copy only where it was faster. A packed copy is a second copy of that weight: more memory for more speed,
-which ``SCRATCHCHAT_PACK=off`` declines. The plain weight stays the reference: prefill and batched decode use it,
-and a packed copy whose weight changed since packing (a LoRA merge writes in place) is ignored until the registry
-packs again, so a stale copy can cost speed but never correctness.
+memory as in a real step) at one row and at :data:`BATCH_ROWS` rows, with the plain kernels (``addmv``,
+``F.linear``) and each packed kernel this build and CPU offer, and keeps at most one packed copy per weight: oneDNN's
+(which serves any row count) where it wins the batched product, else the fastest one-row kernel where that beats
+the plain GEMV. A packed copy is a second copy of that weight: more memory for more speed, which
+``SCRATCHCHAT_PACK=off`` declines. The plain weight stays the reference: prefill uses it, and a packed copy whose
+weight changed since packing (a LoRA merge writes in place) is ignored until the registry packs again, so a stale
+copy can cost speed but never correctness.
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 logger = logging.getLogger(__name__)
 
 PACK_MODES = ("auto", "off", "mkl", "onednn")  # the last two force one kernel wherever it runs
 MIN_GAIN = 1.05  # a packed kernel must be this much faster than the plain one to be worth its memory
+BATCH_ROWS = 8  # the batched decode size packed for and measured (the scheduler's default batch)
 
 
 def default_pack() -> str:
@@ -42,12 +49,31 @@ def default_pack() -> str:
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """A weight packed for one-row products by ``kernel`` (``"mkl"`` | ``"onednn"``), valid while ``key`` holds."""
+    """A weight packed by ``kernel`` (``"mkl"`` | ``"onednn"``), valid while ``key`` holds.
+
+    It serves products of 2 to ``max_rows`` rows, and one row when ``single``.
+    """
 
     kernel: str
     packed: torch.Tensor
     weight: torch.Tensor  # the plain weight it was packed from (MKL's kernel wants it too)
     key: tuple
+    single: bool = True
+    max_rows: int = 1
+
+    def __deepcopy__(self, memo: dict) -> None:
+        """A deep copy of a model drops its packed copies (oneDNN's opaque tensors cannot be copied); the copy
+        decodes with the plain kernels until it is packed again."""
+        return None
+
+    def serves(self, rows: int) -> bool:
+        return self.single if rows == 1 else rows <= self.max_rows
+
+    @property
+    def label(self) -> str:
+        if self.max_rows == 1:
+            return self.kernel
+        return f"{self.kernel}[{1 if self.single else 2}-{self.max_rows} rows]"
 
     def fresh(self, sources: Sequence[torch.Tensor]) -> bool:
         """True while the source weights are the same tensors, unchanged since packing."""
@@ -72,19 +98,20 @@ def source_key(sources: Sequence[torch.Tensor]) -> tuple:
 
 
 def _pack_mkl(w: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkl._mkl_reorder_linear_weight(w, 1)
+    return torch.ops.mkl._mkl_reorder_linear_weight(w, 1)  # MKL's packed GEMM: one row only
 
 
 def _pack_onednn(w: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(w, 1)
+    return torch.ops.mkldnn._reorder_linear_weight(w, BATCH_ROWS)  # a layout hint; any row count works
 
 
 PACKERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"mkl": _pack_mkl, "onednn": _pack_onednn}
+MULTI_ROW = {"onednn"}  # packed kernels that take more than one row
 
 
 def packed_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T (+ bias)`` for one row ``x`` (..., K) through the packed copy."""
-    flat = x.reshape(1, x.shape[-1])
+    """``x @ weight.T (+ bias)`` for ``x`` (..., K) through the packed copy (MKL's: one row only)."""
+    flat = x.reshape(-1, x.shape[-1])
     if pw.kernel == "mkl":
         y = torch.ops.mkl._mkl_linear(flat, pw.packed, pw.weight, bias, 1)
     else:
@@ -108,31 +135,57 @@ def _seconds(run: Callable[[int], object], n: int, reps: int = 3) -> float:
 
 
 def choose(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
-           kernels: Sequence[str] = tuple(PACKERS)) -> tuple[str, list[torch.Tensor] | None, dict[str, float]]:
-    """Time the plain GEMV and each packed kernel over ``weights`` (one kind of projection, every layer).
+           kernels: Sequence[str] = tuple(PACKERS)) -> tuple[str, list[PackedWeight] | None, dict[str, float]]:
+    """Time the plain kernels and each packed kernel over ``weights`` (one kind of projection, every layer), at one
+    row and at :data:`BATCH_ROWS` rows. With a single kernel named, pack with it without measuring.
 
     Returns:
-        (the fastest kernel's name or ``"plain"``, its packed weights or None, seconds per pass for each kernel).
+        (the chosen copy's label or ``"plain"``, the packed weights (keyless) or None, seconds per pass of each
+        kernel, keys ``"<kernel> x<rows>"``).
     """
     gen = torch.Generator().manual_seed(0)  # never the global RNG: loading a model must not move seeded sampling
-    x = torch.randn(1, weights[0].shape[1], generator=gen).to(weights[0].dtype)
+    k, dtype, n = weights[0].shape[1], weights[0].dtype, len(weights)
+    x1 = torch.randn(1, k, generator=gen).to(dtype)
+    xb = torch.randn(BATCH_ROWS, k, generator=gen).to(dtype)
     forced = len(kernels) == 1
-    times = {} if forced else {"plain": _seconds(lambda i: _plain(x, weights[i], biases[i]), len(weights))}
-    best, best_packed = "plain", None
+    times: dict[str, float] = {}
+    if not forced:
+        times["plain x1"] = _seconds(lambda i: _plain(x1, weights[i], biases[i]), n)
+        times[f"plain x{BATCH_ROWS}"] = _seconds(lambda i: F.linear(xb, weights[i], biases[i]), n)
+    candidates: dict[str, list[PackedWeight]] = {}
     for kernel in kernels:
         try:
-            packed = [PACKERS[kernel](w) for w in weights]
-            pws = [PackedWeight(kernel, p, w, ()) for p, w in zip(packed, weights, strict=True)]
-            packed_linear(x, pws[0], biases[0])
+            pws = [PackedWeight(kernel, PACKERS[kernel](w), w, ()) for w in weights]
+            packed_linear(x1, pws[0], biases[0])
         except (RuntimeError, AttributeError, NotImplementedError) as e:  # not in this build or on this CPU
             logger.debug("packed kernel %s unavailable: %s", kernel, e)
             continue
+        candidates[kernel] = pws
         if forced:
-            return kernel, packed, times
-        times[kernel] = _seconds(lambda i, pws=pws: packed_linear(x, pws[i], biases[i]), len(weights))
-        if times[kernel] * MIN_GAIN < times[best] and (best == "plain" or times[kernel] < times[best]):
-            best, best_packed = kernel, packed
-    return best, best_packed, times
+            rows = BATCH_ROWS if kernel in MULTI_ROW else 1
+            return _label(pws[0], True, rows), _with(pws, True, rows), times
+        times[f"{kernel} x1"] = _seconds(lambda i, pws=pws: packed_linear(x1, pws[i], biases[i]), n)
+        if kernel in MULTI_ROW:
+            times[f"{kernel} x{BATCH_ROWS}"] = _seconds(lambda i, pws=pws: packed_linear(xb, pws[i], biases[i]), n)
+    # one copy at most: a multi-row kernel that wins the batched product (and then serves one row too where it wins
+    # that as well), else the fastest one-row kernel that beats the plain GEMV
+    for kernel in MULTI_ROW & candidates.keys():
+        if times[f"{kernel} x{BATCH_ROWS}"] * MIN_GAIN < times[f"plain x{BATCH_ROWS}"]:
+            single = times[f"{kernel} x1"] * MIN_GAIN < times["plain x1"]
+            return _label(candidates[kernel][0], single, BATCH_ROWS), _with(candidates[kernel], single, BATCH_ROWS), \
+                times
+    best = min(candidates, key=lambda c: times[f"{c} x1"], default=None)
+    if best is None or times[f"{best} x1"] * MIN_GAIN >= times["plain x1"]:
+        return "plain", None, times
+    return best, _with(candidates[best], True, 1), times
+
+
+def _with(pws: list[PackedWeight], single: bool, max_rows: int) -> list[PackedWeight]:
+    return [PackedWeight(p.kernel, p.packed, p.weight, p.key, single, max_rows) for p in pws]
+
+
+def _label(pw: PackedWeight, single: bool, max_rows: int) -> str:
+    return PackedWeight(pw.kernel, pw.packed, pw.weight, (), single, max_rows).label
 
 
 def _setter(obj: object, attr: str) -> Callable[[PackedWeight | None], None]:
@@ -208,7 +261,7 @@ def prepack_(model: nn.Module, mode: str = "auto") -> dict[str, str]:
         logger.debug("decode kernel for %s: %s (%s)", kind, name,
                      ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items()))
         for t, p in zip(targets, packed or (), strict=False):
-            t.put(PackedWeight(name, p, t.weight, source_key(t.sources)))
+            t.put(PackedWeight(p.kernel, p.packed, t.weight, source_key(t.sources), p.single, p.max_rows))
             extra += t.weight.numel() * t.weight.element_size()
     model.__dict__["decode_kernels"] = chosen
     model.__dict__["packed_bytes"] = extra

@@ -35,6 +35,7 @@ from engine.model import GPT, build_rope_cache
 from engine.prepack import PACK_MODES, default_pack, prepack_
 from engine.prompts import PromptFormat, get_prompt_format
 from engine.quant import default_quant, quantize_int8_
+from engine.threads import run_in_fresh_thread
 from engine.tokenizer import Tokenizer, load_tokenizer
 from weights import store
 
@@ -164,7 +165,8 @@ class Registry:
             with self._lock:
                 if name in self._loaded:
                     return self._loaded[name]
-            lm = self._load(name)
+            # in a thread that exits: the OpenMP team it starts must not outlive it (see engine.threads)
+            lm = run_in_fresh_thread(lambda: self._load(name), "scratchchat-load")
             with self._lock:
                 self._loaded[name] = lm
                 self._evict(keep=name)
@@ -289,8 +291,7 @@ class Registry:
                 if lm.merged.adapter.key == ad.key:
                     return
                 self.unmerge(lm)
-            lm.merged = merge_adapter(lm.model, ad)
-            self._requantize(lm)
+            lm.merged = run_in_fresh_thread(lambda: self._merge_now(lm, ad), "scratchchat-merge")
 
     def unmerge(self, base: str | LoadedModel) -> None:
         lm = base if isinstance(base, LoadedModel) else self._loaded.get(base)
@@ -298,9 +299,17 @@ class Registry:
             return
         with lm.lock:
             if lm.merged is not None:
-                lm.merged.unmerge()
+                run_in_fresh_thread(lambda: self._unmerge_now(lm), "scratchchat-merge")
                 lm.merged = None
-                self._requantize(lm)
+
+    def _merge_now(self, lm: LoadedModel, ad: LoraAdapter) -> MergedAdapter:
+        merged = merge_adapter(lm.model, ad)
+        self._requantize(lm)
+        return merged
+
+    def _unmerge_now(self, lm: LoadedModel) -> None:
+        lm.merged.unmerge()
+        self._requantize(lm)
 
     def _requantize(self, lm: LoadedModel) -> None:
         """New int8 and packed copies of weights a merge or unmerge changed (the old ones are stale)."""

@@ -150,7 +150,8 @@ class Scheduler:
                 raise EngineBusy(f"the engine is busy ({len(self._waiting)} requests waiting); retry in a moment")
             self._waiting.append(handle)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="scratchchat-scheduler", daemon=True)
+                self._thread = threading.Thread(target=self._run, args=(torch.get_num_threads(),),
+                                                name="scratchchat-scheduler", daemon=True)
                 self._thread.start()
             self._cv.notify()
         return handle
@@ -183,7 +184,10 @@ class Scheduler:
             self._thread.join(timeout=5)
 
     # ---- scheduler thread
-    def _run(self) -> None:
+    def _run(self, threads: int) -> None:
+        # This thread's OpenMP team should be the only one in the process: model loads and merges run in threads
+        # that exit (engine.threads), since a second team makes libgomp stop spinning and slows decode by ~25%.
+        torch.set_num_threads(threads)
         torch.set_grad_enabled(False)
         while True:
             with self._cv:
