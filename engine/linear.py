@@ -2,11 +2,11 @@
 
 At batch 1 a decode step is memory-bound on the weights and, in Python, bound by the number of ops. So when grad is
 off, one-row inputs use ``addmv`` (a GEMV; oneDNN's bf16 GEMM is slow at M=1 on CPU), or the int8 copy of a weight
-(``SCRATCHCHAT_QUANT=int8``, :mod:`engine.quant`), or a copy packed for one row where the registry measured that
-faster (:mod:`engine.prepack`). Frozen q/k/v (and gate/up) projections run as one matmul over a concatenated weight
-that the separate Linear weights are views into (:class:`FusedLinears`: nothing is stored twice). A low-precision
-head gets its top logits recomputed in float32 (:func:`refine_top_logits`). With grad on (training) every function
-here is plain ``F.linear``, and a peft-wrapped projection always runs its own module.
+(``SCRATCHCHAT_QUANT=int8``, :mod:`engine.quant`), and decode steps of one to eight rows use a packed copy where the
+registry measured that faster (:mod:`engine.prepack`). Frozen q/k/v (and gate/up) projections run as one matmul
+over a concatenated weight that the separate Linear weights are views into (:class:`FusedLinears`: nothing is stored
+twice). A low-precision head gets its top logits recomputed in float32 (:func:`refine_top_logits`). With grad on
+(training) every function here is plain ``F.linear``, and a peft-wrapped projection always runs its own module.
 """
 
 from __future__ import annotations
