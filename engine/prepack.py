@@ -26,7 +26,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -135,13 +135,13 @@ def _seconds(run: Callable[[int], object], n: int, reps: int = 3) -> float:
 
 
 def choose(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
-           kernels: Sequence[str] = tuple(PACKERS)) -> tuple[str, list[PackedWeight] | None, dict[str, float]]:
+           kernels: Sequence[str] = tuple(PACKERS)) -> tuple[list[PackedWeight] | None, dict[str, float]]:
     """Time the plain kernels and each packed kernel over ``weights`` (one kind of projection, every layer), at one
     row and at :data:`BATCH_ROWS` rows. With a single kernel named, pack with it without measuring.
 
     Returns:
-        (the chosen copy's label or ``"plain"``, the packed weights (keyless) or None, seconds per pass of each
-        kernel, keys ``"<kernel> x<rows>"``).
+        (the chosen packed weights (keyless; their ``label`` names the choice) or None for the plain kernels,
+        seconds per pass of each kernel, keys ``"<kernel> x<rows>"``).
     """
     gen = torch.Generator().manual_seed(0)  # never the global RNG: loading a model must not move seeded sampling
     k, dtype, n = weights[0].shape[1], weights[0].dtype, len(weights)
@@ -163,7 +163,7 @@ def choose(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None
         candidates[kernel] = pws
         if forced:
             rows = BATCH_ROWS if kernel in MULTI_ROW else 1
-            return _label(pws[0], True, rows), _with(pws, True, rows), times
+            return _serving(pws, True, rows), times
         times[f"{kernel} x1"] = _seconds(lambda i, pws=pws: packed_linear(x1, pws[i], biases[i]), n)
         if kernel in MULTI_ROW:
             times[f"{kernel} x{BATCH_ROWS}"] = _seconds(lambda i, pws=pws: packed_linear(xb, pws[i], biases[i]), n)
@@ -172,20 +172,15 @@ def choose(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None
     for kernel in MULTI_ROW & candidates.keys():
         if times[f"{kernel} x{BATCH_ROWS}"] * MIN_GAIN < times[f"plain x{BATCH_ROWS}"]:
             single = times[f"{kernel} x1"] * MIN_GAIN < times["plain x1"]
-            return _label(candidates[kernel][0], single, BATCH_ROWS), _with(candidates[kernel], single, BATCH_ROWS), \
-                times
+            return _serving(candidates[kernel], single, BATCH_ROWS), times
     best = min(candidates, key=lambda c: times[f"{c} x1"], default=None)
     if best is None or times[f"{best} x1"] * MIN_GAIN >= times["plain x1"]:
-        return "plain", None, times
-    return best, _with(candidates[best], True, 1), times
+        return None, times
+    return _serving(candidates[best], True, 1), times
 
 
-def _with(pws: list[PackedWeight], single: bool, max_rows: int) -> list[PackedWeight]:
-    return [PackedWeight(p.kernel, p.packed, p.weight, p.key, single, max_rows) for p in pws]
-
-
-def _label(pw: PackedWeight, single: bool, max_rows: int) -> str:
-    return PackedWeight(pw.kernel, pw.packed, pw.weight, (), single, max_rows).label
+def _serving(pws: list[PackedWeight], single: bool, max_rows: int) -> list[PackedWeight]:
+    return [replace(p, single=single, max_rows=max_rows) for p in pws]
 
 
 def _setter(obj: object, attr: str) -> Callable[[PackedWeight | None], None]:
@@ -256,12 +251,12 @@ def prepack_(model: nn.Module, mode: str = "auto") -> dict[str, str]:
             chosen[kind] = "plain"
             continue
         kernels = tuple(PACKERS) if mode == "auto" else (mode,)
-        name, packed, times = choose([t.weight for t in targets], [t.bias for t in targets], kernels)
-        chosen[kind] = name
+        packed, times = choose([t.weight for t in targets], [t.bias for t in targets], kernels)
+        name = chosen[kind] = packed[0].label if packed else "plain"
         logger.debug("decode kernel for %s: %s (%s)", kind, name,
                      ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items()))
         for t, p in zip(targets, packed or (), strict=False):
-            t.put(PackedWeight(p.kernel, p.packed, t.weight, source_key(t.sources), p.single, p.max_rows))
+            t.put(replace(p, key=source_key(t.sources)))
             extra += t.weight.numel() * t.weight.element_size()
     model.__dict__["decode_kernels"] = chosen
     model.__dict__["packed_bytes"] = extra
