@@ -106,8 +106,12 @@ def read_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
 
 def weight_bytes_per_token(lm: LoadedModel) -> int:
     """Bytes of weights one decode step reads: every parameter except the position table (one row is read); for
-    an int8 projection, its int8 copy and scales instead of its bf16 weight."""
+    an int8 projection or head, its int8 copy and scales instead of its float weight."""
+    head8 = lm.model.__dict__.get("head_int8")
+    head = lm.model.tok_emb.weight if lm.model.lm_head is None else lm.model.lm_head.weight
     total = 0
+    if head8 is not None:  # the int8 copy is read instead of the float head
+        total = sum(t.numel() * t.element_size() for t in head8) - head.numel() * head.element_size()
     for module_name, module in lm.model.named_modules():
         w8 = module.__dict__.get("int8")
         for n, p in module.named_parameters(recurse=False):

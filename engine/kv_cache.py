@@ -30,6 +30,10 @@ class AttentionPlan:
     is_causal: bool  # let SDPA build the causal mask itself (prefill from position 0)
     advance_to: int | None = None  # every row's new length when known without reading tensors (see commit)
     row_index: torch.Tensor | None = None  # (B, 1) row indices for scattered writes, built on first use
+    # set by the model for a decode step through engine.kernels' fused attention: (B,) positions and the float32
+    # (cos, sin) tables, (None, None) without RoPE
+    decode_positions: torch.Tensor | None = None
+    decode_tables: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
 
 
 class KVCache:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.prepack import PackedWeight, packed_linear
-from engine.quant import Int8Weight, int8_linear
+from engine.quant import Int8Weight, int8_linear, int8_rows
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -33,15 +33,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def linear_q(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, w8: Int8Weight | None,
              packed: PackedWeight | None = None, sources: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-    """:func:`linear`, or for a single row with an int8 copy of ``weight`` (see :mod:`engine.quant`) the int8
-    weight-only kernel, which reads half the bytes; or, for the row counts a packed copy (:mod:`engine.prepack`)
-    serves while it is still fresh for ``sources`` (default ``weight``), the packed kernel."""
+    """:func:`linear`, or for a decode step with an int8 copy of ``weight`` (see :mod:`engine.quant`) the int8
+    weight-only kernel, which reads a quarter (float32) or half (bf16) of the bytes; or, for the row counts a packed
+    copy (:mod:`engine.prepack`) serves while it is still fresh for ``sources`` (default ``weight``), that kernel."""
     if not torch.is_grad_enabled():
         rows = x.numel() // x.shape[-1]
-        if w8 is not None and rows == 1:
+        if w8 is not None and rows <= int8_rows():
             return int8_linear(x, w8, bias)
-        if packed is not None and packed.serves(rows) and packed.fresh(sources or (weight,)):
-            return packed_linear(x, packed, bias)
+        pw = None if packed is None else packed.for_rows(rows)
+        if pw is not None and pw.fresh(sources or (weight,)):
+            return packed_linear(x, pw, bias)
     return linear(x, weight, bias)
 
 

@@ -25,9 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import kernels
 from engine.config import ModelConfig
+from engine.decode import runner_for
 from engine.kv_cache import AttentionPlan, KVCache
-from engine.linear import FusedLinears, apply_linear, linear_q, refine_top_logits
+from engine.linear import FusedLinears, apply_linear, is_plain_linear, linear_q, refine_top_logits
 
 # A per-request LoRA hook: (layer index, projection name, input x, base output y) -> adapted output.
 LoraHook = Callable[[int, str, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -58,6 +60,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and kernels.available():  # one op instead of eight (engine.kernels)
+            return torch.ops.scratchchat.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         # float32 times the (exactly widened) weight by type promotion, without a cast op; feeds a matmul: the
@@ -153,6 +157,14 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         proj = self._project_qkv(x, lora)
+        if len(proj) == 1 and plan is not None and plan.decode_tables is not None:
+            # a decode step (one new token per row): RoPE, the cache write and attention over each row's own cached
+            # positions in one op (engine.kernels), the same arithmetic as the general path below
+            y = torch.ops.scratchchat.decode_attention(proj[0].view(B, -1), cache.keys[self.layer_idx],
+                                                       cache.values[self.layer_idx], plan.decode_positions,
+                                                       *plan.decode_tables, H).view(B, T, -1)
+            out = apply_linear(self.o_proj, y)
+            return out if lora is None else lora(self.layer_idx, "o_proj", y, out)
         if len(proj) == 1:  # fused: heads [0, H) are q, [H, H + Hkv) k, the rest v
             qkv = proj[0].view(B, T, H + 2 * Hkv, hd).transpose(1, 2)  # (B, H + 2 Hkv, T, head_dim)
             qk, v = qkv[:, : H + Hkv], qkv[:, H + Hkv :]
@@ -210,6 +222,10 @@ class MLP(nn.Module):
                 gate_up = fused.apply(x)
                 if group is not None:
                     gate_up = group(i, "gate_up", x, gate_up, fused.sizes)
+                if (lora is None or group is not None) and kernels.available():  # fused: no grad here
+                    h = torch.ops.scratchchat.silu_mul(gate_up)  # one op for split, silu and mul
+                    out = apply_linear(self.down_proj, h)
+                    return out if lora is None else lora(i, "down_proj", h, out)
                 gate, up = gate_up.split(fused.sizes, dim=-1)
             else:
                 gate, up = apply_linear(self.gate_proj, x), apply_linear(self.up_proj, x)
@@ -313,6 +329,9 @@ class GPT(nn.Module):
             plan = cache.plan(T, positions)
             if plan.span > self.config.context_length:
                 raise ValueError(f"position {plan.span - 1} is past context_length={self.config.context_length}")
+            if T == 1 and not torch.is_grad_enabled() and kernels.available():
+                plan.decode_positions = plan.positions[:, 0].contiguous()  # (B,) where each row's token goes
+                plan.decode_tables = (self.rope_cos, self.rope_sin) if self.pos_emb is None else (None, None)
             positions, start = plan.positions, plan.start
         elif positions is None:
             if T > self.config.context_length:
@@ -345,8 +364,14 @@ class GPT(nn.Module):
             rope = _rope_tables(self.rope_cos[pos][:, None].to(dtype), self.rope_sin[pos][:, None].to(dtype))
         if self.training:
             x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, rope, cache, plan, lora)
+        runner = None
+        if plan is not None and plan.decode_tables is not None and lora is None and not self.training:
+            runner = runner_for(self, B)  # a decode step without adapters: the resolved layer loop
+        if runner is not None:
+            x = runner(x.view(B, -1), cache, plan).view(B, 1, -1)
+        else:
+            for block in self.blocks:
+                x = block(x, rope, cache, plan, lora)
         if cache is not None:
             cache.commit(plan)
         if last_only:
@@ -354,9 +379,13 @@ class GPT(nn.Module):
         elif keep is not None:
             x = x[keep]  # (N, d_model)
         x = self.norm_f(x)
+        head_int8 = self.__dict__.get("head_int8")  # engine.quant: an int8 copy of the head for decode steps
         if self.lm_head is None:
             weight = self.tok_emb.weight
-            logits = linear_q(x, weight, None, None, self.__dict__.get("head_packed"))
+            logits = linear_q(x, weight, None, head_int8, self.__dict__.get("head_packed"))
+        elif head_int8 is not None and is_plain_linear(self.lm_head):
+            weight = self.lm_head.weight
+            logits = linear_q(x, weight, None, head_int8, self.lm_head.__dict__.get("packed"))
         else:
             weight, logits = self.lm_head.weight, apply_linear(self.lm_head, x)
         if weight.dtype != torch.float32 and not torch.is_grad_enabled():

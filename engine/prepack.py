@@ -10,12 +10,15 @@ tall ones (``down_proj``). Inductor's CPU backend uses the same two packed kerne
 Batched decode (a few rows) has the same problem: MKL's float32 GEMM at 4-8 rows read the weights at 5-8 GB/s
 there, and oneDNN's kernel on a weight packed for 8 rows ran gate/up, down and the head 2-3x faster.
 
+Our own AVX2 kernels (:mod:`engine.kernels`) are a third candidate that needs no copy: they stream the weight as
+stored (25-30 GB/s for one row there).
+
 So :func:`prepack_` times each kind of projection (every layer's weights of that kind in turn, so they stream from
 memory as in a real step) at one row and at :data:`BATCH_ROWS` rows, with the plain kernels (``addmv``,
-``F.linear``) and each packed kernel this build and CPU offer, and keeps at most one packed copy per weight: oneDNN's
-(which serves any row count) where it wins the batched product, else the fastest one-row kernel where that beats
-the plain GEMV. A packed copy is a second copy of that weight: more memory for more speed, which
-``SCRATCHCHAT_PACK=off`` declines. The plain weight stays the reference: prefill uses it, and a packed copy whose
+``F.linear``) and each packed kernel this build and CPU offer, and picks the fastest for one row and the fastest
+for 2 to :data:`BATCH_ROWS` rows, keeping at most one packed copy per weight (our kernels make none). A packed copy
+is a second copy of that weight: more memory for more speed. ``SCRATCHCHAT_PACK=off`` keeps PyTorch's plain
+kernels only (no copies, none of ours). The plain weight stays the reference: prefill uses it, and a packed copy whose
 weight changed since packing (a LoRA merge writes in place) is ignored until the registry packs again, so a stale
 copy can cost speed but never correctness.
 """
@@ -32,15 +35,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import kernels
+
 logger = logging.getLogger(__name__)
 
-PACK_MODES = ("auto", "off", "mkl", "onednn")  # the last two force one kernel wherever it runs
+PACK_MODES = ("auto", "off", "mkl", "onednn", "scratch")  # the last three force one kernel wherever it runs
 MIN_GAIN = 1.05  # a packed kernel must be this much faster than the plain one to be worth its memory
 BATCH_ROWS = 8  # the batched decode size packed for and measured (the scheduler's default batch)
 
 
 def default_pack() -> str:
-    """``$SCRATCHCHAT_PACK`` (``auto`` | ``off`` | ``mkl`` | ``onednn``), default ``auto``."""
+    """``$SCRATCHCHAT_PACK`` (``auto`` | ``off`` | ``mkl`` | ``onednn`` | ``scratch``), default ``auto``."""
     want = os.environ.get("SCRATCHCHAT_PACK", "auto").lower()
     if want not in PACK_MODES:
         raise ValueError(f"SCRATCHCHAT_PACK={want!r}; use one of {list(PACK_MODES)}")
@@ -49,9 +54,11 @@ def default_pack() -> str:
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """A weight packed by ``kernel`` (``"mkl"`` | ``"onednn"``), valid while ``key`` holds.
+    """A weight packed by ``kernel`` (``"mkl"`` | ``"onednn"``; ``"scratch"``: our kernels, on the weight itself),
+    valid while ``key`` holds.
 
-    It serves products of 2 to ``max_rows`` rows, and one row when ``single``.
+    It serves products of 2 to ``max_rows`` rows, and one row when ``single``; ``single_kernel`` is another
+    (copy-free) choice for the one-row products where that one was faster.
     """
 
     kernel: str
@@ -60,6 +67,7 @@ class PackedWeight:
     key: tuple
     single: bool = True
     max_rows: int = 1
+    single_kernel: PackedWeight | None = None
 
     def __deepcopy__(self, memo: dict) -> None:
         """A deep copy of a model drops its packed copies (oneDNN's opaque tensors cannot be copied); the copy
@@ -69,11 +77,23 @@ class PackedWeight:
     def serves(self, rows: int) -> bool:
         return self.single if rows == 1 else rows <= self.max_rows
 
+    def for_rows(self, rows: int) -> PackedWeight | None:
+        """The copy that serves a product of ``rows`` rows, or None for the plain kernels."""
+        if rows == 1 and self.single_kernel is not None:
+            return self.single_kernel
+        return self if self.serves(rows) else None
+
+    @property
+    def copies(self) -> bool:
+        """Whether this holds a second copy of the weight (our kernels read the weight itself)."""
+        return self.packed is not self.weight
+
     @property
     def label(self) -> str:
         if self.max_rows == 1:
             return self.kernel
-        return f"{self.kernel}[{1 if self.single else 2}-{self.max_rows} rows]"
+        many = f"{self.kernel}[{1 if self.single else 2}-{self.max_rows} rows]"
+        return many if self.single_kernel is None else f"{self.single_kernel.kernel}[1 row]+{many}"
 
     def fresh(self, sources: Sequence[torch.Tensor]) -> bool:
         """True while the source weights are the same tensors, unchanged since packing."""
@@ -105,14 +125,23 @@ def _pack_onednn(w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w, BATCH_ROWS)  # a layout hint; any row count works
 
 
-PACKERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"mkl": _pack_mkl, "onednn": _pack_onednn}
-MULTI_ROW = {"onednn"}  # packed kernels that take more than one row
+def _pack_scratch(w: torch.Tensor) -> torch.Tensor:
+    if not kernels.available():
+        raise RuntimeError("scratchchat kernels unavailable")
+    return w  # no copy: our kernels read the weight as stored
+
+
+PACKERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "mkl": _pack_mkl, "onednn": _pack_onednn, "scratch": _pack_scratch}
+MULTI_ROW = ("onednn", "scratch")  # kernels that take more than one row
 
 
 def packed_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T (+ bias)`` for ``x`` (..., K) through the packed copy (MKL's: one row only)."""
     flat = x.reshape(-1, x.shape[-1])
-    if pw.kernel == "mkl":
+    if pw.kernel == "scratch":
+        y = torch.ops.scratchchat.linear(flat, pw.weight, bias)
+    elif pw.kernel == "mkl":
         y = torch.ops.mkl._mkl_linear(flat, pw.packed, pw.weight, bias, 1)
     else:
         y = torch.ops.mkldnn._linear_pointwise(flat, pw.packed, bias, "none", [], "")
@@ -135,9 +164,10 @@ def _seconds(run: Callable[[int], object], n: int, reps: int = 3) -> float:
 
 
 def choose(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
-           kernels: Sequence[str] = tuple(PACKERS)) -> tuple[list[PackedWeight] | None, dict[str, float]]:
+           names: Sequence[str] = tuple(PACKERS), forced: bool = False,
+           ) -> tuple[list[PackedWeight] | None, dict[str, float]]:
     """Time the plain kernels and each packed kernel over ``weights`` (one kind of projection, every layer), at one
-    row and at :data:`BATCH_ROWS` rows. With a single kernel named, pack with it without measuring.
+    row and at :data:`BATCH_ROWS` rows. ``forced``: use the (one) kernel named without measuring.
 
     Returns:
         (the chosen packed weights (keyless; their ``label`` names the choice) or None for the plain kernels,
@@ -147,13 +177,12 @@ def choose(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None
     k, dtype, n = weights[0].shape[1], weights[0].dtype, len(weights)
     x1 = torch.randn(1, k, generator=gen).to(dtype)
     xb = torch.randn(BATCH_ROWS, k, generator=gen).to(dtype)
-    forced = len(kernels) == 1
     times: dict[str, float] = {}
     if not forced:
         times["plain x1"] = _seconds(lambda i: _plain(x1, weights[i], biases[i]), n)
         times[f"plain x{BATCH_ROWS}"] = _seconds(lambda i: F.linear(xb, weights[i], biases[i]), n)
     candidates: dict[str, list[PackedWeight]] = {}
-    for kernel in kernels:
+    for kernel in names:
         try:
             pws = [PackedWeight(kernel, PACKERS[kernel](w), w, ()) for w in weights]
             packed_linear(x1, pws[0], biases[0])
@@ -167,16 +196,28 @@ def choose(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None
         times[f"{kernel} x1"] = _seconds(lambda i, pws=pws: packed_linear(x1, pws[i], biases[i]), n)
         if kernel in MULTI_ROW:
             times[f"{kernel} x{BATCH_ROWS}"] = _seconds(lambda i, pws=pws: packed_linear(xb, pws[i], biases[i]), n)
-    # one copy at most: a multi-row kernel that wins the batched product (and then serves one row too where it wins
-    # that as well), else the fastest one-row kernel that beats the plain GEMV
-    for kernel in MULTI_ROW & candidates.keys():
-        if times[f"{kernel} x{BATCH_ROWS}"] * MIN_GAIN < times[f"plain x{BATCH_ROWS}"]:
-            single = times[f"{kernel} x1"] * MIN_GAIN < times["plain x1"]
-            return _serving(candidates[kernel], single, BATCH_ROWS), times
-    best = min(candidates, key=lambda c: times[f"{c} x1"], default=None)
-    if best is None or times[f"{best} x1"] * MIN_GAIN >= times["plain x1"]:
-        return None, times
-    return _serving(candidates[best], True, 1), times
+    return _pick(candidates, times), times
+
+
+def _pick(candidates: dict[str, list[PackedWeight]], times: dict[str, float]) -> list[PackedWeight] | None:
+    """The fastest kernel for 2+ rows and for one row, with at most one packed copy per weight: a kernel that makes
+    a copy must beat the plain one by :data:`MIN_GAIN`, and of two copying winners only the batched one is kept."""
+    def best(rows: int, names: Sequence[str]) -> str:
+        def cost(name: str) -> float:
+            copies = name != "scratch"  # our kernels read the weight itself
+            return times[f"{name} x{rows}"] * (MIN_GAIN if copies else 1.0)
+        return min([n for n in names if f"{n} x{rows}" in times], key=cost, default="plain")
+
+    many = best(BATCH_ROWS, ["plain", *(k for k in MULTI_ROW if k in candidates)])
+    one = best(1, ["plain", *candidates])
+    if many == "plain" and one == "plain":
+        return None
+    if many == "plain":
+        return _serving(candidates[one], True, 1)
+    if one in (many, "plain") or (one != "scratch" and many != "scratch"):
+        return _serving(candidates[many], one == many, BATCH_ROWS)
+    return [replace(m, single=False, max_rows=BATCH_ROWS, single_kernel=replace(o, single=True, max_rows=1))
+            for m, o in zip(candidates[many], candidates[one], strict=True)]
 
 
 def _serving(pws: list[PackedWeight], single: bool, max_rows: int) -> list[PackedWeight]:
@@ -213,11 +254,12 @@ def decode_weights(model: nn.Module) -> Iterator[Target]:
         else:
             yield from (linear(n, getattr(mlp, n)) for n in ("gate_proj", "up_proj") if hasattr(mlp, n))
         yield linear("down_proj", mlp.down_proj)
+    head_int8 = model.__dict__.get("head_int8") is not None  # engine.quant's int8 copy of the head
     if model.lm_head is not None:
-        yield linear("head", model.lm_head)
+        yield replace(linear("head", model.lm_head), quantized=head_int8)
     else:
         w = model.tok_emb.weight
-        yield Target("head", _setter(model, "head_packed"), [w], w, None, False)
+        yield Target("head", _setter(model, "head_packed"), [w], w, None, head_int8)
 
 
 @torch.no_grad()
@@ -226,7 +268,7 @@ def prepack_(model: nn.Module, mode: str = "auto") -> dict[str, str]:
 
     Args:
         mode: ``"auto"`` measures; ``"mkl"`` or ``"onednn"`` packs every weight that kernel takes without
-            measuring; ``"off"`` removes packed copies.
+            measuring; ``"scratch"`` uses our kernels everywhere; ``"off"``: PyTorch's plain kernels only.
 
     Projections of one kind (``qkv``, ``o_proj``, ``gate_up``, ``down_proj``, ``head``, ...) share the decision.
     Safe to call again (after a LoRA merge or unmerge): every kind is measured and packed afresh.
@@ -250,14 +292,17 @@ def prepack_(model: nn.Module, mode: str = "auto") -> dict[str, str]:
         if mode == "off":
             chosen[kind] = "plain"
             continue
-        kernels = tuple(PACKERS) if mode == "auto" else (mode,)
-        packed, times = choose([t.weight for t in targets], [t.bias for t in targets], kernels)
+        names = tuple(PACKERS) if mode == "auto" else (mode,)
+        packed, times = choose([t.weight for t in targets], [t.bias for t in targets], names, forced=mode != "auto")
         name = chosen[kind] = packed[0].label if packed else "plain"
         logger.debug("decode kernel for %s: %s (%s)", kind, name,
                      ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items()))
         for t, p in zip(targets, packed or (), strict=False):
-            t.put(replace(p, key=source_key(t.sources)))
-            extra += t.weight.numel() * t.weight.element_size()
+            key = source_key(t.sources)
+            one = p.single_kernel and replace(p.single_kernel, key=key)
+            t.put(replace(p, key=key, single_kernel=one))
+            if p.copies or (one is not None and one.copies):
+                extra += t.weight.numel() * t.weight.element_size()
     model.__dict__["decode_kernels"] = chosen
     model.__dict__["packed_bytes"] = extra
     logger.info("decode kernels: %s (%.1f MB of packed copies)",

@@ -34,7 +34,7 @@ from engine.lora import ADAPTER_WEIGHTS, LoraAdapter, MergedAdapter, load_adapte
 from engine.model import GPT, build_rope_cache
 from engine.prepack import PACK_MODES, default_pack, prepack_
 from engine.prompts import PromptFormat, get_prompt_format
-from engine.quant import default_quant, quantize_int8_
+from engine.quant import default_quant, quant_supported, quantize_int8_
 from engine.threads import run_in_fresh_thread
 from engine.tokenizer import Tokenizer, load_tokenizer
 from weights import store
@@ -108,8 +108,8 @@ class Registry:
         self.pack = pack or default_pack()
         if self.pack not in PACK_MODES:
             raise ValueError(f"pack must be one of {list(PACK_MODES)}, got {self.pack!r}")
-        if self.quant == "int8" and self.dtype != torch.bfloat16:
-            raise ValueError(f"int8 weight-only quantization needs bf16 serving, not {self.dtype} "
+        if self.quant == "int8" and not quant_supported(self.dtype):
+            raise ValueError(f"int8 weight-only quantization needs bf16 serving or our AVX2 kernels, not {self.dtype} "
                              "(set SCRATCHCHAT_DTYPE=bf16 or SCRATCHCHAT_QUANT=none)")
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.RLock()
@@ -218,8 +218,7 @@ class Registry:
                 p.requires_grad_(False)
             if self.quant == "int8":
                 quantize_int8_(model)
-            if self.pack != "off":
-                prepack_(model, self.pack)
+            prepack_(model, self.pack)
             tokenizer = load_tokenizer(store.model_dir(name, self.root), manifest.get("tokenizer") or {"type": "none"})
             fmt = get_prompt_format(manifest.get("prompt_format") or "none")
         except UnknownModel:

@@ -86,7 +86,8 @@ def test_lora_adapter_loads_in_peft_and_engine(tiny_store, tmp_path):
     assert [a["name"] for a in store.list_adapters("tiny-llama", tiny_store)] == ["tiny-adapter"]
 
     x = torch.randint(0, 50257, (2, 12))
-    base_logits = _base_model(tiny_store)(x)
+    with torch.no_grad():  # the same (inference) path as every comparison below
+        base_logits = _base_model(tiny_store)(x)
     with torch.no_grad():
         peft_model = peft.PeftModel.from_pretrained(_base_model(tiny_store), str(path)).eval()
         peft_logits = peft_model(x)

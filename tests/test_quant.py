@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from engine import kernels
 from engine.config import ModelConfig
 from engine.generate import generate_tokens, generate_uncached
 from engine.kv_cache import KVCache
@@ -101,7 +102,7 @@ def test_quantized_model_logits_stay_close_to_bf16():
 
 def _decode_logits(model: GPT, rows: torch.Tensor, n_prefill: int) -> torch.Tensor:
     """Teacher-forced logits of ``rows`` (B, T) at positions >= n_prefill: prefill, then one token per step."""
-    cache = KVCache.build(model.config, rows.shape[0], rows.shape[1], dtype=torch.bfloat16)
+    cache = KVCache.build(model.config, rows.shape[0], rows.shape[1], dtype=model.tok_emb.weight.dtype)
     out = [model(rows[:, :n_prefill], cache=cache)[:, -1:]]
     for t in range(n_prefill, rows.shape[1] - 1):
         out.append(model(rows[:, t : t + 1], cache=cache))
@@ -112,25 +113,31 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama", "gpt2"])
-def test_one_row_and_many_rows_compute_the_same_quantized_model(cfg):
-    """A single decoding row runs the int8 kernel; prefill, the uncached forward and batched rows run bf16 GEMMs on
-    the same grid weights. Their logits differ only by summation order (as bf16's GEMV and GEMM already do), far
-    less than the quantization itself moves them."""
+def test_one_row_and_many_rows_compute_the_same_quantized_model(cfg, dtype):
+    """Decode steps (one row, three rows) run the int8 kernel; prefill and the uncached forward run float GEMMs on
+    the same grid weights. Their logits differ only by summation order (as the float GEMV and GEMM already do), far
+    less than the quantization itself moves them. float32 needs our kernel (engine.kernels)."""
+    if dtype == torch.float32 and not kernels.available():
+        pytest.skip("int8 with float32 activations needs our AVX2 kernels (this CPU or build has none)")
     rows = torch.randint(0, 257, (3, 24), generator=torch.Generator().manual_seed(7))
+    plain = _random_model(cfg, 2).to(dtype).eval().requires_grad_(False)
+    quantized = copy.deepcopy(plain)
+    quantize_int8_(quantized)
     with torch.inference_mode():
-        plain = _random_model(cfg, 2).bfloat16().eval().requires_grad_(False)
-        bf16_paths = _rel(_decode_logits(plain, rows[:1], 6), plain(rows[:1])[:, 5:-1].float())
-        quantized = copy.deepcopy(plain)
-        quantize_int8_(quantized)
+        float_paths = _rel(_decode_logits(plain, rows[:1], 6), plain(rows[:1])[:, 5:-1].float())
         full = quantized(rows).float()  # (3, 24, vocab): GEMMs over every position
-        single = _decode_logits(quantized, rows[:1], 6)  # one row: the int8 kernel
-        batched = _decode_logits(quantized, rows, 6)  # three rows: bf16 GEMMs
+        single = _decode_logits(quantized, rows[:1], 6)  # one row
+        batched = _decode_logits(quantized, rows, 6)  # three rows
         quant_error = _rel(full, plain(rows).float())
+        cfg_gen = GenerationConfig(max_new_tokens=12)
+        prompt = rows[0, :6].tolist()
+        assert list(generate_tokens(quantized, prompt, cfg_gen)) == list(generate_uncached(quantized, prompt, cfg_gen))
     int8_paths = _rel(single, full[:1, 5:-1])
     assert quant_error > 1e-3  # the weights did change
     assert int8_paths < quant_error / 4, (int8_paths, quant_error)
-    assert int8_paths < 3 * bf16_paths + 1e-3, (int8_paths, bf16_paths)
+    assert int8_paths < 3 * float_paths + 1e-3, (int8_paths, float_paths)
     assert _rel(single, batched[:1]) < quant_error / 4
     assert _rel(batched, full[:, 5:-1]) < quant_error / 4
 
@@ -174,11 +181,19 @@ def test_adapter_rows_and_merge_unmerge_on_the_grid(root):
             assert torch.equal(m.int8[0], int8_before[n]), n
 
 
-def test_int8_needs_bf16_and_a_known_mode(root, monkeypatch):
-    with pytest.raises(ValueError, match="bf16"):
-        Registry(root, dtype=torch.float32, quant="int8")
-    with pytest.raises(ValueError, match="bf16"):
-        quantize_int8_(_random_model(LLAMA, 0))
+def test_int8_of_float32_needs_our_kernels_and_a_known_mode(root, monkeypatch):
+    """float32 activations need our AVX2 kernel (PyTorch's int8 kernel takes bf16): without it, a clear error."""
+    monkeypatch.setenv("SCRATCHCHAT_KERNELS", "off")
+    kernels.available.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="bf16"):
+            Registry(root, dtype=torch.float32, quant="int8")
+        with pytest.raises(ValueError, match="bf16"):
+            quantize_int8_(_random_model(LLAMA, 0))
+    finally:
+        monkeypatch.delenv("SCRATCHCHAT_KERNELS")
+        kernels.available.cache_clear()
+    assert Registry(root, dtype=torch.float32, quant="int8").get("tiny-llama").quant == "int8"
     monkeypatch.setenv("SCRATCHCHAT_QUANT", "int4")
     with pytest.raises(ValueError, match="SCRATCHCHAT_QUANT"):
         default_quant()

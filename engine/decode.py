@@ -1,0 +1,167 @@
+"""The decode step's layer loop without per-module Python: one new token per row, no adapters, no autograd.
+
+At batch 1 SmolLM2's 30 layers ran ~100 PyTorch ops each through ~15 Python calls (modules, fused-weight lookups,
+kernel choice, freshness checks), and once our kernels (:mod:`engine.kernels`) read the weights near the memory
+bandwidth that overhead was half of a step. A :class:`DecodeRunner` resolves everything that is fixed between
+steps once: each projection's kernel and weights (int8 copy, packed copy or plain weight, for the row count of the
+step), the norms, the attention op. A step is then ~10 op calls per layer.
+
+It computes exactly what the module path computes (the same ops on the same tensors; tests compare logits and
+tokens). What it resolved is keyed by every tensor it reads (data pointer and in-place version) and every int8 or
+packed copy it uses (identity), and by the module types: a LoRA merge or unmerge, a requantization, a repack, a
+``load_state_dict``, ``model.to(...)`` or a peft wrapper makes it rebuild on the next step, never run stale.
+GPT.forward uses it for decode steps without a LoRA hook when our kernels are available; everything else
+(prefill, adapters, training) runs the modules.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine import prepack
+from engine.linear import FusedLinears, is_plain_linear
+from engine.prepack import PackedWeight
+from engine.quant import Int8Weight, int8_rows
+
+Product = Callable[[torch.Tensor], torch.Tensor]  # (R, K) -> (R, N)
+ops = torch.ops.scratchchat
+
+
+def product(weight: torch.Tensor, bias: torch.Tensor | None, w8: Int8Weight | None, packed: PackedWeight | None,
+            rows: int, sources: list[torch.Tensor]) -> Product:
+    """The kernel :func:`engine.linear.linear_q` would pick for ``rows`` rows, bound to its weights."""
+    if w8 is not None and rows <= int8_rows():
+        q, scale = w8
+        return lambda x: ops.linear_i8(x, q, scale, bias)
+    pw = None if packed is None else packed.for_rows(rows)
+    if pw is not None and pw.fresh(sources):
+        if pw.kernel == "scratch":
+            return lambda x: ops.linear(x, weight, bias)
+        return lambda x: prepack.packed_linear(x, pw, bias)
+    if rows == 1:
+        if bias is None:
+            return lambda x: torch.mv(weight, x[0]).unsqueeze(0)
+        return lambda x: torch.addmv(bias, weight, x[0]).unsqueeze(0)
+    return lambda x: F.linear(x, weight, bias)
+
+
+class _Keys:
+    """Where a resolved step reads its inputs from: parameter slots (watched by data pointer and in-place version)
+    and attribute slots for int8 and packed copies (watched by identity). Re-reading the slots, not the objects
+    read at build time, also catches a replaced parameter (``model.to(...)``) or copy."""
+
+    def __init__(self) -> None:
+        self.params: list[tuple[dict, str]] = []  # (module._parameters, name)
+        self.attrs: list[tuple[dict, str]] = []  # (obj.__dict__, name)
+
+    def _param(self, module: nn.Module, *names: str) -> None:
+        self.params += [(module._parameters, n) for n in names if module._parameters.get(n) is not None]
+
+    def linear(self, lin: nn.Linear, rows: int) -> Product:
+        d = lin.__dict__
+        self._param(lin, "weight", "bias")
+        self.attrs += [(d, "int8"), (d, "packed")]
+        return product(lin.weight, lin.bias, d.get("int8"), d.get("packed"), rows, [lin.weight])
+
+    def fused(self, f: FusedLinears, rows: int) -> Product:
+        weight, bias = f.get()
+        for lin in f.linears:
+            self._param(lin, "weight", "bias")
+            self.attrs.append((lin.__dict__, "int8"))
+        self.attrs.append((f.__dict__, "packed"))
+        return product(weight, bias, f.int8(), f.packed, rows, f.sources())
+
+    def norm(self, module: nn.Module) -> None:
+        self._param(module, "weight", "bias")
+
+    def key(self) -> tuple:
+        tensors = tuple((t.data_ptr(), t._version) for t in (d[n] for d, n in self.params))
+        return tensors, tuple(d.get(n) for d, n in self.attrs)  # the copies themselves, compared by identity
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [d[n] for d, n in self.params]
+
+
+def _norm(module: nn.Module, keys: _Keys) -> Callable[[torch.Tensor], torch.Tensor]:
+    w, eps = module.weight, module.eps
+    keys.norm(module)
+    if hasattr(module, "bias"):  # LayerNorm (GPT-2): float32 math, output in the weights' dtype
+        b = module.bias
+        shape = (w.shape[0],)
+        wf, bf = w.float(), None if b is None else b.float()
+        return lambda x: F.layer_norm(x, shape, wf, bf, eps).to(w.dtype)
+    return lambda x: ops.rms_norm(x, w, eps)
+
+
+class DecodeRunner:
+    """The blocks of a frozen GPT, resolved for decode steps of ``rows`` rows (see the module doc)."""
+
+    def __init__(self, model: nn.Module, rows: int) -> None:
+        self.rows = rows
+        keys = _Keys()
+        self.layers = []
+        for block in model.blocks:
+            attn, mlp = block.attn, block.mlp
+            qkv = attn._fused_qkv()
+            gate_up = mlp._fused_gate_up() if mlp.swiglu else None
+            if qkv is None or (mlp.swiglu and gate_up is None) or not is_plain_linear(attn.o_proj) \
+                    or not is_plain_linear(mlp.down_proj) or not (mlp.swiglu or is_plain_linear(mlp.up_proj)):
+                raise ValueError("a projection is wrapped or trainable: decode through the modules")
+            up = keys.fused(gate_up, rows) if gate_up is not None else keys.linear(mlp.up_proj, rows)
+            self.layers.append((attn.layer_idx, attn.n_heads, _norm(block.attn_norm, keys), keys.fused(qkv, rows),
+                                keys.linear(attn.o_proj, rows), _norm(block.mlp_norm, keys), up,
+                                keys.linear(mlp.down_proj, rows), mlp.swiglu))
+        if any(t.is_inference() for t in keys.tensors()):  # made under inference_mode: no version counter to watch
+            raise ValueError("inference tensors cannot be watched for in-place changes: decode through the modules")
+        # the projection modules where they are registered (a peft wrapper replaces them)
+        self.modules = [(part._modules, name, m) for b in model.blocks for part in (b.attn, b.mlp)
+                        for name, m in part._modules.items()]
+        self.blocks = list(model.blocks)
+        self._keys = keys
+        self.key = keys.key()
+
+    def valid(self, model: nn.Module) -> bool:
+        """Still what ``model`` computes: the same tensors, unchanged, the same copies and projection modules (a
+        peft wrapper replaces them)."""
+        current = self._keys.key()
+        return current[0] == self.key[0] and all(a is b for a, b in zip(current[1], self.key[1], strict=True)) \
+            and len(model.blocks) == len(self.blocks) and all(map(operator.is_, model.blocks, self.blocks)) \
+            and all(d.get(n) is m for d, n, m in self.modules)
+
+    def __call__(self, x: torch.Tensor, cache: object, plan: object) -> torch.Tensor:
+        """``x`` (B, D) float32 residual stream in, out after every block; the cache rows are written in place."""
+        pos, (cos, sin) = plan.decode_positions, plan.decode_tables
+        keys, values = cache.keys, cache.values
+        attend, silu_mul, gelu = ops.decode_attention, ops.silu_mul, F.gelu
+        for i, heads, norm1, qkv, o, norm2, up, down, swiglu in self.layers:
+            y = attend(qkv(norm1(x)), keys[i], values[i], pos, cos, sin, heads)
+            x = x + o(y)
+            h = up(norm2(x))
+            x = x + down(silu_mul(h) if swiglu else gelu(h, approximate="tanh"))
+        return x
+
+
+class _Runners(dict):
+    """A model's runners by row count; a deep copy of the model starts without (they are bound to its tensors)."""
+
+    def __deepcopy__(self, memo: dict) -> _Runners:
+        return _Runners()
+
+
+def runner_for(model: nn.Module, rows: int) -> DecodeRunner | None:
+    """The model's runner for ``rows``-row steps, rebuilt when it went stale; None where the modules must run."""
+    runners: dict[int, DecodeRunner] = model.__dict__.setdefault("_decode_runners", _Runners())
+    runner = runners.get(rows)
+    if runner is not None and runner.valid(model):
+        return runner
+    try:
+        runners[rows] = runner = DecodeRunner(model, rows)
+    except ValueError:
+        runners.pop(rows, None)
+        return None
+    return runner

@@ -1,0 +1,86 @@
+"""Our AVX2 decode kernels (``engine/csrc/kernels.cpp``), compiled on first use and cached.
+
+PyTorch's CPU GEMV streams a decode step's weights well below the memory bandwidth on AVX2 machines, and its int8
+weight-only kernel wants bf16 activations, which such a CPU converts in software. ``kernels.cpp`` holds two
+memory-bound products for 1 to a few rows, registered as PyTorch ops (``torch.ops.scratchchat.linear`` for float32
+or bf16 weights, ``torch.ops.scratchchat.linear_i8`` for int8 weights with per-row scales), threaded with PyTorch's
+own OpenMP runtime. :mod:`engine.prepack` measures them against PyTorch's kernels at load and uses them where they
+win; nothing else calls them.
+
+The library is built with ``torch.utils.cpp_extension`` (gcc + ninja, ~30 s once) into
+``$SCRATCHCHAT_KERNEL_CACHE`` (default ``~/.cache/scratchchat/kernels``), keyed by the source's hash and the torch
+version, so later loads take milliseconds. ``scripts/bootstrap.sh`` builds it ahead of time. Without AVX2/FMA, a
+compiler, or with ``SCRATCHCHAT_KERNELS=off``, :func:`available` is False and the engine decodes with PyTorch's
+kernels only (a warning says why).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
+
+
+def cache_dir() -> Path:
+    default = Path.home() / ".cache" / "scratchchat" / "kernels"
+    base = Path(os.environ.get("SCRATCHCHAT_KERNEL_CACHE", default))
+    return base / f"torch-{torch.__version__.replace('+', '-')}"
+
+
+def cpu_supported() -> bool:
+    """AVX2 and FMA, the instruction sets the kernels are compiled for."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+@functools.cache
+def available() -> bool:
+    """Build (once per source version) and load the kernels; False, with the reason logged, where they cannot run."""
+    if os.environ.get("SCRATCHCHAT_KERNELS", "auto").lower() == "off":
+        return False
+    if not cpu_supported():
+        logger.info("scratchchat kernels need AVX2+FMA; this CPU reports %s", torch.backends.cpu.get_cpu_capability())
+        return False
+    try:
+        from torch.utils import cpp_extension
+
+        build = cache_dir()
+        build.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(name="scratchchat_kernels", sources=[str(SOURCE)], extra_cflags=FLAGS,
+                           extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False,
+                           verbose=False)
+    except Exception as e:  # no compiler, no ninja, a failed build: decode with PyTorch's kernels
+        logger.warning("scratchchat kernels unavailable, decoding with PyTorch's kernels only: %s", e)
+        return False
+    return hasattr(torch.ops.scratchchat, "linear")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` for x (..., K) float32/bf16 and a float32/bf16 weight; output in x's dtype."""
+    y = torch.ops.scratchchat.linear(x.reshape(-1, x.shape[-1]), weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def linear_i8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ (q * scale[:, None]).T (+ bias)`` for an int8 (N, K) weight ``q`` with one scale per output row."""
+    y = torch.ops.scratchchat.linear_i8(x.reshape(-1, x.shape[-1]), q, scale, bias)
+    return y.view(*x.shape[:-1], q.shape[0])
+
+
+def main() -> int:
+    """``python -m engine.kernels``: build now (bootstrap runs this so the first chat does not wait)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ok = available()
+    print(f"scratchchat kernels: {'ready' if ok else 'unavailable (PyTorch kernels only)'} ({cache_dir()})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

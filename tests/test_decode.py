@@ -1,0 +1,131 @@
+"""engine.decode: the resolved decode loop computes exactly what the modules compute (both families, one row and
+rows at different lengths, float32 / bf16 / int8), and it never runs stale: an in-place weight change, a requantized
+or repacked weight, a peft wrapper, inference tensors or a deep copy all make it rebuild or step aside."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import engine.model
+from engine import decode, kernels, prepack
+from engine.config import ModelConfig
+from engine.generate import generate_tokens, generate_uncached
+from engine.kv_cache import KVCache
+from engine.model import GPT
+from engine.quant import quantize_int8_
+from engine.sampling import GenerationConfig
+
+pytestmark = pytest.mark.skipif(not kernels.cpu_supported(), reason="the decode runner needs our AVX2 kernels")
+
+LLAMA = ModelConfig(vocab_size=300, context_length=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
+                    norm="rmsnorm", mlp="swiglu", pos_emb="rope", bias=False, qkv_bias=False)
+GPT2 = ModelConfig(vocab_size=300, context_length=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=256)
+PROMPTS = ([5, 17, 42], [9, 8], [1, 2, 3, 4])
+
+
+def frozen(cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 7) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(cfg).to(dtype).eval()
+    if cfg.pos_emb == "rope":
+        model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+            p.requires_grad_(False)
+    return model
+
+
+def steps(model: GPT, n: int = 5) -> torch.Tensor:
+    """Prefill three rows of different lengths one by one, then ``n`` batched decode steps: (3, n, vocab)."""
+    cache = KVCache.build(model.config, 3, 32, dtype=model.tok_emb.weight.dtype)
+    with torch.inference_mode():
+        for row, prompt in enumerate(PROMPTS):
+            model(torch.tensor([prompt]), cache=cache.rows(row, row + 1))
+        out = [model(torch.tensor([[7 + t], [8 + t], [9 + t]]), cache=cache) for t in range(n)]
+        single = KVCache.build(model.config, 1, 32, dtype=model.tok_emb.weight.dtype)
+        model(torch.tensor([PROMPTS[0]]), cache=single)
+        one = [model(torch.tensor([[7 + t]]), cache=single) for t in range(n)]
+    return torch.cat(out, dim=1), torch.cat(one, dim=1)
+
+
+def through_modules(model: GPT, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
+    with monkeypatch.context() as m:
+        m.setattr(engine.model, "runner_for", lambda model, rows: None)
+        return steps(model)
+
+
+def used_runner(model: GPT) -> set[int]:
+    return set(model.__dict__.get("_decode_runners", {}))
+
+
+@pytest.mark.parametrize("quant", ["none", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_runner_equals_the_modules_exactly(cfg, dtype, quant, monkeypatch):
+    model = frozen(cfg, dtype)
+    if quant == "int8":
+        quantize_int8_(model)
+    prepack.prepack_(model, "auto")
+    reference = through_modules(model, monkeypatch)
+    got = steps(model)
+    assert used_runner(model) == {1, 3}
+    for a, b in zip(got, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    gen = GenerationConfig(max_new_tokens=16)
+    with torch.inference_mode():
+        assert list(generate_tokens(model, PROMPTS[0], gen)) == list(generate_uncached(model, PROMPTS[0], gen))
+
+
+def test_an_in_place_change_rebuilds_the_runner(monkeypatch):
+    model = frozen(LLAMA)
+    prepack.prepack_(model, "auto")
+    steps(model)
+    before = model._decode_runners[1]
+    with torch.no_grad():
+        model.blocks[1].attn.k_proj.weight.mul_(1.5)  # a view into the fused q/k/v weight
+        model.blocks[0].mlp_norm.weight.add_(0.1)
+    assert not before.valid(model)
+    got = steps(model)
+    assert model._decode_runners[1] is not before
+    for a, b in zip(got, through_modules(model, monkeypatch), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_requantizing_or_repacking_rebuilds_the_runner():
+    model = frozen(LLAMA)
+    steps(model)
+    first = model._decode_runners[1]
+    prepack.prepack_(model, "auto")  # new packed copies
+    assert not first.valid(model)
+    steps(model)
+    second = model._decode_runners[1]
+    quantize_int8_(model)  # the weights move onto the int8 grid, new int8 copies
+    assert not second.valid(model)
+
+
+def test_peft_wrapped_projections_decode_through_the_modules():
+    peft = pytest.importorskip("peft")
+    model = frozen(LLAMA)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    wrapped.eval()
+    assert decode.runner_for(model, 1) is None
+    cache = KVCache.build(LLAMA, 1, 16)
+    with torch.inference_mode():
+        model(torch.tensor([[5, 6]]), cache=cache)
+        model(torch.tensor([[7]]), cache=cache)
+    assert used_runner(model) == set()
+
+
+def test_inference_tensors_and_deep_copies():
+    with torch.inference_mode():
+        made_in_inference = frozen(LLAMA)
+    assert decode.runner_for(made_in_inference, 1) is None  # no version counters to watch
+    model = frozen(LLAMA)
+    steps(model)
+    assert used_runner(model)
+    twin = copy.deepcopy(model)
+    assert used_runner(twin) == set()  # bound to the original's tensors: not carried over
+    torch.testing.assert_close(steps(twin)[0], steps(model)[0], rtol=0, atol=0)

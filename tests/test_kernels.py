@@ -1,0 +1,238 @@
+"""Our AVX2 decode kernels (engine/csrc/kernels.cpp via engine.kernels) against plain-torch float64 references:
+linear and linear_i8 over rows 1-9 and ragged K/N, decode_attention (RoPE, cache write at each row's position,
+MHA/GQA/MQA), rms_norm and silu_mul in float32 and bf16, clear errors, and SCRATCHCHAT_KERNELS=off."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import kernels
+from engine.config import ModelConfig
+from engine.model import build_rope_cache
+from engine.quant import quantize_rows
+
+pytestmark = pytest.mark.skipif(not kernels.cpu_supported(), reason="the kernels need an AVX2/FMA CPU")
+
+ops = torch.ops.scratchchat
+ROWS, KS, NS = (1, 2, 3, 4, 5, 8, 9), (3, 13, 40, 77, 576), (1, 7, 33, 130)
+BF16_ULP = 2.0 ** -7  # bf16 keeps 8 significant bits: one rounding is within this relative step
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _load_kernels() -> None:
+    kernels.available()  # builds or loads the library so torch.ops.scratchchat exists; test_kernels_build asserts
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _assert_within(y: torch.Tensor, ref: torch.Tensor, atol: torch.Tensor | float, rtol: float, what: str) -> None:
+    """|y - ref| <= atol + rtol |ref| elementwise (atol may be a per-element bound, e.g. |x| @ |w|.T)."""
+    err = (y.double() - ref).abs()
+    bound = atol + rtol * ref.abs()
+    assert y.shape == ref.shape, f"{what}: shape {tuple(y.shape)} != {tuple(ref.shape)}"
+    assert bool((err <= bound).all()), f"{what}: max excess {(err - bound).max().item():.3g}"
+
+
+def test_kernels_build_and_load_on_an_avx2_cpu() -> None:
+    assert kernels.available() is True
+    assert hasattr(torch.ops.scratchchat, "decode_attention")
+
+
+def _check_product(y: torch.Tensor, x: torch.Tensor, w64: torch.Tensor, b64: torch.Tensor | None, what: str) -> None:
+    """y (in x's dtype) against x @ w.T + b in float64: float32 accumulation error scaled by |x| @ |w|.T, plus one
+    bf16 rounding of the output when x is bf16."""
+    x64 = x.double()
+    ref = F.linear(x64, w64, b64)
+    scale = F.linear(x64.abs(), w64.abs(), None if b64 is None else b64.abs())
+    assert y.dtype == x.dtype, what
+    _assert_within(y, ref, 2e-6 * scale + 1e-30, BF16_ULP if x.dtype == torch.bfloat16 else 0.0, what)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_matches_float64_reference_over_rows_and_ragged_shapes(x_dtype, w_dtype, with_bias) -> None:
+    g = _gen(0)
+    for K in KS:
+        for N in NS:
+            w = torch.randn(N, K, generator=g).to(w_dtype)
+            b = torch.randn(N, generator=g).to(w_dtype) if with_bias else None
+            for R in ROWS:
+                x = torch.randn(R, K, generator=g).to(x_dtype)
+                y = ops.linear(x, w, b)
+                _check_product(y, x, w.double(), None if b is None else b.double(), f"R={R} K={K} N={N}")
+
+
+def test_linear_wrapper_takes_leading_dims_and_non_contiguous_inputs() -> None:
+    g = _gen(1)
+    w = torch.randn(40, 13, generator=g).t()  # (13, 40) -> a transposed (N=13, K=40) view
+    x = torch.randn(2, 3, 80, generator=g)[..., ::2]  # (2, 3, 40), strided
+    y = kernels.linear(x, w, torch.ones(13))
+    assert y.shape == (2, 3, 13)
+    _check_product(y.reshape(6, 13), x.reshape(6, 40), w.double(), torch.ones(13, dtype=torch.float64), "wrapper")
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_i8_matches_dequantized_float64_reference(x_dtype, with_bias) -> None:
+    g = _gen(2)
+    for K in KS:
+        for N in NS:
+            q, scale = quantize_rows(torch.randn(N, K, generator=g))
+            w64 = q.double() * scale.double()[:, None]
+            b = torch.randn(N, generator=g) if with_bias else None
+            for R in ROWS:
+                x = torch.randn(R, K, generator=g).to(x_dtype)
+                y = kernels.linear_i8(x, q, scale, b)
+                _check_product(y, x, w64, None if b is None else b.double(), f"R={R} K={K} N={N}")
+
+
+def test_linear_i8_takes_bf16_scales_and_leading_dims() -> None:
+    g = _gen(3)
+    q, scale = quantize_rows(torch.randn(33, 77, generator=g).bfloat16())
+    assert scale.dtype == torch.bfloat16
+    x = torch.randn(2, 2, 77, generator=g)
+    y = kernels.linear_i8(x, q, scale)
+    assert y.shape == (2, 2, 33)
+    _check_product(y.reshape(4, 33), x.reshape(4, 77), q.double() * scale.double()[:, None], None, "bf16 scales")
+
+
+def _rope_like_model(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """engine.model's _apply_rope_rolled on (..., hd) rows with the tables in x's dtype, as the prefill path rounds."""
+    half = x.shape[-1] // 2
+    c, s = cos.to(x.dtype), sin.to(x.dtype)
+    signed = torch.cat([-s[..., :half], s[..., half:]], dim=-1)
+    return x * c + x.roll(half, dims=-1) * signed
+
+
+def _decode_reference(qkv, kc, vc, positions, tables, H):
+    """(output in float64, expected k cache, expected v cache): RoPE, cache write, causal softmax attention."""
+    B, Hkv, _, hd = kc.shape
+    q = qkv[:, : H * hd].view(B, H, hd)
+    k = qkv[:, H * hd : (H + Hkv) * hd].view(B, Hkv, hd)
+    v = qkv[:, (H + Hkv) * hd :].view(B, Hkv, hd)
+    if tables is not None:
+        cos, sin = tables[0][positions][:, None], tables[1][positions][:, None]  # (B, 1, hd)
+        q, k = _rope_like_model(q, cos, sin), _rope_like_model(k, cos, sin)
+    k_exp, v_exp = kc.clone(), vc.clone()
+    out = torch.empty(B, H, hd, dtype=torch.float64)
+    for b, p in enumerate(positions.tolist()):
+        k_exp[b, :, p], v_exp[b, :, p] = k[b], v[b]
+        for h in range(H):
+            g = h // (H // Hkv)
+            keys, vals = k_exp[b, g, : p + 1].double(), v_exp[b, g, : p + 1].double()
+            att = torch.softmax(keys @ q[b, h].double() / math.sqrt(hd), dim=0)
+            out[b, h] = att @ vals
+    return out.view(B, H * hd), k_exp, v_exp
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_rope", [True, False])
+@pytest.mark.parametrize("H,Hkv,hd", [(4, 4, 16), (6, 2, 24), (4, 1, 30)], ids=["mha", "gqa", "mqa"])
+def test_decode_attention_matches_reference_and_writes_only_each_rows_position(dtype, with_rope, H, Hkv, hd) -> None:
+    g, B, S = _gen(4), 3, 16
+    positions = torch.tensor([0, 5, 11])
+    config = ModelConfig(vocab_size=16, context_length=S, d_model=H * hd, n_layers=1, n_heads=H, n_kv_heads=Hkv,
+                         ffn_dim=8, norm="rmsnorm", mlp="swiglu", pos_emb="rope", bias=False, qkv_bias=False)
+    tables = build_rope_cache(config) if with_rope else None
+    qkv = torch.randn(B, (H + 2 * Hkv) * hd, generator=g).to(dtype)
+    kc = torch.randn(B, Hkv, S, hd, generator=g).to(dtype)  # stale values everywhere: a stray write shows
+    vc = torch.randn(B, Hkv, S, hd, generator=g).to(dtype)
+    ref, k_exp, v_exp = _decode_reference(qkv, kc, vc, positions, tables, H)
+    y = ops.decode_attention(qkv, kc, vc, positions, *(tables or (None, None)), H)
+    assert y.dtype == dtype and y.shape == (B, H * hd)
+    # RoPE rounds as the PyTorch path does (no FMA contraction), so the cache matches it bit for bit
+    torch.testing.assert_close(kc, k_exp, rtol=0, atol=0)
+    torch.testing.assert_close(vc, v_exp, rtol=0, atol=0)
+    if dtype == torch.float32:
+        _assert_within(y, ref, 1e-5, 1e-5, "float32 attention")
+    else:
+        _assert_within(y, ref, 2e-3, BF16_ULP, "bf16 attention")
+
+
+def test_decode_attention_ignores_stale_cache_entries_past_the_position() -> None:
+    g, H, hd, S = _gen(5), 2, 8, 12
+    qkv = torch.randn(1, 3 * H * hd, generator=g)
+    kc, vc = torch.zeros(1, H, S, hd), torch.zeros(1, H, S, hd)
+    kc2, vc2 = kc.clone(), vc.clone()
+    kc2[:, :, 4:], vc2[:, :, 4:] = 1e4, -1e4  # garbage after position 3 must not change the output
+    pos = torch.tensor([3])
+    y1 = ops.decode_attention(qkv, kc, vc, pos, None, None, H)
+    y2 = ops.decode_attention(qkv, kc2, vc2, pos, None, None, H)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 576), (3, 1, 64), (2, 5, 13)])
+def test_rms_norm_matches_reference_in_the_weights_dtype(x_dtype, w_dtype, shape) -> None:
+    g = _gen(6)
+    x = (3 * torch.randn(*shape, generator=g)).to(x_dtype)
+    w = (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(w_dtype)
+    x64 = x.double()
+    ref = x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+    y = ops.rms_norm(x, w, 1e-5)
+    assert y.dtype == w_dtype and y.shape == x.shape
+    _assert_within(y, ref, 1e-6, 1e-5 if w_dtype == torch.float32 else BF16_ULP, "rms_norm")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 576), (3, 1, 64), (2, 3, 26), (1, 2)])
+def test_silu_mul_matches_reference(dtype, shape) -> None:
+    g = _gen(7)
+    gate_up = (4 * torch.randn(*shape, generator=g)).to(dtype)
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    ref = F.silu(gate) * up
+    y = ops.silu_mul(gate_up)
+    assert y.dtype == dtype and y.shape == (*shape[:-1], shape[-1] // 2)
+    # bf16: silu is rounded before the product, as F.silu(gate) * up rounds it
+    _assert_within(y, ref, 1e-6, 1e-5 if dtype == torch.float32 else 2 * BF16_ULP, "silu_mul")
+
+
+def test_silu_mul_saturates_cleanly_for_large_inputs() -> None:
+    gate_up = torch.tensor([[-100.0, -30.0, 0.0, 30.0, 100.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    y = ops.silu_mul(gate_up)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, F.silu(gate_up[:, :5]) * gate_up[:, 5:], rtol=1e-6, atol=1e-6)
+
+
+def test_clear_errors_for_bad_inputs() -> None:
+    x = torch.randn(2, 13)
+    with pytest.raises(RuntimeError, match="x has 13 features but the weight takes 14"):
+        ops.linear(x, torch.randn(7, 14), None)
+    with pytest.raises(RuntimeError, match="weight must be float32 or bfloat16"):
+        ops.linear(x, torch.zeros(7, 13, dtype=torch.int16), None)
+    with pytest.raises(RuntimeError, match="q must be int8"):
+        ops.linear_i8(x, torch.zeros(7, 13, dtype=torch.int16), torch.ones(7), None)
+    with pytest.raises(RuntimeError, match="gate_up must hold gate and up halves"):
+        ops.silu_mul(torch.randn(2, 7))
+    H, hd, S = 2, 8, 4
+    kc, vc = torch.zeros(2, H, S, hd), torch.zeros(2, H, S, hd)
+    qkv = torch.randn(2, 3 * H * hd)
+    with pytest.raises(RuntimeError, match="position 4 is outside the cache's 4 slots"):
+        ops.decode_attention(qkv, kc, vc, torch.tensor([0, 4]), None, None, H)
+    with pytest.raises(RuntimeError, match="position -1 is outside"):
+        ops.decode_attention(qkv, kc, vc, torch.tensor([-1, 0]), None, None, H)
+    cos = torch.ones(2, hd)
+    with pytest.raises(RuntimeError, match="past the RoPE tables"):
+        ops.decode_attention(qkv, kc, vc, torch.tensor([0, 3]), cos, cos, H)
+    with pytest.raises(RuntimeError, match="qkv width does not match the heads"):
+        ops.decode_attention(torch.randn(2, 3 * H * hd + 1), kc, vc, torch.tensor([0, 1]), None, None, H)
+    assert not kc.any() and not vc.any(), "a rejected call must not touch the caches"
+
+
+def test_available_is_false_with_kernels_off_and_true_again_after(monkeypatch) -> None:
+    kernels.available.cache_clear()
+    try:
+        monkeypatch.setenv("SCRATCHCHAT_KERNELS", "off")
+        assert kernels.available() is False
+        monkeypatch.undo()
+    finally:
+        kernels.available.cache_clear()  # a later call sees the restored environment, not the cached False
+    assert kernels.available() is True
