@@ -1,4 +1,4 @@
-"""The decode step's layer loop without per-module Python: one new token per row, no adapters, no autograd.
+"""The decode step's layer loop without per-module Python: one new token per row, no autograd.
 
 At batch 1 SmolLM2's 30 layers ran ~100 PyTorch ops each through ~15 Python calls (modules, fused-weight lookups,
 kernel choice, freshness checks), and once our kernels (:mod:`engine.kernels`) read the weights near the memory
@@ -10,8 +10,8 @@ It computes exactly what the module path computes (the same ops on the same tens
 tokens). What it resolved is keyed by every tensor it reads (data pointer and in-place version) and every int8 or
 packed copy it uses (identity), and by the module types: a LoRA merge or unmerge, a requantization, a repack, a
 ``load_state_dict``, ``model.to(...)`` or a peft wrapper makes it rebuild on the next step, never run stale.
-GPT.forward uses it for decode steps without a LoRA hook when our kernels are available; everything else
-(prefill, adapters, training) runs the modules.
+GPT.forward uses it for decode steps when our kernels are available, with per-request adapters too (a hook with
+a ``group`` method, as the scheduler's :class:`engine.lora.BatchLora`); prefill and training run the modules.
 """
 
 from __future__ import annotations
@@ -105,6 +105,7 @@ class DecodeRunner:
         self.rows = rows
         keys = _Keys()
         self.layers = []
+        self.sizes: list[tuple[list[int], list[int] | None]] = []  # fused q/k/v and gate/up output sizes per layer
         for block in model.blocks:
             attn, mlp = block.attn, block.mlp
             qkv = attn._fused_qkv()
@@ -116,6 +117,7 @@ class DecodeRunner:
             self.layers.append((attn.layer_idx, attn.n_heads, _norm(block.attn_norm, keys), keys.fused(qkv, rows),
                                 keys.linear(attn.o_proj, rows), _norm(block.mlp_norm, keys), up,
                                 keys.linear(mlp.down_proj, rows), mlp.swiglu))
+            self.sizes.append((qkv.sizes, gate_up.sizes if gate_up is not None else None))
         if any(t.is_inference() for t in keys.tensors()):  # made under inference_mode: no version counter to watch
             raise ValueError("inference tensors cannot be watched for in-place changes: decode through the modules")
         # the projection modules where they are registered (a peft wrapper replaces them)
@@ -133,8 +135,12 @@ class DecodeRunner:
             and len(model.blocks) == len(self.blocks) and all(map(operator.is_, model.blocks, self.blocks)) \
             and all(d.get(n) is m for d, n, m in self.modules)
 
-    def __call__(self, x: torch.Tensor, cache: object, plan: object) -> torch.Tensor:
-        """``x`` (B, D) float32 residual stream in, out after every block; the cache rows are written in place."""
+    def __call__(self, x: torch.Tensor, cache: object, plan: object, lora: object = None) -> torch.Tensor:
+        """``x`` (B, D) float32 residual stream in, out after every block; the cache rows are written in place.
+        ``lora``: a per-request hook with a ``group`` method (:class:`engine.lora.BatchLora`), applied where the
+        modules apply it."""
+        if lora is not None:
+            return self._adapted(x, cache, plan, lora)
         pos, (cos, sin) = plan.decode_positions, plan.decode_tables
         keys, values = cache.keys, cache.values
         attend, silu_mul, gelu = ops.decode_attention, ops.silu_mul, F.gelu
@@ -143,6 +149,29 @@ class DecodeRunner:
             x = x + o(y)
             h = up(norm2(x))
             x = x + down(silu_mul(h) if swiglu else gelu(h, approximate="tanh"))
+        return x
+
+    def _adapted(self, x: torch.Tensor, cache: object, plan: object, lora: object) -> torch.Tensor:
+        pos, (cos, sin) = plan.decode_positions, plan.decode_tables
+        keys, values = cache.keys, cache.values
+        attend, silu_mul, gelu, group = ops.decode_attention, ops.silu_mul, F.gelu, lora.group
+        B = x.shape[0]
+
+        def hook(i: int, name: str, inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # hooks take (B, T, n)
+            return lora(i, name, inp.view(B, 1, -1), out.view(B, 1, -1)).view(B, -1)
+
+        for (i, heads, norm1, qkv, o, norm2, up, down, swiglu), (qkv_sizes, gu_sizes) in zip(self.layers, self.sizes,
+                                                                                          strict=True):
+            h = norm1(x)
+            q = group(i, "qkv", h.view(B, 1, -1), qkv(h).view(B, 1, -1), qkv_sizes).view(B, -1)
+            y = attend(q.contiguous(), keys[i], values[i], pos, cos, sin, heads)
+            x = x + hook(i, "o_proj", y, o(y))
+            h = norm2(x)
+            if swiglu:
+                a = silu_mul(group(i, "gate_up", h.view(B, 1, -1), up(h).view(B, 1, -1), gu_sizes).view(B, -1))
+            else:
+                a = gelu(hook(i, "up_proj", h, up(h)), approximate="tanh")
+            x = x + hook(i, "down_proj", a, down(a))
         return x
 
 

@@ -365,10 +365,11 @@ class GPT(nn.Module):
         if self.training:
             x = self.drop(x)
         runner = None
-        if plan is not None and plan.decode_tables is not None and lora is None and not self.training:
-            runner = runner_for(self, B)  # a decode step without adapters: the resolved layer loop
+        if plan is not None and plan.decode_tables is not None and not self.training \
+                and (lora is None or hasattr(lora, "group")):
+            runner = runner_for(self, B)  # a decode step: the resolved layer loop (engine.decode)
         if runner is not None:
-            x = runner(x.view(B, -1), cache, plan).view(B, 1, -1)
+            x = runner(x.view(B, -1), cache, plan, lora).view(B, 1, -1)
         else:
             for block in self.blocks:
                 x = block(x, rope, cache, plan, lora)

@@ -16,3 +16,5 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install --quiet -r requirements.txt
   echo "$want" > "$stamp"
 fi
+# Build our AVX2 decode kernels now (cached by source hash; seconds when nothing changed), not on the first chat.
+.venv/bin/python -m engine.kernels

@@ -129,3 +129,38 @@ def test_inference_tensors_and_deep_copies():
     twin = copy.deepcopy(model)
     assert used_runner(twin) == set()  # bound to the original's tensors: not carried over
     torch.testing.assert_close(steps(twin)[0], steps(model)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_adapted_rows_equal_the_modules_exactly(cfg, tmp_path, monkeypatch):
+    """Rows with different adapters and none in one decode step: the runner applies the hook where the modules do."""
+    import json
+
+    peft = pytest.importorskip("peft")
+    from engine.lora import BatchLora, load_adapter
+
+    model = frozen(cfg)
+    adapters = []
+    for seed, targets in ((1, ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]), (2, ["k_proj", "down_proj"])):
+        torch.manual_seed(seed)
+        folder = tmp_path / f"a{seed}"
+        pm = peft.get_peft_model(copy.deepcopy(model).requires_grad_(True),
+                                 peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+        pm.save_pretrained(str(folder))
+        (folder / "scratchchat.json").write_text(json.dumps({"base": "tiny", "base_sha256": "abc"}))
+        adapters.append(load_adapter(folder, cfg, base_name="tiny", base_sha256="abc"))
+    hook = BatchLora([adapters[0], None, adapters[1]])
+
+    def run() -> torch.Tensor:
+        cache = KVCache.build(cfg, 3, 32)
+        with torch.inference_mode():
+            model(torch.tensor([[5, 17, 42], [9, 8, 1], [1, 2, 3]]), cache=cache, lora=hook)
+            return torch.cat([model(torch.tensor([[7 + t], [8 + t], [9 + t]]), cache=cache, lora=hook)
+                              for t in range(4)], dim=1)
+
+    got = run()
+    assert 3 in used_runner(model)
+    with monkeypatch.context() as m:
+        m.setattr(engine.model, "runner_for", lambda model, rows: None)
+        want = run()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
