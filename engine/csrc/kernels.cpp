@@ -88,11 +88,12 @@ inline void tile(const float* x, int64_t ldx, const WT* w, int64_t K, float* dot
     }
 }
 
-// y[r, n] = dot(x[r], w[n]) * scale[n] + bias[n] for output features [n0, n0 + NW): rows four, two, one at a time.
-template <typename WT, int NW>
+// y[r, n] = dot(x[r], w[n]) * scale[n] + bias[n] for output features [n0, n0 + NW): rows eight, four, two, one at
+// a time (groups of at most NX), so that every k step keeps NW * group FMA chains in flight.
+template <typename WT, int NW, int NX>
 inline void block(const float* x, int64_t R, int64_t K, const WT* w, int64_t n0, int64_t N, const float* scale,
                   const float* bias, float* y) {
-  float dots[4 * NW];
+  float dots[8 * NW];
   const WT* wb = w + n0 * K;
   auto put = [&](int64_t row, int rows) {
     for (int i = 0; i < rows; ++i)
@@ -104,14 +105,19 @@ inline void block(const float* x, int64_t R, int64_t K, const WT* w, int64_t n0,
       }
   };
   int64_t r = 0;
-  for (; r + 4 <= R; r += 4) {
-    tile<WT, NW, 4>(x + r * K, K, wb, K, dots);
-    put(r, 4);
-  }
-  if (r + 2 <= R) {
+  if constexpr (NX >= 8)
+    for (; r + 8 <= R; r += 8) {
+      tile<WT, NW, 8>(x + r * K, K, wb, K, dots);
+      put(r, 8);
+    }
+  if constexpr (NX >= 4)
+    for (; r + 4 <= R; r += 4) {
+      tile<WT, NW, 4>(x + r * K, K, wb, K, dots);
+      put(r, 4);
+    }
+  for (; r + 2 <= R; r += 2) {
     tile<WT, NW, 2>(x + r * K, K, wb, K, dots);
     put(r, 2);
-    r += 2;
   }
   if (r < R) {
     tile<WT, NW, 1>(x + r * K, K, wb, K, dots);
@@ -119,9 +125,9 @@ inline void block(const float* x, int64_t R, int64_t K, const WT* w, int64_t n0,
   }
 }
 
-// One row: NW = 8 output features per tile keeps eight FMA chains in flight; several rows: NW = 2 features times
-// four rows (eight chains, and each widened weight vector feeds four FMAs).
-template <typename WT, int NW>
+// Several rows: NW output features per tile times up to NX rows, eight FMA chains per k step (2-3 rows: 4 x 2,
+// 4-7 rows: 2 x 4, 8 or more: 1 x 8); each widened weight vector feeds NX FMAs from registers.
+template <typename WT, int NW, int NX>
 void run_tiles(const float* x, int64_t R, int64_t K, const WT* w, int64_t N, const float* scale, const float* bias,
                float* y) {
   const int64_t full = N / NW;
@@ -129,9 +135,9 @@ void run_tiles(const float* x, int64_t R, int64_t K, const WT* w, int64_t N, con
   const int64_t grain =
       std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, NW * K * static_cast<int64_t>(sizeof(WT))));
   at::parallel_for(0, full, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) block<WT, NW>(x, R, K, w, b * NW, N, scale, bias, y);
+    for (int64_t b = b0; b < b1; ++b) block<WT, NW, NX>(x, R, K, w, b * NW, N, scale, bias, y);
   });
-  for (int64_t n = full * NW; n < N; ++n) block<WT, 1>(x, R, K, w, n, N, scale, bias, y);
+  for (int64_t n = full * NW; n < N; ++n) block<WT, 1, NX>(x, R, K, w, n, N, scale, bias, y);
 }
 
 // One row: the weight is read strictly in order, one row after the next (what the hardware prefetchers follow
@@ -165,8 +171,12 @@ void run(const float* x, int64_t R, int64_t K, const WT* w, int64_t N, const flo
          float* y) {
   if (R == 1)
     gemv(x, K, w, N, scale, bias, y);
+  else if (R < 4)
+    run_tiles<WT, 4, 2>(x, R, K, w, N, scale, bias, y);
+  else if (R < 8)
+    run_tiles<WT, 2, 4>(x, R, K, w, N, scale, bias, y);
   else
-    run_tiles<WT, 2>(x, R, K, w, N, scale, bias, y);
+    run_tiles<WT, 1, 8>(x, R, K, w, N, scale, bias, y);
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
