@@ -28,26 +28,31 @@ from engine.linear import FusedLinears, is_plain_linear
 from engine.prepack import PackedWeight
 from engine.quant import Int8Weight, int8_rows
 
-Product = Callable[[torch.Tensor], torch.Tensor]  # (R, K) -> (R, N)
+Product = Callable[..., torch.Tensor]  # (x (R, K), residual (R, N) float32 or None) -> residual + x @ W.T (+ b)
 ops = torch.ops.scratchchat
+
+
+def _with_residual(f: Callable[[torch.Tensor], torch.Tensor]) -> Product:
+    return lambda x, residual=None: f(x) if residual is None else residual + f(x)
 
 
 def product(weight: torch.Tensor, bias: torch.Tensor | None, w8: Int8Weight | None, packed: PackedWeight | None,
             rows: int, sources: list[torch.Tensor]) -> Product:
-    """The kernel :func:`engine.linear.linear_q` would pick for ``rows`` rows, bound to its weights."""
+    """The kernel :func:`engine.linear.linear_q` would pick for ``rows`` rows, bound to its weights; called with a
+    residual, it returns ``residual + product`` (our kernels add it in their epilogue: one op less)."""
     if w8 is not None and rows <= int8_rows():
         q, scale = w8
-        return lambda x: ops.linear_i8(x, q, scale, bias)
+        return lambda x, residual=None: ops.linear_i8(x, q, scale, bias, residual)
     pw = None if packed is None else packed.for_rows(rows)
     if pw is not None and pw.fresh(sources):
         if pw.kernel == "scratch":
-            return lambda x: ops.linear(x, weight, bias)
-        return lambda x: prepack.packed_linear(x, pw, bias)
+            return lambda x, residual=None: ops.linear(x, weight, bias, residual)
+        return _with_residual(lambda x: prepack.packed_linear(x, pw, bias))
     if rows == 1:
         if bias is None:
-            return lambda x: torch.mv(weight, x[0]).unsqueeze(0)
-        return lambda x: torch.addmv(bias, weight, x[0]).unsqueeze(0)
-    return lambda x: F.linear(x, weight, bias)
+            return _with_residual(lambda x: torch.mv(weight, x[0]).unsqueeze(0))
+        return _with_residual(lambda x: torch.addmv(bias, weight, x[0]).unsqueeze(0))
+    return _with_residual(lambda x: F.linear(x, weight, bias))
 
 
 class _Keys:
@@ -146,9 +151,9 @@ class DecodeRunner:
         attend, silu_mul, gelu = ops.decode_attention, ops.silu_mul, F.gelu
         for i, heads, norm1, qkv, o, norm2, up, down, swiglu in self.layers:
             y = attend(qkv(norm1(x)), keys[i], values[i], pos, cos, sin, heads)
-            x = x + o(y)
+            x = o(y, x)  # x + o_proj(y)
             h = up(norm2(x))
-            x = x + down(silu_mul(h) if swiglu else gelu(h, approximate="tanh"))
+            x = down(silu_mul(h) if swiglu else gelu(h, approximate="tanh"), x)
         return x
 
     def _adapted(self, x: torch.Tensor, cache: object, plan: object, lora: object) -> torch.Tensor:

@@ -79,6 +79,25 @@ def test_linear_wrapper_takes_leading_dims_and_non_contiguous_inputs() -> None:
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_residual_epilogue_equals_adding_the_rounded_output(x_dtype, rows) -> None:
+    """y = residual + linear(x) in float32, with linear's output rounded to x's dtype first: exactly what the decode
+    loop's ``x = x + o_proj(y)`` computes without the epilogue."""
+    g = _gen(11)
+    x = torch.randn(rows, 40, generator=g).to(x_dtype)
+    w, b = torch.randn(33, 40, generator=g), torch.randn(33, generator=g)
+    res = torch.randn(rows, 33, generator=g)
+    got = ops.linear(x, w, b, res)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, res + ops.linear(x, w, b).float(), rtol=0, atol=0)
+    q, scale = quantize_rows(w)
+    torch.testing.assert_close(ops.linear_i8(x, q, scale, b, res), res + ops.linear_i8(x, q, scale, b).float(),
+                               rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="residual"):
+        ops.linear(x, w, b, res[:, :5])
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear_i8_matches_dequantized_float64_reference(x_dtype, with_bias) -> None:
     g = _gen(2)

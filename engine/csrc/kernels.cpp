@@ -3,10 +3,11 @@
 // AVX2 machines (engine/prepack.py measures it). These kernels stream the weight once per call, in its stored
 // type, with float32 accumulation:
 //
-//   scratchchat::linear(x, w, bias?)             y = x @ w.T + bias,              w float32 or bfloat16
-//   scratchchat::linear_i8(x, q, scale, bias?)   y = (x @ q.T) * scale + bias,    q int8, one scale per row
+//   scratchchat::linear(x, w, bias?, residual?)            y = x @ w.T + bias,            w float32 or bfloat16
+//   scratchchat::linear_i8(x, q, scale, bias?, residual?)  y = (x @ q.T) * scale + bias,  q int8, scale per row
 //
-// x is (R, K) float32 or bfloat16, y is (R, N) in x's dtype. Output features are split across PyTorch's intra-op
+// x is (R, K) float32 or bfloat16, y is (R, N) in x's dtype; with a float32 (R, N) residual, y = residual + that,
+// in float32 (the decode loop's residual add, one op less per projection). Output features are split across PyTorch's intra-op
 // threads (at::parallel_for, the same OpenMP runtime as the rest of torch). Each task computes a tile of NW output
 // features for NX rows of x at a time, so a weight tile is read from memory once and reused from L1 for the other
 // rows. bfloat16 widens to float32 exactly (a 16-bit shift), int8 through cvtepi8 + cvtepi32_ps; float32
@@ -88,21 +89,36 @@ inline void tile(const float* x, int64_t ldx, const WT* w, int64_t K, float* dot
     }
 }
 
-// y[r, n] = dot(x[r], w[n]) * scale[n] + bias[n] for output features [n0, n0 + NW): rows eight, four, two, one at
-// a time (groups of at most NX), so that every k step keeps NW * group FMA chains in flight.
+// What happens to a dot product on its way out: per-feature int8 scale, bias, and optionally the residual add of the
+// layer (y = residual + out, float32, with out rounded to bf16 first when the activations are bf16, as the PyTorch
+// path rounds the projection's output before adding it to the float32 residual stream).
+struct Epilogue {
+  const float* scale = nullptr;
+  const float* bias = nullptr;
+  const float* residual = nullptr;  // (R, N) float32
+  bool round_bf16 = false;
+
+  inline float operator()(float v, int64_t row, int64_t n, int64_t N) const {
+    if (scale) v *= scale[n];
+    if (bias) v += bias[n];
+    if (residual) {
+      if (round_bf16) v = static_cast<float>(bf16(v));
+      v = residual[row * N + n] + v;
+    }
+    return v;
+  }
+};
+
+// y[r, n] = ep(dot(x[r], w[n])) for output features [n0, n0 + NW): rows eight, four, two, one at a time (groups of
+// at most NX), so that every k step keeps NW * group FMA chains in flight.
 template <typename WT, int NW, int NX>
-inline void block(const float* x, int64_t R, int64_t K, const WT* w, int64_t n0, int64_t N, const float* scale,
-                  const float* bias, float* y) {
+inline void block(const float* x, int64_t R, int64_t K, const WT* w, int64_t n0, int64_t N, const Epilogue& ep,
+                  float* y) {
   float dots[8 * NW];
   const WT* wb = w + n0 * K;
   auto put = [&](int64_t row, int rows) {
     for (int i = 0; i < rows; ++i)
-      for (int j = 0; j < NW; ++j) {
-        float v = dots[i * NW + j];
-        if (scale) v *= scale[n0 + j];
-        if (bias) v += bias[n0 + j];
-        y[(row + i) * N + n0 + j] = v;
-      }
+      for (int j = 0; j < NW; ++j) y[(row + i) * N + n0 + j] = ep(dots[i * NW + j], row + i, n0 + j, N);
   };
   int64_t r = 0;
   if constexpr (NX >= 8)
@@ -128,22 +144,21 @@ inline void block(const float* x, int64_t R, int64_t K, const WT* w, int64_t n0,
 // Several rows: NW output features per tile times up to NX rows, eight FMA chains per k step (2-3 rows: 4 x 2,
 // 4-7 rows: 2 x 4, 8 or more: 1 x 8); each widened weight vector feeds NX FMAs from registers.
 template <typename WT, int NW, int NX>
-void run_tiles(const float* x, int64_t R, int64_t K, const WT* w, int64_t N, const float* scale, const float* bias,
-               float* y) {
+void run_tiles(const float* x, int64_t R, int64_t K, const WT* w, int64_t N, const Epilogue& ep, float* y) {
   const int64_t full = N / NW;
   // Tasks of several tiles (~64 KiB of weights each) keep the scheduling cost negligible next to the reads.
   const int64_t grain =
       std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, NW * K * static_cast<int64_t>(sizeof(WT))));
   at::parallel_for(0, full, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) block<WT, NW, NX>(x, R, K, w, b * NW, N, scale, bias, y);
+    for (int64_t b = b0; b < b1; ++b) block<WT, NW, NX>(x, R, K, w, b * NW, N, ep, y);
   });
-  for (int64_t n = full * NW; n < N; ++n) block<WT, 1, NX>(x, R, K, w, n, N, scale, bias, y);
+  for (int64_t n = full * NW; n < N; ++n) block<WT, 1, NX>(x, R, K, w, n, N, ep, y);
 }
 
 // One row: the weight is read strictly in order, one row after the next (what the hardware prefetchers follow
 // best), with four independent FMA chains per row.
 template <typename WT>
-void gemv(const float* x, int64_t K, const WT* w, int64_t N, const float* scale, const float* bias, float* y) {
+void gemv(const float* x, int64_t K, const WT* w, int64_t N, const Epilogue& ep, float* y) {
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, K * static_cast<int64_t>(sizeof(WT))));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
@@ -159,24 +174,21 @@ void gemv(const float* x, int64_t K, const WT* w, int64_t N, const float* scale,
       for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load8(wr + k), a0);
       float v = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
       for (; k < K; ++k) v += x[k] * widen(wr[k]);
-      if (scale) v *= scale[n];
-      if (bias) v += bias[n];
-      y[n] = v;
+      y[n] = ep(v, 0, n, N);
     }
   });
 }
 
 template <typename WT>
-void run(const float* x, int64_t R, int64_t K, const WT* w, int64_t N, const float* scale, const float* bias,
-         float* y) {
+void run(const float* x, int64_t R, int64_t K, const WT* w, int64_t N, const Epilogue& ep, float* y) {
   if (R == 1)
-    gemv(x, K, w, N, scale, bias, y);
+    gemv(x, K, w, N, ep, y);
   else if (R < 4)
-    run_tiles<WT, 4, 2>(x, R, K, w, N, scale, bias, y);
+    run_tiles<WT, 4, 2>(x, R, K, w, N, ep, y);
   else if (R < 8)
-    run_tiles<WT, 2, 4>(x, R, K, w, N, scale, bias, y);
+    run_tiles<WT, 2, 4>(x, R, K, w, N, ep, y);
   else
-    run_tiles<WT, 1, 8>(x, R, K, w, N, scale, bias, y);
+    run_tiles<WT, 1, 8>(x, R, K, w, N, ep, y);
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
@@ -188,40 +200,61 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w, const std::optional<
   if (bias) TORCH_CHECK(bias->numel() == w.size(0), "bias has ", bias->numel(), " entries, not ", w.size(0));
 }
 
-at::Tensor finish(const at::Tensor& y, const at::Tensor& x) {
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
-}
-
 at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+// The output, and the epilogue's bias and residual: y is float32 (rounded to x's dtype afterwards) unless a
+// residual is added, which keeps the sum in float32 like the residual stream it belongs to.
+struct Output {
+  at::Tensor y, bias, residual;
+  Epilogue ep;
+
+  Output(const at::Tensor& x, int64_t N, const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& res) {
+    const int64_t R = x.size(0);
+    y = at::empty({R, N}, x.options().dtype(at::kFloat));
+    if (b) {
+      bias = as_float(*b);
+      ep.bias = bias.data_ptr<float>();
+    }
+    if (res) {
+      TORCH_CHECK(res->scalar_type() == at::kFloat && res->dim() == 2 && res->size(0) == R && res->size(1) == N,
+                  "the residual must be a float32 (", R, ", ", N, ") tensor");
+      residual = res->contiguous();
+      ep.residual = residual.data_ptr<float>();
+      ep.round_bf16 = x.scalar_type() == at::kBFloat16;
+    }
+  }
+
+  at::Tensor result(const at::Tensor& x) const {
+    return residual.defined() || x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  }
+};
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                  const std::optional<at::Tensor>& residual) {
   check_inputs(x, w, bias);
   TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16,
               "the weight must be float32 or bfloat16, not ", w.scalar_type());
   const at::Tensor xf = as_float(x), wc = w.contiguous();
-  const at::Tensor bf = bias ? as_float(*bias) : at::Tensor();
   const int64_t R = x.size(0), K = x.size(1), N = w.size(0);
-  at::Tensor y = at::empty({R, N}, x.options().dtype(at::kFloat));
-  const float* b = bias ? bf.data_ptr<float>() : nullptr;
+  Output out(x, N, bias, residual);
   if (wc.scalar_type() == at::kFloat)
-    run(xf.data_ptr<float>(), R, K, wc.data_ptr<float>(), N, nullptr, b, y.data_ptr<float>());
+    run(xf.data_ptr<float>(), R, K, wc.data_ptr<float>(), N, out.ep, out.y.data_ptr<float>());
   else
-    run(xf.data_ptr<float>(), R, K, wc.data_ptr<bf16>(), N, nullptr, b, y.data_ptr<float>());
-  return finish(y, x);
+    run(xf.data_ptr<float>(), R, K, wc.data_ptr<bf16>(), N, out.ep, out.y.data_ptr<float>());
+  return out.result(x);
 }
 
 at::Tensor linear_i8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
-                     const std::optional<at::Tensor>& bias) {
+                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
   check_inputs(x, q, bias);
   TORCH_CHECK(q.scalar_type() == at::kChar, "q must be int8, not ", q.scalar_type());
   TORCH_CHECK(scale.numel() == q.size(0), "scale has ", scale.numel(), " entries, not ", q.size(0));
   const at::Tensor xf = as_float(x), qc = q.contiguous(), sf = as_float(scale);
-  const at::Tensor bf = bias ? as_float(*bias) : at::Tensor();
   const int64_t R = x.size(0), K = x.size(1), N = q.size(0);
-  at::Tensor y = at::empty({R, N}, x.options().dtype(at::kFloat));
-  run(xf.data_ptr<float>(), R, K, qc.data_ptr<int8_t>(), N, sf.data_ptr<float>(), bias ? bf.data_ptr<float>() : nullptr,
-      y.data_ptr<float>());
-  return finish(y, x);
+  Output out(x, N, bias, residual);
+  out.ep.scale = sf.data_ptr<float>();
+  run(xf.data_ptr<float>(), R, K, qc.data_ptr<int8_t>(), N, out.ep, out.y.data_ptr<float>());
+  return out.result(x);
 }
 
 // ---- the small steps of a decode layer ----
@@ -468,8 +501,8 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 }  // namespace
 
 TORCH_LIBRARY(scratchchat, m) {
-  m.def("linear(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
-  m.def("linear_i8(Tensor x, Tensor q, Tensor scale, Tensor? bias=None) -> Tensor");
+  m.def("linear(Tensor x, Tensor w, Tensor? bias=None, Tensor? residual=None) -> Tensor");
+  m.def("linear_i8(Tensor x, Tensor q, Tensor scale, Tensor? bias=None, Tensor? residual=None) -> Tensor");
   m.def("decode_attention(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, Tensor? cos, "
         "Tensor? sin, int n_heads) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
