@@ -179,6 +179,42 @@ void gemv(const float* x, int64_t K, const WT* w, int64_t N, const Epilogue& ep,
   });
 }
 
+// One row of bf16 weights: widening 16 bf16 at once with two unpacks against zero (each bf16 becomes the top half of
+// a float32) costs half the instructions of widening 8 at a time, but yields lanes in the order 0-3, 8-11 | 4-7,
+// 12-15; x is permuted the same way once per call (a dot product does not care about the order of its terms).
+template <>
+void gemv<bf16>(const float* x, int64_t K, const bf16* w, int64_t N, const Epilogue& ep, float* y) {
+  const int64_t K32 = K / 32 * 32;
+  std::vector<float> xp(K32);
+  static constexpr int order[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
+  for (int64_t k = 0; k < K32; k += 16)
+    for (int i = 0; i < 16; ++i) xp[k + i] = x[k + order[i]];
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, K * 2));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    const __m256i zero = _mm256_setzero_si256();
+    for (int64_t n = n0; n < n1; ++n) {
+      const bf16* wr = w + n * K;
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+      for (int64_t k = 0; k < K32; k += 32) {
+        const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k));
+        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k + 16));
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.data() + k), _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v0)), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.data() + k + 8), _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v0)),
+                             a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.data() + k + 16),
+                             _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v1)), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.data() + k + 24),
+                             _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v1)), a3);
+      }
+      int64_t k = K32;
+      for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load8(wr + k), a0);
+      float v = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+      for (; k < K; ++k) v += x[k] * widen(wr[k]);
+      y[n] = ep(v, 0, n, N);
+    }
+  });
+}
+
 template <typename WT>
 void run(const float* x, int64_t R, int64_t K, const WT* w, int64_t N, const Epilogue& ep, float* y) {
   if (R == 1)
