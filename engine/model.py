@@ -347,12 +347,18 @@ class GPT(nn.Module):
         # into noise. Norm outputs (the matmul inputs) and attention/MLP outputs are in the weights' dtype.
         x = self.tok_emb(idx).float()  # (B, T, d_model)
         dtype = self.tok_emb.weight.dtype
+        runner = None
+        if plan is not None and plan.decode_tables is not None and not self.training \
+                and (lora is None or hasattr(lora, "group")):
+            runner = runner_for(self, B)  # a decode step: the resolved layer loop (engine.decode)
         rope = None
         if self.pos_emb is not None:
             if start is not None:  # contiguous positions: a slice instead of a gather
                 x = x + self.pos_emb.weight[start : start + T]  # (T, d) broadcast over the batch
             else:
                 x = x + self.pos_emb(positions.to(idx.device))  # (T, d) or (B, T, d)
+        elif runner is not None:
+            pass  # the decode attention op rotates with the float32 tables itself
         elif start is not None:
             # (1, 1, T, head_dim) in the weights' dtype, broadcast over batch and heads
             rope = _rope_tables(self.rope_cos[start : start + T].to(dtype)[None, None],
@@ -364,10 +370,6 @@ class GPT(nn.Module):
             rope = _rope_tables(self.rope_cos[pos][:, None].to(dtype), self.rope_sin[pos][:, None].to(dtype))
         if self.training:
             x = self.drop(x)
-        runner = None
-        if plan is not None and plan.decode_tables is not None and not self.training \
-                and (lora is None or hasattr(lora, "group")):
-            runner = runner_for(self, B)  # a decode step: the resolved layer loop (engine.decode)
         if runner is not None:
             x = runner(x.view(B, -1), cache, plan, lora).view(B, 1, -1)
         else:
