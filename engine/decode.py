@@ -4,7 +4,8 @@ At batch 1 SmolLM2's 30 layers ran ~100 PyTorch ops each through ~15 Python call
 kernel choice, freshness checks), and once our kernels (:mod:`engine.kernels`) read the weights near the memory
 bandwidth that overhead was half of a step. A :class:`DecodeRunner` resolves everything that is fixed between
 steps once: each projection's kernel and weights (int8 copy, packed copy or plain weight, for the row count of the
-step), the norms, the attention op. A step is then ~10 op calls per layer.
+step), the norms, the attention op. A step is then ~8 op calls per layer (the residual adds ride in the
+projections' epilogues).
 
 It computes exactly what the module path computes (the same ops on the same tensors; tests compare logits and
 tokens). What it resolved is keyed by every tensor it reads (data pointer and in-place version) and every int8 or

@@ -5,9 +5,10 @@ engine builds :class:`~engine.model.GPT` from the manifest's config and loads it
 unexpected or mis-shaped tensors are a :class:`~engine.errors.ModelLoadError` naming them). Weights are cast to
 the serving dtype at load: bf16 where the CPU has native bf16 matmuls (AMX / AVX512-BF16), else fp32; the
 ``SCRATCHCHAT_DTYPE`` environment variable (``float32`` | ``bfloat16`` | ``auto``) overrides it. With
-``SCRATCHCHAT_QUANT=int8`` a bf16 base is also quantized to int8 weight-only for batch-1 decode (:mod:`engine.quant`).
-Then each kind of projection gets a copy packed for one-row products where a packed kernel measured faster than
-the plain GEMV on this CPU (:mod:`engine.prepack`; ``SCRATCHCHAT_PACK=off`` declines the extra memory).
+``SCRATCHCHAT_QUANT=int8`` the base is also quantized to int8 weight-only for decode steps (:mod:`engine.quant`).
+Then each kind of projection gets the decode kernel that measured fastest on this CPU for one row and for a few
+rows: ours (:mod:`engine.kernels`), PyTorch's plain GEMV/GEMM, or MKL's/oneDNN's on a packed copy
+(:mod:`engine.prepack`; ``SCRATCHCHAT_PACK=off`` keeps PyTorch's plain kernels only).
 
 Adapters are loaded next to their base (never merged unless asked) and versioned by the sha256 of their weights
 file; a changed file on disk is reloaded on next use, so a finetune run that overwrites an adapter takes effect
@@ -93,7 +94,7 @@ class Registry:
         memory_cap: bytes of base weights to keep loaded (``$SCRATCHCHAT_MODEL_MEMORY`` or 8 GiB). The least
             recently used base that is not busy is evicted to make room; a busy one is kept even over the cap.
         dtype: serving dtype (default :func:`default_dtype`).
-        quant: ``"none"`` or ``"int8"`` (default ``$SCRATCHCHAT_QUANT``, else none); int8 needs bf16.
+        quant: ``"none"`` or ``"int8"`` (default ``$SCRATCHCHAT_QUANT``, else none); int8 needs our kernels or bf16.
         pack: ``"auto"`` (measure and keep faster packed decode weights), ``"off"``, or ``"mkl"``/``"onednn"``
             to force a kernel (default ``$SCRATCHCHAT_PACK``, else auto).
     """
