@@ -73,6 +73,8 @@ class _Pool:
         self.prefilling: _Active | None = None
         self._hook_key: tuple | None = None
         self._hook: BatchLora | None = None
+        self._prefill_key: tuple | None = None
+        self._prefill_hook: BatchLora | None = None
 
     @property
     def max_rows(self) -> int:
@@ -87,13 +89,28 @@ class _Pool:
         return bool(self.decoding) or self.prefilling is not None
 
     def hook(self, adapters: list[LoraAdapter | None]) -> BatchLora | None:
-        """The LoRA hook for this composition, cached until the composition changes."""
-        merged = self.lm.merged.adapter if self.lm.merged is not None else None
-        key = (tuple(None if a is None else a.key for a in adapters), None if merged is None else merged.key)
+        """The LoRA hook for this composition of decoding rows, cached until the composition changes."""
+        key = self._key(adapters)
         if key != self._hook_key:
-            hook = BatchLora(adapters, merged=merged)
-            self._hook_key, self._hook = key, (None if hook.is_empty else hook)
+            self._hook_key, self._hook = key, self._build(adapters)
         return self._hook
+
+    def prefill_hook(self, adapter: LoraAdapter | None) -> BatchLora | None:
+        """The hook for one prefilling row: the last one is kept, so a prompt of several chunks, or requests with
+        the same adapter in a row, build its packed weights once (and an unloaded adapter is held by one at most)."""
+        key = self._key([adapter])
+        if key != self._prefill_key:
+            self._prefill_key, self._prefill_hook = key, self._build([adapter])
+        return self._prefill_hook
+
+    def _key(self, adapters: list[LoraAdapter | None]) -> tuple:
+        merged = self.lm.merged.adapter if self.lm.merged is not None else None
+        return tuple(None if a is None else a.key for a in adapters), None if merged is None else merged.key
+
+    def _build(self, adapters: list[LoraAdapter | None]) -> BatchLora | None:
+        merged = self.lm.merged.adapter if self.lm.merged is not None else None
+        hook = BatchLora(adapters, merged=merged)
+        return None if hook.is_empty else hook
 
 
 class Scheduler:
@@ -299,8 +316,7 @@ class Scheduler:
         chunk = 4 * self.prefill_chunk if not pool.decoding else self.prefill_chunk
         piece = ids[act.prefilled : act.prefilled + chunk]
         x = torch.tensor([piece], dtype=torch.long)
-        hook = BatchLora([act.req.adapter], merged=pool.lm.merged.adapter if pool.lm.merged else None)
-        logits = pool.lm.model(x, cache=pool.cache.rows(row, row + 1), lora=None if hook.is_empty else hook,
+        logits = pool.lm.model(x, cache=pool.cache.rows(row, row + 1), lora=pool.prefill_hook(act.req.adapter),
                                last_only=True)
         act.prefilled += len(piece)
         if act.prefilled < len(ids):
