@@ -4,8 +4,9 @@ Every figure is a same-run ratio against a peer (``transformers`` ``generate`` o
 with :func:`weights.hf.write`; the memory-bandwidth roofline; our own no-cache path; turn 1 vs turn 10; one
 session vs eight; base vs mixed adapters; llama.cpp on SmolLM2's GGUF, run in its own venv by
 :mod:`engine.bench_llama`), all with the same dtype and thread count. ``transformers`` is imported lazily: peers are
-never engine dependencies. The output is a Markdown table (stdout) and a JSON file; timings are medians of
-``--repeats`` runs.
+never engine dependencies. The output is a Markdown table (stdout) and a JSON file; decode timings are medians of
+``--repeats`` runs, serving figures (TTFT, sessions, adapters) medians of :data:`ROUNDS` rounds, their ratios the
+median of the rounds' ratios.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def variant(name: str) -> tuple[torch.dtype, str]:
     if dtype is None:
         dtype = default_dtype() if quant_supported(default_dtype()) else torch.bfloat16
     return dtype, quant
+
+
+ROUNDS = 3  # rounds of each serving figure (medians): one run of each swings by +-15% on a shared 2-core VM
 
 
 def _median(xs: list[float]) -> float:
@@ -214,16 +218,21 @@ def serving_figures(root: Path, name: str, dtype: torch.dtype, tmp: Path, n_new:
         run_in_fresh_thread(lambda: load_adapter(store.adapter_dir(name, "bench-0", scratch), lm.config, dtype=dtype))
         out["adapter_load_ms"] = 1e3 * (time.perf_counter() - t)
 
-        # TTFT: turn 1 vs turn 10 (~1000 tokens of history), after a throwaway turn that allocates the KV pool
+        # TTFT: turn 1 vs turn 10 (~1000 tokens of history), after a throwaway turn that allocates the KV pool;
+        # medians over ROUNDS conversations (one turn is a single ~0.2 s sample on a noisy machine)
         engine.new_session(name, system_prompt="").complete("Hello", GenerationConfig(max_new_tokens=2))
-        s = engine.new_session(name, system_prompt="")
         msg = "Tell me more about the history of the old city by the river, and about its people. " * 2
-        ttft = []
-        for _ in range(10):
-            s.complete(msg, GenerationConfig(max_new_tokens=60))
-            ttft.append(s.last_usage.ttft_s)
+        firsts, tenths = [], []
+        for _ in range(ROUNDS):
+            s = engine.new_session(name, system_prompt="")
+            ttft = []
+            for _ in range(10):
+                s.complete(msg, GenerationConfig(max_new_tokens=60))
+                ttft.append(s.last_usage.ttft_s)
+            firsts.append(ttft[0])
+            tenths.append(ttft[-1])
         out["history_tokens_turn10"] = s.last_usage.prompt_tokens
-        out["ttft_turn1_ms"], out["ttft_turn10_ms"] = 1e3 * ttft[0], 1e3 * ttft[-1]
+        out["ttft_turn1_ms"], out["ttft_turn10_ms"] = 1e3 * _median(firsts), 1e3 * _median(tenths)
 
         # switching a session's adapter (already loaded)
         engine.adapter(lm, "bench-1")
@@ -236,14 +245,18 @@ def serving_figures(root: Path, name: str, dtype: torch.dtype, tmp: Path, n_new:
         cfg = GenerationConfig(max_new_tokens=n_new)
         prompt = _prompt(lm)
         _aggregate(sched, [Request(lm, None, prompt, GenerationConfig(max_new_tokens=8))])  # warm up
-        one = _aggregate(sched, [Request(lm, None, prompt, cfg)])
-        eight = _aggregate(sched, [Request(lm, None, prompt, cfg) for _ in range(8)])
-        out.update(tok_s_1_session=one, tok_s_8_sessions=eight, sessions_ratio=eight / one)
-
         ads = [None] + [engine.adapter(lm, f"bench-{i}") for i in range(3)]
-        base4 = _aggregate(sched, [Request(lm, None, prompt, cfg) for _ in range(4)])
-        mixed4 = _aggregate(sched, [Request(lm, a, prompt, cfg) for a in ads])
-        out.update(tok_s_base_batch4=base4, tok_s_mixed_adapters_batch4=mixed4, mixed_slowdown=base4 / mixed4)
+        # ROUNDS rounds of each pair, side by side; the ratio is the median of the rounds' ratios
+        one, eight, base4, mixed4 = [], [], [], []
+        for _ in range(ROUNDS):
+            one.append(_aggregate(sched, [Request(lm, None, prompt, cfg)]))
+            eight.append(_aggregate(sched, [Request(lm, None, prompt, cfg) for _ in range(8)]))
+            base4.append(_aggregate(sched, [Request(lm, None, prompt, cfg) for _ in range(4)]))
+            mixed4.append(_aggregate(sched, [Request(lm, a, prompt, cfg) for a in ads]))
+        out.update(tok_s_1_session=_median(one), tok_s_8_sessions=_median(eight),
+                   sessions_ratio=_median([e / o for e, o in zip(eight, one, strict=True)]),
+                   tok_s_base_batch4=_median(base4), tok_s_mixed_adapters_batch4=_median(mixed4),
+                   mixed_slowdown=_median([b / m for b, m in zip(base4, mixed4, strict=True)]))
     finally:
         engine.close()
     return out
