@@ -62,9 +62,12 @@ def available() -> bool:
     return hasattr(torch.ops.scratchchat, "linear")
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T (+ bias)`` for x (..., K) float32/bf16 and a float32/bf16 weight; output in x's dtype."""
-    y = torch.ops.scratchchat.linear(x.reshape(-1, x.shape[-1]), weight, bias)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` for x (..., K) float32/bf16 and a float32/bf16 weight; output in x's dtype, or
+    with a float32 ``residual`` of the output's shape, ``residual + that`` in float32 (added in the kernel)."""
+    res = None if residual is None else residual.reshape(-1, weight.shape[0])
+    y = torch.ops.scratchchat.linear(x.reshape(-1, x.shape[-1]), weight, bias, res)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 

@@ -316,7 +316,7 @@ def _add_delta(x: torch.Tensor, y: torch.Tensor, packed: Packed | None) -> torch
     if fast and y.is_contiguous():
         y2 = y.view(B * T, -1)
         if y.dtype == torch.float32:  # the add in the kernel's epilogue: one op
-            return torch.ops.scratchchat.linear(h, b_t, None, y2).view(y.shape)
+            return kernels.linear(h, b_t, residual=y2).view(y.shape)
         return y2.add_(kernels.linear(h, b_t)).view(y.shape)  # y's fresh output: rounded once into its dtype
     if not y.is_contiguous() or torch.is_grad_enabled():  # a view of something else, or autograd: no in-place
         return y + torch.mm(h, b_t.t()).view(y.shape).to(y.dtype)
