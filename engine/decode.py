@@ -41,13 +41,20 @@ def product(weight: torch.Tensor, bias: torch.Tensor | None, w8: Int8Weight | No
             rows: int, sources: list[torch.Tensor]) -> Product:
     """The kernel :func:`engine.linear.linear_q` would pick for ``rows`` rows, bound to its weights; called with a
     residual, it returns ``residual + product`` (our kernels add it in their epilogue: one op less)."""
+    pw = None if packed is None else packed.for_rows(rows)
+    fresh = pw is not None and pw.fresh(sources)
     if w8 is not None and rows <= int8_rows():
+        if fresh and pw.scale is not None:  # int8 panels
+            panels, n, scale = pw.packed, weight.shape[0], pw.scale
+            return lambda x, residual=None: ops.linear_panel(x, panels, n, scale, bias, residual)
         q, scale = w8
         return lambda x, residual=None: ops.linear_i8(x, q, scale, bias, residual)
-    pw = None if packed is None else packed.for_rows(rows)
-    if pw is not None and pw.fresh(sources):
+    if fresh:
         if pw.kernel == "scratch":
             return lambda x, residual=None: ops.linear(x, weight, bias, residual)
+        if pw.kernel == "panel":
+            panels, n = pw.packed, weight.shape[0]
+            return lambda x, residual=None: ops.linear_panel(x, panels, n, None, bias, residual)
         return _with_residual(lambda x: prepack.packed_linear(x, pw, bias))
     if rows == 1:
         if bias is None:
@@ -143,8 +150,8 @@ class DecodeRunner:
 
     def __call__(self, x: torch.Tensor, cache: object, plan: object, lora: object = None) -> torch.Tensor:
         """``x`` (B, D) float32 residual stream in, out after every block; the cache rows are written in place.
-        ``lora``: a per-request hook with a ``group`` method (:class:`engine.lora.BatchLora`), applied where the
-        modules apply it."""
+        ``lora``: a per-request hook with ``group`` and ``decode`` methods (:class:`engine.lora.BatchLora`),
+        applied where the modules apply it."""
         if lora is not None:
             return self._adapted(x, cache, plan, lora)
         pos, (cos, sin) = plan.decode_positions, plan.decode_tables
@@ -160,24 +167,18 @@ class DecodeRunner:
     def _adapted(self, x: torch.Tensor, cache: object, plan: object, lora: object) -> torch.Tensor:
         pos, (cos, sin) = plan.decode_positions, plan.decode_tables
         keys, values = cache.keys, cache.values
-        attend, silu_mul, gelu, group = ops.decode_attention, ops.silu_mul, F.gelu, lora.group
-        B = x.shape[0]
-
-        def hook(i: int, name: str, inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # hooks take (B, T, n)
-            return lora(i, name, inp.view(B, 1, -1), out.view(B, 1, -1)).view(B, -1)
-
+        attend, silu_mul, gelu, delta = ops.decode_attention, ops.silu_mul, F.gelu, lora.decode
         for (i, heads, norm1, qkv, o, norm2, up, down, swiglu), (qkv_sizes, gu_sizes) in zip(self.layers, self.sizes,
                                                                                           strict=True):
             h = norm1(x)
-            q = group(i, "qkv", h.view(B, 1, -1), qkv(h).view(B, 1, -1), qkv_sizes).view(B, -1)
-            y = attend(q.contiguous(), keys[i], values[i], pos, cos, sin, heads)
-            x = x + hook(i, "o_proj", y, o(y))
+            y = attend(delta(i, "qkv", h, qkv(h), sizes=qkv_sizes), keys[i], values[i], pos, cos, sin, heads)
+            x = delta(i, "o_proj", y, o(y), x)  # x + (o_proj(y) + its delta), as the modules add them
             h = norm2(x)
             if swiglu:
-                a = silu_mul(group(i, "gate_up", h.view(B, 1, -1), up(h).view(B, 1, -1), gu_sizes).view(B, -1))
+                a = silu_mul(delta(i, "gate_up", h, up(h), sizes=gu_sizes))
             else:
-                a = gelu(hook(i, "up_proj", h, up(h)), approximate="tanh")
-            x = x + hook(i, "down_proj", a, down(a))
+                a = gelu(delta(i, "up_proj", h, up(h)), approximate="tanh")
+            x = delta(i, "down_proj", a, down(a), x)
         return x
 
 

@@ -77,6 +77,28 @@ def linear_i8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch
     return y.view(*x.shape[:-1], q.shape[0])
 
 
+PANEL = 8  # output features per panel of a panel-packed weight
+
+
+def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+    """The (P, K, 8) panel copy of an (N, K) weight for :func:`linear_panel`: panel p holds output features
+    8p..8p+7 for every k (zeros past N), so each k step of the product reads 8 contiguous features."""
+    n, k = weight.shape
+    p = -(-n // PANEL)
+    padded = weight.detach().new_zeros(p * PANEL, k)
+    padded[:n] = weight.detach()
+    return padded.view(p, PANEL, k).transpose(1, 2).contiguous()
+
+
+def linear_panel(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None = None,
+                 residual: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` through the weight's panel copy (:func:`pack_panels`; float32, bf16, or int8 with
+    its per-feature ``scale``) for x (..., K); ``n`` is the weight's N. Output and ``residual`` as :func:`linear`."""
+    res = None if residual is None else residual.reshape(-1, n)
+    y = torch.ops.scratchchat.linear_panel(x.reshape(-1, x.shape[-1]), panels, n, scale, bias, res)
+    return y.view(*x.shape[:-1], n)
+
+
 def main() -> int:
     """``python -m engine.kernels``: build now (bootstrap runs this so the first chat does not wait)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -203,9 +203,26 @@ def load_adapter(
 # with a ``group`` method adapts each group in one call instead of one call per projection
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
 
-# (A^T (R, in), B^T (out, R), mask (rows, R) or None) for one projection or group under one batch composition; the
-# transposed, contiguous layout is what our decode kernels (engine.kernels) stream, and torch.mm takes its .t() views
-Packed = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+@dataclass(frozen=True)
+class Packed:
+    """One projection's (or fused group's) low-rank work under one batch composition, in two forms.
+
+    For many rows (prefill), two small matmuls over the contributions stacked along the rank: ``a_t`` (R, in),
+    ``b_t`` (out, R) (block-diagonal over a group's outputs) and ``mask`` (rows, R) or None. For decode steps (up to
+    :data:`DECODE_ROWS` rows) our ``scratchchat::lora`` op, which computes each row's own pieces only:
+    ``pieces`` (P, 6) int64 [rank offset into ``a_t``, rank, output offset, output size, offset of its B^T in
+    ``b_flat``, contribution], ``b_flat`` each piece's (rank, output size) B^T flattened, ``coef`` (rows,
+    contributions) each row's sign on each contribution (0 where it does not use it).
+    """
+
+    a_t: torch.Tensor
+    b_t: torch.Tensor
+    mask: torch.Tensor | None
+    b_flat: torch.Tensor
+    pieces: torch.Tensor
+    coef: torch.Tensor
+
+
 DECODE_ROWS = 8  # up to this many rows (a decode step's batch) the low-rank products run through our kernels
 
 
@@ -270,8 +287,23 @@ class BatchLora:
             self._packs[key] = self._pack(layer, GROUPS[name], tuple(sizes))
         return _add_delta(x, y, self._packs[key])
 
+    def decode(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor, residual: torch.Tensor | None = None,
+               sizes: Sequence[int] | None = None) -> torch.Tensor:
+        """A decode step's delta for 2-D x (B, in), y (B, out): ``y + delta``, or ``residual + (y + delta)`` (the
+        layer's residual add, float32). ``name``: a projection, or a group of :data:`GROUPS` with its ``sizes``."""
+        key = (layer, name)
+        if key not in self._packs:
+            self._packs[key] = self._pack(layer, GROUPS[name] if sizes is not None else (name,),
+                                          None if sizes is None else tuple(sizes))
+        pk = self._packs[key]
+        if pk is None:
+            return y if residual is None else residual + y
+        return torch.ops.scratchchat.lora(x, y, pk.a_t, pk.b_flat, pk.pieces, pk.coef, residual)
+
     def _pack(self, layer: int, projs: tuple[str, ...], sizes: tuple[int, ...] | None) -> Packed | None:
         a_parts, b_parts, mask_parts = [], [], []
+        flat, pieces = [], []  # the decode op's form: each piece's own B^T, no zeros
+        rank_at = flat_at = 0
         offsets = [0]
         for n in sizes or ():
             offsets.append(offsets[-1] + n)
@@ -281,6 +313,10 @@ class BatchLora:
                 if w is None:
                     continue
                 at, bt = w  # (in, r), (r, out) with the scale folded in
+                r, out0 = at.shape[1], offsets[p] if sizes is not None else 0
+                pieces.append([rank_at, r, out0, bt.shape[1], flat_at, j])
+                flat.append(bt.float().reshape(-1))
+                rank_at, flat_at = rank_at + r, flat_at + bt.numel()
                 if sizes is not None:  # place B's columns at this projection's slice of the fused output
                     wide = bt.new_zeros(bt.shape[0], offsets[-1])
                     wide[:, offsets[p] : offsets[p + 1]] = bt
@@ -295,7 +331,7 @@ class BatchLora:
             return None
         a_t, b_t = torch.cat(a_parts, dim=1).t().contiguous(), torch.cat(b_parts, dim=0).t().contiguous()
         mask = torch.cat(mask_parts, dim=1).to(a_t.dtype) if mask_parts else None
-        return a_t, b_t, mask
+        return Packed(a_t, b_t, mask, torch.cat(flat), torch.tensor(pieces, dtype=torch.int64), self.coef)
 
 
 def _add_delta(x: torch.Tensor, y: torch.Tensor, packed: Packed | None) -> torch.Tensor:
@@ -305,19 +341,18 @@ def _add_delta(x: torch.Tensor, y: torch.Tensor, packed: Packed | None) -> torch
     memory speed where MKL's small-M GEMMs took 50-110 us each here."""
     if packed is None:
         return y
-    a_t, b_t, mask = packed
+    a_t, b_t, mask = packed.a_t, packed.b_t, packed.mask
     B, T, n_in = x.shape
+    if T == 1 and B <= DECODE_ROWS and a_t.dtype == torch.float32 and not torch.is_grad_enabled() \
+            and kernels.available():  # a decode step: our op, each row's own pieces only
+        out = torch.ops.scratchchat.lora(x.reshape(B, n_in), y.reshape(B, -1), a_t, packed.b_flat, packed.pieces,
+                                         packed.coef)
+        return out.view(y.shape)
     h = x.view(B * T, n_in) if x.is_contiguous() else x.reshape(B * T, n_in)
     h = h if h.dtype == a_t.dtype else h.to(a_t.dtype)
-    fast = B * T <= DECODE_ROWS and not torch.is_grad_enabled() and kernels.available()
-    h = kernels.linear(h, a_t) if fast else torch.mm(h, a_t.t())  # (B*T, R)
+    h = torch.mm(h, a_t.t())  # (B*T, R)
     if mask is not None:
         h = h * mask if T == 1 else (h.view(B, T, -1) * mask[:, None, :]).view(B * T, -1)
-    if fast and y.is_contiguous():
-        y2 = y.view(B * T, -1)
-        if y.dtype == torch.float32:  # the add in the kernel's epilogue: one op
-            return kernels.linear(h, b_t, residual=y2).view(y.shape)
-        return y2.add_(kernels.linear(h, b_t)).view(y.shape)  # y's fresh output: rounded once into its dtype
     if not y.is_contiguous() or torch.is_grad_enabled():  # a view of something else, or autograd: no in-place
         return y + torch.mm(h, b_t.t()).view(y.shape).to(y.dtype)
     y2 = y.view(B * T, -1)

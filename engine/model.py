@@ -349,7 +349,7 @@ class GPT(nn.Module):
         dtype = self.tok_emb.weight.dtype
         runner = None
         if plan is not None and plan.decode_tables is not None and not self.training \
-                and (lora is None or hasattr(lora, "group")):
+                and (lora is None or hasattr(lora, "decode")):
             runner = runner_for(self, B)  # a decode step: the resolved layer loop (engine.decode)
         rope = None
         if self.pos_emb is not None:

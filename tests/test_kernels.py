@@ -1,5 +1,6 @@
 """Our AVX2 decode kernels (engine/csrc/kernels.cpp via engine.kernels) against plain-torch float64 references:
-linear and linear_i8 over rows 1-9 and ragged K/N, decode_attention (RoPE, cache write at each row's position,
+linear, linear_i8 and linear_panel (float32 / bf16 / int8 panels) over rows 1-9 and ragged K/N, the per-request
+LoRA op, decode_attention (RoPE, cache write at each row's position,
 MHA/GQA/MQA), rms_norm and silu_mul in float32 and bf16, clear errors, and SCRATCHCHAT_KERNELS=off."""
 
 from __future__ import annotations
@@ -120,6 +121,128 @@ def test_linear_i8_takes_bf16_scales_and_leading_dims() -> None:
     y = kernels.linear_i8(x, q, scale)
     assert y.shape == (2, 2, 33)
     _check_product(y.reshape(4, 33), x.reshape(4, 77), q.double() * scale.double()[:, None], None, "bf16 scales")
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_panel_matches_float64_reference_over_rows_and_ragged_shapes(x_dtype, w_dtype, with_bias) -> None:
+    g = _gen(20)
+    for K in KS:
+        for N in NS:
+            if w_dtype == torch.int8:
+                w, scale = quantize_rows(torch.randn(N, K, generator=g))
+                w64 = w.double() * scale.double()[:, None]
+            else:
+                w, scale = torch.randn(N, K, generator=g).to(w_dtype), None
+                w64 = w.double()
+            panels = kernels.pack_panels(w)
+            assert panels.shape == (-(-N // 8), K, 8) and panels.dtype == w.dtype
+            b = torch.randn(N, generator=g) if with_bias else None
+            for R in ROWS:
+                x = torch.randn(R, K, generator=g).to(x_dtype)
+                y = kernels.linear_panel(x, panels, N, b, scale=scale)
+                _check_product(y, x, w64, None if b is None else b.double(), f"R={R} K={K} N={N}")
+
+
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_linear_panel_rows_do_not_depend_on_the_other_rows_of_the_step(w_dtype) -> None:
+    """Each output is one FMA chain over k whatever tile computes it: a row's result is bit for bit the same alone
+    or batched with 1-8 others (the scheduler's batched == single in greedy mode)."""
+    g = _gen(21)
+    w = torch.randn(45, 96, generator=g)
+    w, scale = quantize_rows(w) if w_dtype == torch.int8 else (w.to(w_dtype), None)
+    panels = kernels.pack_panels(w)
+    x = torch.randn(9, 96, generator=g)
+    alone = torch.cat([kernels.linear_panel(x[i : i + 1], panels, 45, scale=scale) for i in range(9)])
+    for R in range(2, 10):
+        torch.testing.assert_close(kernels.linear_panel(x[:R], panels, 45, scale=scale), alone[:R], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_linear_panel_residual_epilogue_equals_adding_the_rounded_output(x_dtype) -> None:
+    g = _gen(22)
+    x = torch.randn(5, 40, generator=g).to(x_dtype)
+    w, b = torch.randn(35, 40, generator=g), torch.randn(35, generator=g)
+    res = torch.randn(5, 35, generator=g)
+    panels = kernels.pack_panels(w)
+    got = kernels.linear_panel(x, panels, 35, b, residual=res)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, res + kernels.linear_panel(x, panels, 35, b).float(), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="residual"):
+        ops.linear_panel(x, panels, 35, None, b, res[:, :5])
+    with pytest.raises(RuntimeError, match="do not fill 5 panels"):
+        ops.linear_panel(x, panels, 41, None, None, None)
+    with pytest.raises(RuntimeError, match="x has 40 features but the panels take 39"):
+        ops.linear_panel(x, kernels.pack_panels(torch.randn(35, 39)), 35, None, None, None)
+    with pytest.raises(RuntimeError, match="int8 panels need their per-feature scale"):
+        ops.linear_panel(x, kernels.pack_panels(quantize_rows(w)[0]), 35, None, None, None)
+
+
+def _lora_reference(x, y, pieces_list, coef, residual=None):
+    """float64: y + sum over each row's pieces of coef * B^T-form products; pieces_list holds (A (r, in), Bt (r, n),
+    out offset, contribution)."""
+    d = torch.zeros(y.shape, dtype=torch.float64)
+    for a, bt, off, j in pieces_list:
+        t = (x.double() @ a.double().T) * coef[:, j : j + 1].double()  # (R, r)
+        d[:, off : off + bt.shape[1]] += t @ bt.double()
+    out = y.double() + d
+    return out if residual is None else residual.double() + out
+
+
+def _lora_args(pieces_list):
+    a = torch.cat([p[0] for p in pieces_list])
+    flat = torch.cat([p[1].reshape(-1) for p in pieces_list])
+    table, rank_at, flat_at = [], 0, 0
+    for p in pieces_list:
+        r, n = p[1].shape
+        table.append([rank_at, r, p[2], n, flat_at, p[3]])
+        rank_at, flat_at = rank_at + r, flat_at + r * n
+    return a, flat, torch.tensor(table, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("y_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_lora_op_adds_each_rows_own_pieces(x_dtype, y_dtype, with_residual) -> None:
+    """A fused output (sizes 40 | 13 | 13) with three contributions of ranks 4, 8, 2 on different slices; rows use
+    none, one, or one plus a negative (merged) one; coef 0 rows get exactly y back."""
+    g = _gen(30)
+    K = 37
+    sizes = [(0, 40), (40, 13), (53, 13)]
+    pieces_list = []
+    for j, r in enumerate((4, 8, 2)):
+        for off, n in sizes[: 3 - j]:
+            pieces_list.append((torch.randn(r, K, generator=g), torch.randn(r, n, generator=g), off, j))
+    coef = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, -1]])
+    R = coef.shape[0]
+    x = torch.randn(R, K, generator=g).to(x_dtype)
+    y = torch.randn(R, 66, generator=g).to(y_dtype)
+    res = torch.randn(R, 66, generator=g) if with_residual else None
+    a, flat, table = _lora_args(pieces_list)
+    got = ops.lora(x, y, a, flat, table, coef, res)
+    assert got.dtype == (torch.float32 if with_residual else y_dtype)
+    ref = _lora_reference(x, y, pieces_list, coef, res)
+    scale = _lora_reference(x.abs(), y.abs(), [(p[0].abs(), p[1].abs(), p[2], p[3]) for p in pieces_list],
+                            coef.abs(), None if res is None else res.abs())
+    # y + delta is rounded into y's dtype before the residual add (as the module path adds it)
+    rounding = BF16_ULP * _lora_reference(x, y, pieces_list, coef).abs() if y_dtype == torch.bfloat16 else 0.0
+    _assert_within(got, ref, 4e-6 * scale + rounding + 1e-30, 0.0, "lora")
+    if not with_residual:
+        torch.testing.assert_close(got[0], y[0], rtol=0, atol=0)  # a row without an adapter: y untouched
+
+
+def test_lora_op_rejects_pieces_outside_its_tensors() -> None:
+    x, y, coef = torch.randn(2, 8), torch.randn(2, 10), torch.ones(2, 1)
+    a, flat = torch.randn(4, 8), torch.randn(40)
+    ok = torch.tensor([[0, 4, 0, 10, 0, 0]])
+    ops.lora(x, y, a, flat, ok, coef, None)
+    for bad, msg in (([0, 5, 0, 10, 0, 0], "past a's 4 ranks"), ([0, 4, 1, 10, 0, 0], "past y's 10 outputs"),
+                     ([0, 4, 0, 10, 1, 0], "past b"), ([0, 4, 0, 10, 0, 1], "contribution 1 of 1")):
+        with pytest.raises(RuntimeError, match=msg):
+            ops.lora(x, y, a, flat, torch.tensor([bad]), coef, None)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.lora(x, y, a.bfloat16(), flat, ok, coef, None)
 
 
 def _rope_like_model(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

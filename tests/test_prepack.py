@@ -191,3 +191,32 @@ def test_a_deep_copy_drops_packed_copies_and_decodes_the_same(kernel):
     assert twin.blocks[0].attn._qkv.packed is None and twin.__dict__.get("head_packed") is None
     torch.testing.assert_close(decode_logits(twin, [5, 17, 42], 4), decode_logits(model, [5, 17, 42], 4),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif("panel" not in KERNELS, reason="our kernels are unavailable here")
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_int8_models_decode_through_int8_panels_like_the_row_form_kernel(family):
+    """A quantized model gets int8 panel copies (with engine.quant's scales) for 1-8 rows; they compute the same
+    products as the row-form int8 kernel (only the summation order differs), and go stale with their weights."""
+    import copy
+
+    from engine.quant import quantize_int8_
+
+    model = frozen_tiny(family)
+    quantize_int8_(model)
+    rows_form = copy.deepcopy(model)  # a deep copy drops packed copies: the row-form int8 kernel
+    rows_form.head_int8 = model.head_int8
+    chosen = prepack.prepack_(model, "auto")
+    assert set(chosen.values()) == {"int8 panel"}
+    pw = model.blocks[0].mlp.down_proj.packed
+    assert pw.kernel == "panel" and pw.packed.dtype == torch.int8 and pw.scale is not None and pw.serves(8)
+    assert model.packed_bytes == sum(t.int8[0].numel() for t in prepack.decode_weights(model))
+    torch.testing.assert_close(decode_logits(model, [5, 17, 42], 4), decode_logits(rows_form, [5, 17, 42], 4),
+                               rtol=1e-4, atol=1e-4)
+    cfg = GenerationConfig(max_new_tokens=8, temperature=0.0)
+    assert list(generate_tokens(model, [3, 9, 27], cfg)) == list(generate_uncached(model, [3, 9, 27], cfg))
+    with torch.no_grad():
+        model.blocks[0].mlp.down_proj.weight.mul_(1.0)  # an in-place write: the panel copy is stale now
+    assert not pw.fresh([model.blocks[0].mlp.down_proj.weight])
+    torch.testing.assert_close(decode_logits(model, [5, 17, 42], 4), decode_logits(rows_form, [5, 17, 42], 4),
+                               rtol=1e-4, atol=1e-4)

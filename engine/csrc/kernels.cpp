@@ -37,7 +37,6 @@
 #include <cstdint>
 #include <optional>
 #include <vector>
-#include <vector>
 
 namespace {
 
@@ -293,6 +292,131 @@ at::Tensor linear_i8(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   return out.result(x);
 }
 
+// ---- panel-packed weights: a broadcast-form GEMM for 1 to a few rows ----
+//
+// The dot-product tiles above end every output in a horizontal sum and, at several rows, keep too few FMA chains per
+// load. A panel copy of the weight, (P, K, 8) with P = ceil(N / 8) (panel p holds output features 8p..8p+7 for
+// every k, zeros past N), turns the product into the classic GEMM micro-kernel: each k step loads 8 features of a
+// panel and multiplies them by each row's x[k] broadcast from memory, NR rows x NP panels of accumulators in
+// registers, no horizontal sums. Every output is one FMA chain over k in order, whatever the row count or tile, so a
+// row's result does not depend on which other rows share the step (batched == single, bit for bit).
+
+template <typename WT, int NR, int NP>
+inline void panel_tile(const float* x, int64_t K, const WT* wp, float* out /* [NR][NP * 8] */) {
+  __m256 acc[NR][NP];
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < NP; ++j) acc[i][j] = _mm256_setzero_ps();
+  const int64_t ps = K * 8;  // panel stride
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 w[NP];
+    for (int j = 0; j < NP; ++j) w[j] = load8(wp + j * ps + k * 8);
+    for (int i = 0; i < NR; ++i) {
+      const __m256 xb = _mm256_broadcast_ss(x + i * K + k);
+      for (int j = 0; j < NP; ++j) acc[i][j] = _mm256_fmadd_ps(xb, w[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < NP; ++j) _mm256_storeu_ps(out + (i * NP + j) * 8, acc[i][j]);
+}
+
+// y[r, n0:n0+8] = ep(v) for one panel's outputs (vector form where no bf16 rounding is involved).
+inline void panel_store(const float* v, int64_t row, int64_t n0, int64_t N, const Epilogue& ep, float* y) {
+  if (n0 + 8 <= N && !ep.round_bf16) {
+    __m256 a = _mm256_loadu_ps(v);
+    if (ep.scale) a = _mm256_mul_ps(a, _mm256_loadu_ps(ep.scale + n0));
+    if (ep.bias) a = _mm256_add_ps(a, _mm256_loadu_ps(ep.bias + n0));
+    if (ep.residual) a = _mm256_add_ps(_mm256_loadu_ps(ep.residual + row * N + n0), a);
+    _mm256_storeu_ps(y + row * N + n0, a);
+    return;
+  }
+  for (int64_t c = 0; c < 8 && n0 + c < N; ++c) y[row * N + n0 + c] = ep(v[c], row, n0 + c, N);
+}
+
+// Rows NR at a time (then fewer) against NP panels starting at panel p0.
+template <typename WT, int NR, int NP>
+inline void panel_block(const float* x, int64_t R, int64_t K, const WT* wp, int64_t p0, int64_t N,
+                        const Epilogue& ep, float* y) {
+  alignas(32) float acc[NR * NP * 8];
+  const WT* w = wp + p0 * K * 8;
+  auto put = [&](int64_t r, int rows, int np) {
+    for (int i = 0; i < rows; ++i)
+      for (int j = 0; j < NP; ++j) panel_store(acc + (i * np + j) * 8, r + i, (p0 + j) * 8, N, ep, y);
+  };
+  int64_t r = 0;
+  for (; r + NR <= R; r += NR) {
+    panel_tile<WT, NR, NP>(x + r * K, K, w, acc);
+    put(r, NR, NP);
+  }
+  if constexpr (NR > 2)
+    for (; r + 2 <= R; r += 2) {
+      panel_tile<WT, 2, NP>(x + r * K, K, w, acc);
+      put(r, 2, NP);
+    }
+  if constexpr (NR > 1)
+    for (; r < R; ++r) {
+      panel_tile<WT, 1, NP>(x + r * K, K, w, acc);
+      put(r, 1, NP);
+    }
+}
+
+// NR x NP accumulators: 1 x 4 panels for one row (four weight streams), 2 x 4 for two rows, 4 x 2 for more
+// (eight accumulators, two panel loads and four broadcasts per eight FMAs; more rows take further passes over the
+// same panels, which are in L1/L2 by then).
+template <typename WT, int NR, int NP>
+void run_panels_with(const float* x, int64_t R, int64_t K, const WT* wp, int64_t N, const Epilogue& ep, float* y) {
+  const int64_t P = (N + 7) / 8, groups = P / NP;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, NP * 8 * K * int64_t(sizeof(WT))));
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) panel_block<WT, NR, NP>(x, R, K, wp, g * NP, N, ep, y);
+  });
+  for (int64_t p = groups * NP; p < P; ++p) panel_block<WT, NR, 1>(x, R, K, wp, p, N, ep, y);
+}
+
+template <typename WT>
+void run_panels(const float* x, int64_t R, int64_t K, const WT* wp, int64_t N, const Epilogue& ep, float* y) {
+  if (R == 1)
+    run_panels_with<WT, 1, 4>(x, R, K, wp, N, ep, y);
+  else if (R == 2)
+    run_panels_with<WT, 2, 4>(x, R, K, wp, N, ep, y);
+  else if (R == 3)
+    run_panels_with<WT, 3, 2>(x, R, K, wp, N, ep, y);
+  else
+    run_panels_with<WT, 4, 2>(x, R, K, wp, N, ep, y);
+}
+
+at::Tensor linear_panel(const at::Tensor& x, const at::Tensor& wp, int64_t N, const std::optional<at::Tensor>& scale,
+                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(x.device().is_cpu() && wp.device().is_cpu(), "scratchchat kernels run on the CPU");
+  TORCH_CHECK(x.dim() == 2, "x must be (R, K)");
+  TORCH_CHECK(wp.dim() == 3 && wp.size(2) == 8 && wp.is_contiguous(), "the panels must be a contiguous (P, K, 8) tensor");
+  TORCH_CHECK(N > 0 && (N + 7) / 8 == wp.size(0), N, " output features do not fill ", wp.size(0), " panels of 8");
+  TORCH_CHECK(x.size(1) == wp.size(1), "x has ", x.size(1), " features but the panels take ", wp.size(1));
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "x must be float32 or bfloat16, not ", x.scalar_type());
+  if (bias) TORCH_CHECK(bias->numel() == N, "bias has ", bias->numel(), " entries, not ", N);
+  const at::Tensor xf = as_float(x);
+  const int64_t R = x.size(0), K = x.size(1);
+  Output out(x, N, bias, residual);
+  at::Tensor sf;
+  if (scale) {
+    TORCH_CHECK(scale->numel() == N, "scale has ", scale->numel(), " entries, not ", N);
+    sf = as_float(*scale);
+    out.ep.scale = sf.data_ptr<float>();
+  }
+  const float* xp = xf.data_ptr<float>();
+  float* yp = out.y.data_ptr<float>();
+  switch (wp.scalar_type()) {
+    case at::kFloat: run_panels(xp, R, K, wp.data_ptr<float>(), N, out.ep, yp); break;
+    case at::kBFloat16: run_panels(xp, R, K, wp.data_ptr<bf16>(), N, out.ep, yp); break;
+    case at::kChar:
+      TORCH_CHECK(scale.has_value(), "int8 panels need their per-feature scale");
+      run_panels(xp, R, K, wp.data_ptr<int8_t>(), N, out.ep, yp);
+      break;
+    default: TORCH_CHECK(false, "panels must be float32, bfloat16 or int8, not ", wp.scalar_type());
+  }
+  return out.result(x);
+}
+
 // ---- the small steps of a decode layer ----
 
 // exp(x) for float32 lanes: Cephes' expf (range reduction by ln 2, degree-6 polynomial), ~1 ulp.
@@ -534,11 +658,124 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return y;
 }
 
+// ---- per-request LoRA deltas of a decode step ----
+//
+//   scratchchat::lora(x, y, a, b, pieces, coef, residual?) -> y + delta  (or residual + (y + delta))
+//
+// A batch mixes adapters: row i adds sum_j coef[i, j] * B_j A_j x_i over the contributions j it uses (an adapter,
+// or a merged one subtracted). ``pieces`` (P, 6) int64 lists every (projection, contribution) low-rank piece of one
+// fused output: [rank offset into a, rank, output offset, output size, offset of its B^T in b, contribution].
+// a (R_total, in) holds the pieces' A stacked along the rank, b the pieces' B^T, each (rank, output size) row-major,
+// flattened. Each row computes only its own pieces (no block-diagonal zeros, no masked-out rows): t = coef * A x,
+// then delta = B t in broadcast form (t[k] times a row of B^T, vectorized over the outputs, no horizontal sums),
+// summed in float32 and added to y once (rounded into y's dtype, as the module path adds the float32 product).
+
+template <typename XT, typename YT>
+void lora_impl(const XT* x, const YT* y, const float* a, const float* b, const int64_t* pc, int64_t P,
+               const float* coef, int64_t C, int64_t R, int64_t K, int64_t N, int64_t Rt, const float* residual,
+               void* out_ptr) {
+  // 1. t[i, rank slice of piece p] = coef[i, j_p] * A_p x_i, for the rows that use piece p
+  std::vector<float> t(R * Rt, 0.f), xf(R * K);
+  for (int64_t i = 0; i < R * K; ++i) xf[i] = widen(x[i]);
+  int64_t work = 0;
+  for (int64_t p = 0; p < P; ++p) work += pc[p * 6 + 1] * K * R;
+  at::parallel_for(0, R * P, std::max<int64_t>(1, R * P * (32 << 10) / std::max<int64_t>(1, work)),
+                   [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t i = u / P, p = u % P;
+      const int64_t* pe = pc + p * 6;
+      const float c = coef[i * C + pe[5]];
+      if (c == 0.f) continue;
+      for (int64_t k = 0; k < pe[1]; ++k) t[i * Rt + pe[0] + k] = c * dot(xf.data() + i * K, a + (pe[0] + k) * K, K);
+    }
+  });
+  // 2. delta = sum over the row's pieces of t . B^T, column blocks across threads; out = y + delta
+  constexpr int64_t BLK = 64;
+  const int64_t blocks = (N + BLK - 1) / BLK;
+  at::parallel_for(0, blocks, 4, [&](int64_t q0, int64_t q1) {
+    alignas(32) float d[BLK];
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t c0 = q * BLK, c1 = std::min(N, c0 + BLK);
+      for (int64_t i = 0; i < R; ++i) {
+        std::fill(d, d + BLK, 0.f);
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t* pe = pc + p * 6;
+          const int64_t lo = std::max(c0, pe[2]), hi = std::min(c1, pe[2] + pe[3]);
+          if (lo >= hi || coef[i * C + pe[5]] == 0.f) continue;
+          const float* tk = t.data() + i * Rt + pe[0];
+          for (int64_t k = 0; k < pe[1]; ++k) {
+            const float* brow = b + pe[4] + k * pe[3] + (lo - pe[2]);
+            const __m256 tv = _mm256_set1_ps(tk[k]);
+            int64_t n = 0;
+            for (; n + 8 <= hi - lo; n += 8)
+              _mm256_storeu_ps(d + lo - c0 + n, _mm256_fmadd_ps(tv, _mm256_loadu_ps(brow + n),
+                                                                _mm256_loadu_ps(d + lo - c0 + n)));
+            for (; n < hi - lo; ++n) d[lo - c0 + n] += tk[k] * brow[n];
+          }
+        }
+        for (int64_t n = c0; n < c1; ++n) {
+          const YT v = YT(widen(y[i * N + n]) + d[n - c0]);
+          if (residual)
+            static_cast<float*>(out_ptr)[i * N + n] = residual[i * N + n] + widen(v);
+          else
+            static_cast<YT*>(out_ptr)[i * N + n] = v;
+        }
+      }
+    }
+  });
+}
+
+at::Tensor lora(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, const at::Tensor& b,
+                const at::Tensor& pieces, const at::Tensor& coef, const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0), "x (R, in) and y (R, out) must share R");
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && coef.scalar_type() == at::kFloat,
+              "LoRA weights and coefficients must be float32");
+  TORCH_CHECK(a.dim() == 2 && a.size(1) == x.size(1), "a must be (R_total, ", x.size(1), ")");
+  TORCH_CHECK(pieces.scalar_type() == at::kLong && pieces.dim() == 2 && pieces.size(1) == 6, "pieces must be (P, 6) int64");
+  TORCH_CHECK(coef.dim() == 2 && coef.size(0) == x.size(0), "coef must be (R, contributions)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  TORCH_CHECK(y.scalar_type() == at::kFloat || y.scalar_type() == at::kBFloat16, "y must be float32 or bfloat16");
+  const at::Tensor xc = x.contiguous(), yc = y.contiguous(), ac = a.contiguous(), bc = b.contiguous(),
+                   pcc = pieces.contiguous(), cc = coef.contiguous();
+  const int64_t R = x.size(0), K = x.size(1), N = y.size(1), P = pieces.size(0), C = coef.size(1), Rt = a.size(0);
+  const int64_t* pc = pcc.data_ptr<int64_t>();
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t* pe = pc + p * 6;
+    TORCH_CHECK(pe[0] >= 0 && pe[1] >= 0 && pe[0] + pe[1] <= Rt, "piece ", p, " reaches past a's ", Rt, " ranks");
+    TORCH_CHECK(pe[2] >= 0 && pe[3] >= 0 && pe[2] + pe[3] <= N, "piece ", p, " reaches past y's ", N, " outputs");
+    TORCH_CHECK(pe[4] >= 0 && pe[4] + pe[1] * pe[3] <= bc.numel(), "piece ", p, " reaches past b");
+    TORCH_CHECK(pe[5] >= 0 && pe[5] < C, "piece ", p, " names contribution ", pe[5], " of ", C);
+  }
+  at::Tensor res, out;
+  if (residual) {
+    TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->sizes() == y.sizes(),
+                "the residual must be float32 and shaped like y");
+    res = residual->contiguous();
+    out = at::empty(y.sizes(), y.options().dtype(at::kFloat));
+  } else {
+    out = at::empty(y.sizes(), y.options());
+  }
+  const float* rp = residual ? res.data_ptr<float>() : nullptr;
+  auto go = [&](auto* xp, auto* yp) {
+    lora_impl(xp, yp, ac.data_ptr<float>(), bc.data_ptr<float>(), pc, P, cc.data_ptr<float>(), C, R, K, N, Rt, rp,
+              out.data_ptr());
+  };
+  const bool xb = x.scalar_type() == at::kBFloat16, yb = y.scalar_type() == at::kBFloat16;
+  if (!xb && !yb) go(xc.data_ptr<float>(), yc.data_ptr<float>());
+  else if (!xb && yb) go(xc.data_ptr<float>(), yc.data_ptr<bf16>());
+  else if (xb && !yb) go(xc.data_ptr<bf16>(), yc.data_ptr<float>());
+  else go(xc.data_ptr<bf16>(), yc.data_ptr<bf16>());
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(scratchchat, m) {
   m.def("linear(Tensor x, Tensor w, Tensor? bias=None, Tensor? residual=None) -> Tensor");
   m.def("linear_i8(Tensor x, Tensor q, Tensor scale, Tensor? bias=None, Tensor? residual=None) -> Tensor");
+  m.def("linear_panel(Tensor x, Tensor panels, int n, Tensor? scale=None, Tensor? bias=None, Tensor? residual=None) "
+        "-> Tensor");
+  m.def("lora(Tensor x, Tensor y, Tensor a, Tensor b, Tensor pieces, Tensor coef, Tensor? residual=None) -> Tensor");
   m.def("decode_attention(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, Tensor? cos, "
         "Tensor? sin, int n_heads) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -548,6 +785,8 @@ TORCH_LIBRARY(scratchchat, m) {
 TORCH_LIBRARY_IMPL(scratchchat, CPU, m) {
   m.impl("linear", &linear);
   m.impl("linear_i8", &linear_i8);
+  m.impl("linear_panel", &linear_panel);
+  m.impl("lora", &lora);
   m.impl("decode_attention", &decode_attention);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
