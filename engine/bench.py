@@ -226,8 +226,10 @@ def serving_figures(root: Path, name: str, dtype: torch.dtype, tmp: Path, n_new:
         for _ in range(ROUNDS):
             s = engine.new_session(name, system_prompt="")
             ttft = []
-            for _ in range(10):
-                s.complete(msg, GenerationConfig(max_new_tokens=60))
+            for turn in range(10):
+                # a different message each turn: identical turns (with a random model's empty answers) would make
+                # a history that drops its oldest turn tokenize exactly like the last one, all of it cached
+                s.complete(f"({turn + 1}) {msg}", GenerationConfig(max_new_tokens=60))
                 ttft.append(s.last_usage.ttft_s)
             firsts.append(ttft[0])
             tenths.append(ttft[-1])

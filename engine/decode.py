@@ -42,20 +42,16 @@ def product(weight: torch.Tensor, bias: torch.Tensor | None, w8: Int8Weight | No
     """The kernel :func:`engine.linear.linear_q` would pick for ``rows`` rows, bound to its weights; called with a
     residual, it returns ``residual + product`` (our kernels add it in their epilogue: one op less)."""
     pw = None if packed is None else packed.for_rows(rows)
-    fresh = pw is not None and pw.fresh(sources)
-    if w8 is not None and rows <= int8_rows():
-        if fresh and pw.scale is not None:  # int8 panels
+    if pw is not None and (w8 is None or pw.scale is not None) and pw.fresh(sources):
+        if pw.kernel == "panel":  # float32 / bf16 panels, or int8 ones with their scale
             panels, n, scale = pw.packed, weight.shape[0], pw.scale
             return lambda x, residual=None: ops.linear_panel(x, panels, n, scale, bias, residual)
-        q, scale = w8
-        return lambda x, residual=None: ops.linear_i8(x, q, scale, bias, residual)
-    if fresh:
         if pw.kernel == "scratch":
             return lambda x, residual=None: ops.linear(x, weight, bias, residual)
-        if pw.kernel == "panel":
-            panels, n = pw.packed, weight.shape[0]
-            return lambda x, residual=None: ops.linear_panel(x, panels, n, None, bias, residual)
         return _with_residual(lambda x: prepack.packed_linear(x, pw, bias))
+    if w8 is not None and rows <= int8_rows():
+        q, scale = w8
+        return lambda x, residual=None: ops.linear_i8(x, q, scale, bias, residual)
     if rows == 1:
         if bias is None:
             return _with_residual(lambda x: torch.mv(weight, x[0]).unsqueeze(0))

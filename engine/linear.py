@@ -39,11 +39,10 @@ def linear_q(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, w
     if not torch.is_grad_enabled():
         rows = x.numel() // x.shape[-1]
         pw = None if packed is None else packed.for_rows(rows)
-        fresh = pw is not None and pw.fresh(sources or (weight,))
-        if w8 is not None and rows <= int8_rows():  # int8: its panel copy if fresh, else the row-form kernel
-            return packed_linear(x, pw, bias) if fresh and pw.scale is not None else int8_linear(x, w8, bias)
-        if fresh:
-            return packed_linear(x, pw, bias)
+        if pw is not None and (w8 is None or pw.scale is not None) and pw.fresh(sources or (weight,)):
+            return packed_linear(x, pw, bias)  # a packed copy (int8 panels for an int8 weight)
+        if w8 is not None and rows <= int8_rows():
+            return int8_linear(x, w8, bias)
     return linear(x, weight, bias)
 
 

@@ -68,7 +68,8 @@ def test_packed_decode_equals_plain(kernel, family, tied):
     plain = decode_logits(model, [5, 17, 42], 6)
     chosen = prepack.prepack_(model, kernel)
     kinds = {"qkv", "o_proj", "down_proj", "head"} | ({"gate_up"} if family == "llama" else {"up_proj"})
-    label = kernel if kernel not in prepack.MULTI_ROW else f"{kernel}[1-{prepack.BATCH_ROWS} rows]"
+    rows = prepack.PANEL_ROWS if kernel == "panel" else prepack.BATCH_ROWS  # panels serve prefill chunks too
+    label = kernel if kernel not in prepack.MULTI_ROW else f"{kernel}[1-{rows} rows]"
     assert chosen == dict.fromkeys(kinds, label)
     assert model.blocks[0].attn._qkv.packed.kernel == kernel
     assert ("head_packed" in model.__dict__) == tied
