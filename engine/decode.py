@@ -7,8 +7,12 @@ steps once: each projection's kernel and weights (int8 copy, packed copy or plai
 step), the norms, the attention op. A step is then ~8 op calls per layer (the residual adds ride in the
 projections' epilogues).
 
+When every projection runs one of our kernels (panels, row-form or int8; the usual case once :mod:`engine.prepack`
+has measured), the whole step is one op, ``scratchchat::decode_blocks``, which runs the same kernels in the same
+order in C++ (the ~240 Python-side calls of a SmolLM2 step cost ~2 ms of ~20); otherwise the Python loop below runs.
+
 It computes exactly what the module path computes (the same ops on the same tensors; tests compare logits and
-tokens). What it resolved is keyed by every tensor it reads (data pointer and in-place version) and every int8 or
+tokens bit for bit, for the one-op form and the Python loop). What it resolved is keyed by every tensor it reads (data pointer and in-place version) and every int8 or
 packed copy it uses (identity), and by the module types: a LoRA merge or unmerge, a requantization, a repack, a
 ``load_state_dict``, ``model.to(...)`` or a peft wrapper makes it rebuild on the next step, never run stale.
 GPT.forward uses it for decode steps when our kernels are available, with per-request adapters too (a hook with
@@ -18,6 +22,7 @@ a ``group`` method, as the scheduler's :class:`engine.lora.BatchLora`); prefill 
 from __future__ import annotations
 
 import operator
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -29,34 +34,48 @@ from engine.linear import FusedLinears, is_plain_linear
 from engine.prepack import PackedWeight
 from engine.quant import Int8Weight, int8_rows
 
-Product = Callable[..., torch.Tensor]  # (x (R, K), residual (R, N) float32 or None) -> residual + x @ W.T (+ b)
 ops = torch.ops.scratchchat
 
 
-def _with_residual(f: Callable[[torch.Tensor], torch.Tensor]) -> Product:
-    return lambda x, residual=None: f(x) if residual is None else residual + f(x)
+def _with_residual(f: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., torch.Tensor]:
+    return lambda x, residual: f(x) if residual is None else residual + f(x)
+
+
+class Product:
+    """A projection's kernel bound to its weights: ``p(x)`` or, with a float32 residual, ``residual + p(x)`` (our
+    kernels add it in their epilogue: one op less). ``spec`` is how :func:`decode_blocks` runs the same kernel
+    ((kind, N, weight, bias, scale); kinds: 0 our row-form kernel, 1 panels, 2 int8), None for PyTorch's kernels."""
+
+    __slots__ = ("run", "spec")
+
+    def __init__(self, run: Callable[..., torch.Tensor], spec: tuple | None = None) -> None:
+        self.run, self.spec = run, spec
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return self.run(x, residual)
 
 
 def product(weight: torch.Tensor, bias: torch.Tensor | None, w8: Int8Weight | None, packed: PackedWeight | None,
             rows: int, sources: list[torch.Tensor]) -> Product:
-    """The kernel :func:`engine.linear.linear_q` would pick for ``rows`` rows, bound to its weights; called with a
-    residual, it returns ``residual + product`` (our kernels add it in their epilogue: one op less)."""
+    """The kernel :func:`engine.linear.linear_q` would pick for ``rows`` rows, bound to its weights."""
+    n = weight.shape[0]
     pw = None if packed is None else packed.for_rows(rows)
     if pw is not None and (w8 is None or pw.scale is not None) and pw.fresh(sources):
         if pw.kernel == "panel":  # float32 / bf16 panels, or int8 ones with their scale
-            panels, n, scale = pw.packed, weight.shape[0], pw.scale
-            return lambda x, residual=None: ops.linear_panel(x, panels, n, scale, bias, residual)
+            panels, scale = pw.packed, pw.scale
+            return Product(lambda x, residual: ops.linear_panel(x, panels, n, scale, bias, residual),
+                           (1, n, panels, bias, scale))
         if pw.kernel == "scratch":
-            return lambda x, residual=None: ops.linear(x, weight, bias, residual)
-        return _with_residual(lambda x: prepack.packed_linear(x, pw, bias))
+            return Product(lambda x, residual: ops.linear(x, weight, bias, residual), (0, n, weight, bias, None))
+        return Product(_with_residual(lambda x: prepack.packed_linear(x, pw, bias)))
     if w8 is not None and rows <= int8_rows():
         q, scale = w8
-        return lambda x, residual=None: ops.linear_i8(x, q, scale, bias, residual)
+        return Product(lambda x, residual: ops.linear_i8(x, q, scale, bias, residual), (2, n, q, bias, scale))
     if rows == 1:
         if bias is None:
-            return _with_residual(lambda x: torch.mv(weight, x[0]).unsqueeze(0))
-        return _with_residual(lambda x: torch.addmv(bias, weight, x[0]).unsqueeze(0))
-    return _with_residual(lambda x: F.linear(x, weight, bias))
+            return Product(_with_residual(lambda x: torch.mv(weight, x[0]).unsqueeze(0)))
+        return Product(_with_residual(lambda x: torch.addmv(bias, weight, x[0]).unsqueeze(0)))
+    return Product(_with_residual(lambda x: F.linear(x, weight, bias)))
 
 
 class _Keys:
@@ -96,15 +115,32 @@ class _Keys:
         return [d[n] for d, n in self.params]
 
 
-def _norm(module: nn.Module, keys: _Keys) -> Callable[[torch.Tensor], torch.Tensor]:
-    w, eps = module.weight, module.eps
-    keys.norm(module)
-    if hasattr(module, "bias"):  # LayerNorm (GPT-2): float32 math, output in the weights' dtype
-        b = module.bias
-        shape = (w.shape[0],)
-        wf, bf = w.float(), None if b is None else b.float()
-        return lambda x: F.layer_norm(x, shape, wf, bf, eps).to(w.dtype)
-    return lambda x: ops.rms_norm(x, w, eps)
+class Norm:
+    """A block's norm bound to its weights; ``spec`` is (kind, weight, bias, eps) for :func:`decode_blocks` (kinds:
+    0 RMSNorm, 1 LayerNorm with a float32 output, 2 LayerNorm with a bf16 output)."""
+
+    __slots__ = ("run", "spec")
+
+    def __init__(self, module: nn.Module, keys: _Keys) -> None:
+        w, eps = module.weight, module.eps
+        keys.norm(module)
+        if hasattr(module, "bias"):  # LayerNorm (GPT-2): float32 math, output in the weights' dtype
+            b = module.bias
+            shape = (w.shape[0],)
+            wf, bf = w.float(), None if b is None else b.float()
+            self.run = lambda x: F.layer_norm(x, shape, wf, bf, eps).to(w.dtype)
+            kind = {torch.float32: 1, torch.bfloat16: 2}.get(w.dtype)
+            self.spec = None if kind is None else (kind, wf, bf, eps)
+        else:
+            self.run = lambda x: ops.rms_norm(x, w, eps)
+            self.spec = (0, w, None, eps)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)
+
+
+SLOTS, META = 32, 12  # per layer in decode_blocks' tensors and meta (engine/csrc/kernels.cpp)
+LORA_SLOTS = {"qkv": 16, "o_proj": 19, "up": 22, "down_proj": 25}  # each (a, b_flat, pieces) of the lora op
 
 
 class DecodeRunner:
@@ -123,8 +159,8 @@ class DecodeRunner:
                     or not is_plain_linear(mlp.down_proj) or not (mlp.swiglu or is_plain_linear(mlp.up_proj)):
                 raise ValueError("a projection is wrapped or trainable: decode through the modules")
             up = keys.fused(gate_up, rows) if gate_up is not None else keys.linear(mlp.up_proj, rows)
-            self.layers.append((attn.layer_idx, attn.n_heads, _norm(block.attn_norm, keys), keys.fused(qkv, rows),
-                                keys.linear(attn.o_proj, rows), _norm(block.mlp_norm, keys), up,
+            self.layers.append((attn.layer_idx, attn.n_heads, Norm(block.attn_norm, keys), keys.fused(qkv, rows),
+                                keys.linear(attn.o_proj, rows), Norm(block.mlp_norm, keys), up,
                                 keys.linear(mlp.down_proj, rows), mlp.swiglu))
             self.sizes.append((qkv.sizes, gate_up.sizes if gate_up is not None else None))
         if any(t.is_inference() for t in keys.tensors()):  # made under inference_mode: no version counter to watch
@@ -135,6 +171,49 @@ class DecodeRunner:
         self.blocks = list(model.blocks)
         self._keys = keys
         self.key = keys.key()
+        self._fuse()
+        self._with_lora: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # hook -> its tensors list
+
+    def _fuse(self) -> None:
+        """The tensors and ints of :func:`decode_blocks` (one op for every block) when each projection runs one of
+        our kernels and every norm shares one eps; else ``self.meta`` is None and the loop below runs."""
+        self.tensors: list[torch.Tensor | None] = []
+        self.meta: list[int] | None = []
+        eps = set()
+        for _, heads, norm1, qkv, o, norm2, up, down, swiglu in self.layers:
+            prods = (qkv, o, up, down)
+            if norm1.spec is None or norm2.spec is None or any(p.spec is None for p in prods):
+                self.meta = None
+                return
+            eps |= {norm1.spec[3], norm2.spec[3]}
+            layer: list[torch.Tensor | None] = [norm1.spec[1], norm1.spec[2]]
+            for p in prods[:2]:
+                layer += p.spec[2:]
+            layer += [norm2.spec[1], norm2.spec[2]]
+            for p in prods[2:]:
+                layer += p.spec[2:]
+            self.tensors += layer + [None] * (SLOTS - len(layer))
+            self.meta += [heads, norm1.spec[0], int(swiglu)] + [v for p in prods for v in p.spec[:2]] + [0]
+        if len(eps) != 1:
+            self.meta = None
+            return
+        self.eps = float(eps.pop())
+
+    def _lora_tensors(self, lora: object) -> list[torch.Tensor | None]:
+        """The tensors list with ``lora``'s low-rank pieces in each layer's LoRA slots (built once per hook)."""
+        got = self._with_lora.get(lora)
+        if got is None:
+            got = list(self.tensors)
+            for (i, *_, swiglu), (qkv_sizes, gu_sizes) in zip(self.layers, self.sizes, strict=True):
+                for name, sizes, slot in (("qkv", qkv_sizes, "qkv"), ("o_proj", None, "o_proj"),
+                                          ("gate_up" if swiglu else "up_proj", gu_sizes, "up"),
+                                          ("down_proj", None, "down_proj")):
+                    pk = lora.packed(i, name, sizes)
+                    if pk is not None:
+                        at = i * SLOTS + LORA_SLOTS[slot]
+                        got[at : at + 3] = [pk.a_t, pk.b_flat, pk.pieces]
+            self._with_lora[lora] = got
+        return got
 
     def valid(self, model: nn.Module) -> bool:
         """Still what ``model`` computes: the same tensors, unchanged, the same copies and projection modules (a
@@ -148,9 +227,15 @@ class DecodeRunner:
         """``x`` (B, D) float32 residual stream in, out after every block; the cache rows are written in place.
         ``lora``: a per-request hook with ``group`` and ``decode`` methods (:class:`engine.lora.BatchLora`),
         applied where the modules apply it."""
+        pos, (cos, sin) = plan.decode_positions, plan.decode_tables
+        if self.meta is not None:  # every block in one op
+            if lora is None:
+                return ops.decode_blocks(x, self.tensors, self.meta, cache.keys, cache.values, pos, cos, sin, None,
+                                         self.eps)
+            return ops.decode_blocks(x, self._lora_tensors(lora), self.meta, cache.keys, cache.values, pos, cos, sin,
+                                     lora.coef, self.eps)
         if lora is not None:
             return self._adapted(x, cache, plan, lora)
-        pos, (cos, sin) = plan.decode_positions, plan.decode_tables
         keys, values = cache.keys, cache.values
         attend, silu_mul, gelu = ops.decode_attention, ops.silu_mul, F.gelu
         for i, heads, norm1, qkv, o, norm2, up, down, swiglu in self.layers:

@@ -1,11 +1,19 @@
 """Our AVX2 decode kernels (``engine/csrc/kernels.cpp``), compiled on first use and cached.
 
-PyTorch's CPU GEMV streams a decode step's weights well below the memory bandwidth on AVX2 machines, and its int8
-weight-only kernel wants bf16 activations, which such a CPU converts in software. ``kernels.cpp`` holds two
-memory-bound products for 1 to a few rows, registered as PyTorch ops (``torch.ops.scratchchat.linear`` for float32
-or bf16 weights, ``torch.ops.scratchchat.linear_i8`` for int8 weights with per-row scales), threaded with PyTorch's
-own OpenMP runtime. :mod:`engine.prepack` measures them against PyTorch's kernels at load and uses them where they
-win; nothing else calls them.
+PyTorch's CPU GEMV streams a decode step's weights well below the memory bandwidth on AVX2 machines, its GEMM is
+slow at 2-128 rows there, and its int8 weight-only kernel wants bf16 activations, which such a CPU converts in
+software. ``kernels.cpp`` registers PyTorch ops (``torch.ops.scratchchat.*``) threaded with PyTorch's own OpenMP
+runtime:
+
+- products for a few rows: ``linear`` (float32 / bf16 weights as stored), ``linear_i8`` (int8 weights, per-row
+  scales) and ``linear_panel`` (a panel copy of the weight, :func:`pack_panels`: the broadcast-form GEMM
+  micro-kernel, float32 / bf16 / int8, 1 to 128 rows), each with bias, scale and residual-add epilogues;
+- the small steps of a decode layer: ``decode_attention`` (RoPE, cache write, grouped-query attention),
+  ``rms_norm``, ``silu_mul``;
+- ``lora``: a decode step's per-row LoRA deltas, each row computing only its own adapter's pieces;
+- ``decode_blocks``: every block of a decode step in one call (what :mod:`engine.decode` runs).
+
+:mod:`engine.prepack` measures the products against PyTorch's kernels at load and uses them where they win.
 
 The library is built with ``torch.utils.cpp_extension`` (gcc + ninja, ~30 s once) into
 ``$SCRATCHCHAT_KERNEL_CACHE`` (default ``~/.cache/scratchchat/kernels``), keyed by the source's hash and the torch

@@ -275,30 +275,29 @@ class BatchLora:
 
     def __call__(self, layer: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x (B, T, in), y (B, T, out) = base projection output -> y + row-wise scale * x A^T B^T."""
-        key = (layer, proj)
-        if key not in self._packs:
-            self._packs[key] = self._pack(layer, (proj,), None)
-        return _add_delta(x, y, self._packs[key])
+        return _add_delta(x, y, self.packed(layer, proj))
 
     def group(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
         """Like ``__call__`` for the fused output ``y`` (B, T, sum(sizes)) of the projections ``GROUPS[name]``."""
-        key = (layer, name)
-        if key not in self._packs:
-            self._packs[key] = self._pack(layer, GROUPS[name], tuple(sizes))
-        return _add_delta(x, y, self._packs[key])
+        return _add_delta(x, y, self.packed(layer, name, sizes))
 
     def decode(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor, residual: torch.Tensor | None = None,
                sizes: Sequence[int] | None = None) -> torch.Tensor:
         """A decode step's delta for 2-D x (B, in), y (B, out): ``y + delta``, or ``residual + (y + delta)`` (the
         layer's residual add, float32). ``name``: a projection, or a group of :data:`GROUPS` with its ``sizes``."""
+        pk = self.packed(layer, name, sizes)
+        if pk is None:
+            return y if residual is None else residual + y
+        return torch.ops.scratchchat.lora(x, y, pk.a_t, pk.b_flat, pk.pieces, pk.coef, residual)
+
+    def packed(self, layer: int, name: str, sizes: Sequence[int] | None = None) -> Packed | None:
+        """The low-rank work of projection ``name`` (or of group ``name`` with its ``sizes``) under this batch
+        composition, built on first use; None where no row's adapter touches it."""
         key = (layer, name)
         if key not in self._packs:
             self._packs[key] = self._pack(layer, GROUPS[name] if sizes is not None else (name,),
                                           None if sizes is None else tuple(sizes))
-        pk = self._packs[key]
-        if pk is None:
-            return y if residual is None else residual + y
-        return torch.ops.scratchchat.lora(x, y, pk.a_t, pk.b_flat, pk.pieces, pk.coef, residual)
+        return self._packs[key]
 
     def _pack(self, layer: int, projs: tuple[str, ...], sizes: tuple[int, ...] | None) -> Packed | None:
         a_parts, b_parts, mask_parts = [], [], []
@@ -336,9 +335,9 @@ class BatchLora:
 
 def _add_delta(x: torch.Tensor, y: torch.Tensor, packed: Packed | None) -> torch.Tensor:
     """y + ((x @ A) * mask) @ B, the low-rank part in the adapter's dtype (float32 for a bf16 base: small bf16
-    matmuls are slow on CPU and the sum is more exact). Few ops: this runs four times per layer and step. Decode
-    steps (up to 8 rows, no autograd) run both products through our kernels, which read the adapters' weights at
-    memory speed where MKL's small-M GEMMs took 50-110 us each here."""
+    matmuls are slow on CPU and the sum is more exact). Decode steps (one token per row, up to
+    :data:`DECODE_ROWS` rows, no autograd) run our ``scratchchat::lora`` op instead, which computes each row's own
+    pieces only (no block-diagonal zeros, no masked-out rows) and adds them to y once."""
     if packed is None:
         return y
     a_t, b_t, mask = packed.a_t, packed.b_t, packed.mask

@@ -10,15 +10,19 @@ tall ones (``down_proj``). Inductor's CPU backend uses the same two packed kerne
 Batched decode (a few rows) has the same problem: MKL's float32 GEMM at 4-8 rows read the weights at 5-8 GB/s
 there, and oneDNN's kernel on a weight packed for 8 rows ran gate/up, down and the head 2-3x faster.
 
-Our own AVX2 kernels (:mod:`engine.kernels`) are a third candidate that needs no copy: they stream the weight as
-stored (25-30 GB/s for one row there).
+Our own AVX2 kernels (:mod:`engine.kernels`) are two more candidates: ``scratch`` streams the weight as stored
+(25-30 GB/s for one row there, no copy), ``panel`` reads a panel copy of it (8 output features interleaved per k,
+the broadcast-form GEMM micro-kernel): ~12% faster than ``scratch`` at one row there, 1.3-1.6x at 2-8 rows, and
+faster than MKL's GEMM for prefill chunks up to :data:`PANEL_ROWS` rows. An int8 model (:mod:`engine.quant`) gets
+int8 panels (a quarter of the float copy's bytes) without measuring: they matched the row-form int8 kernel at one
+row and ran 1.3-1.9x faster at 2-8.
 
 So :func:`prepack_` times each kind of projection (every layer's weights of that kind in turn, so they stream from
 memory as in a real step) at one row and at :data:`BATCH_ROWS` rows, with the plain kernels (``addmv``,
 ``F.linear``) and each packed kernel this build and CPU offer, and picks the fastest for one row and the fastest
 for 2 to :data:`BATCH_ROWS` rows, keeping at most one packed copy per weight (our kernels make none). A packed copy
 is a second copy of that weight: more memory for more speed. ``SCRATCHCHAT_PACK=off`` keeps PyTorch's plain
-kernels only (no copies, none of ours). The plain weight stays the reference: prefill uses it, and a packed copy whose
+kernels only (no copies, none of ours); ``scratch`` or ``panel`` forces one of ours. The plain weight stays the reference: prefill uses it, and a packed copy whose
 weight changed since packing (a LoRA merge writes in place) is ignored until the registry packs again, so a stale
 copy can cost speed but never correctness.
 """

@@ -1,5 +1,6 @@
-"""engine.decode: the resolved decode loop computes exactly what the modules compute (both families, one row and
-rows at different lengths, float32 / bf16 / int8), and it never runs stale: an in-place weight change, a requantized
+"""engine.decode: the resolved decode loop, and its one-op form (decode_blocks), compute exactly what the modules
+compute (both families, one row and rows at different lengths, float32 / bf16 / int8, with per-row adapters), and it
+never runs stale: an in-place weight change, a requantized
 or repacked weight, a peft wrapper, inference tensors or a deep copy all make it rebuild or step aside."""
 
 from __future__ import annotations
@@ -79,6 +80,42 @@ def test_runner_equals_the_modules_exactly(cfg, dtype, quant, monkeypatch):
         assert list(generate_tokens(model, PROMPTS[0], gen)) == list(generate_uncached(model, PROMPTS[0], gen))
 
 
+def python_loop(monkeypatch_context) -> None:
+    """Runners built inside this context run their Python layer loop instead of the one-op decode_blocks."""
+    real = decode.DecodeRunner._fuse
+
+    def unfused(self):
+        real(self)
+        self.meta = None
+
+    monkeypatch_context.setattr(decode.DecodeRunner, "_fuse", unfused)
+
+
+@pytest.mark.parametrize("pack", ["panel", "scratch"])
+@pytest.mark.parametrize("quant", ["none", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_every_block_in_one_op_equals_the_python_loop_and_the_modules(cfg, dtype, quant, pack, monkeypatch):
+    """With our kernels on every projection (panels, row-form, int8) a decode step is one decode_blocks call; it
+    runs the same kernels in the same order as the Python loop, so all three paths agree bit for bit."""
+    model = frozen(cfg, dtype)
+    if quant == "int8":
+        quantize_int8_(model)
+    prepack.prepack_(model, pack)
+    reference = through_modules(model, monkeypatch)
+    got = steps(model)
+    runners = model._decode_runners
+    assert set(runners) == {1, 3} and all(r.meta is not None for r in runners.values())
+    with monkeypatch.context() as m:
+        python_loop(m)
+        model.__dict__.pop("_decode_runners")
+        looped = steps(model)
+        assert all(r.meta is None for r in model._decode_runners.values())
+    for a, b, c in zip(got, reference, looped, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
 def test_an_in_place_change_rebuilds_the_runner(monkeypatch):
     model = frozen(LLAMA)
     prepack.prepack_(model, "auto")
@@ -131,9 +168,11 @@ def test_inference_tensors_and_deep_copies():
     torch.testing.assert_close(steps(twin)[0], steps(model)[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("pack", ["off", "panel"])
 @pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama", "gpt2"])
-def test_adapted_rows_equal_the_modules_exactly(cfg, tmp_path, monkeypatch):
-    """Rows with different adapters and none in one decode step: the runner applies the hook where the modules do."""
+def test_adapted_rows_equal_the_modules_exactly(cfg, pack, tmp_path, monkeypatch):
+    """Rows with different adapters and none in one decode step: the runner applies the hook where the modules do,
+    in its Python loop (PyTorch's kernels) or inside decode_blocks (panels)."""
     import json
 
     peft = pytest.importorskip("peft")
@@ -150,6 +189,7 @@ def test_adapted_rows_equal_the_modules_exactly(cfg, tmp_path, monkeypatch):
         (folder / "scratchchat.json").write_text(json.dumps({"base": "tiny", "base_sha256": "abc"}))
         adapters.append(load_adapter(folder, cfg, base_name="tiny", base_sha256="abc"))
     hook = BatchLora([adapters[0], None, adapters[1]])
+    prepack.prepack_(model, pack)
 
     def run() -> torch.Tensor:
         cache = KVCache.build(cfg, 3, 32)
@@ -160,6 +200,7 @@ def test_adapted_rows_equal_the_modules_exactly(cfg, tmp_path, monkeypatch):
 
     got = run()
     assert 3 in used_runner(model)
+    assert (model._decode_runners[3].meta is not None) == (pack == "panel")
     with monkeypatch.context() as m:
         m.setattr(engine.model, "runner_for", lambda model, rows: None)
         want = run()
