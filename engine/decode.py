@@ -12,11 +12,12 @@ has measured), the whole step is one op, ``scratchchat::decode_blocks``, which r
 order in C++ (the ~240 Python-side calls of a SmolLM2 step cost ~2 ms of ~20); otherwise the Python loop below runs.
 
 It computes exactly what the module path computes (the same ops on the same tensors; tests compare logits and
-tokens bit for bit, for the one-op form and the Python loop). What it resolved is keyed by every tensor it reads (data pointer and in-place version) and every int8 or
-packed copy it uses (identity), and by the module types: a LoRA merge or unmerge, a requantization, a repack, a
-``load_state_dict``, ``model.to(...)`` or a peft wrapper makes it rebuild on the next step, never run stale.
-GPT.forward uses it for decode steps when our kernels are available, with per-request adapters too (a hook with
-a ``group`` method, as the scheduler's :class:`engine.lora.BatchLora`); prefill and training run the modules.
+tokens bit for bit, for the one-op form and the Python loop). What it resolved is keyed by every tensor it reads
+(data pointer and in-place version) and every int8 or packed copy it uses (identity), and by the module types: a
+LoRA merge or unmerge, a requantization, a repack, a ``load_state_dict``, ``model.to(...)`` or a peft wrapper makes
+it rebuild on the next step, never run stale. GPT.forward uses it for decode steps when our kernels are available,
+with per-request adapters too (a hook with ``decode`` and ``packed`` methods, as the scheduler's
+:class:`engine.lora.BatchLora`); prefill and training run the modules.
 """
 
 from __future__ import annotations

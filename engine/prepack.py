@@ -20,11 +20,12 @@ row and ran 1.3-1.9x faster at 2-8.
 So :func:`prepack_` times each kind of projection (every layer's weights of that kind in turn, so they stream from
 memory as in a real step) at one row and at :data:`BATCH_ROWS` rows, with the plain kernels (``addmv``,
 ``F.linear``) and each packed kernel this build and CPU offer, and picks the fastest for one row and the fastest
-for 2 to :data:`BATCH_ROWS` rows, keeping at most one packed copy per weight (our kernels make none). A packed copy
-is a second copy of that weight: more memory for more speed. ``SCRATCHCHAT_PACK=off`` keeps PyTorch's plain
-kernels only (no copies, none of ours); ``scratch`` or ``panel`` forces one of ours. The plain weight stays the reference: prefill uses it, and a packed copy whose
-weight changed since packing (a LoRA merge writes in place) is ignored until the registry packs again, so a stale
-copy can cost speed but never correctness.
+for 2 to :data:`BATCH_ROWS` rows, keeping at most one packed copy per weight (``scratch`` makes none). A packed copy
+is a second copy of that weight: more memory for more speed, made only within the byte budget the registry passes
+(what its memory cap leaves beside the weights). ``SCRATCHCHAT_PACK=off`` keeps PyTorch's plain kernels only (no
+copies, none of ours); ``scratch`` or ``panel`` forces one of ours. The plain weight stays the reference (training
+and long prefill chunks use it), and a packed copy whose weight changed since packing (a LoRA merge writes in place)
+is ignored until the registry packs again, so a stale copy can cost speed but never correctness.
 """
 
 from __future__ import annotations
@@ -287,12 +288,15 @@ def decode_weights(model: nn.Module) -> Iterator[Target]:
 
 
 @torch.no_grad()
-def prepack_(model: nn.Module, mode: str = "auto") -> dict[str, str]:
+def prepack_(model: nn.Module, mode: str = "auto", max_copy_bytes: int | None = None) -> dict[str, str]:
     """Measure and attach packed copies to ``model``'s frozen projections and head where they decode faster.
 
     Args:
-        mode: ``"auto"`` measures; ``"mkl"`` or ``"onednn"`` packs every weight that kernel takes without
-            measuring; ``"scratch"`` uses our kernels everywhere; ``"off"``: PyTorch's plain kernels only.
+        mode: ``"auto"`` measures; ``"mkl"``, ``"onednn"`` or ``"panel"`` packs every weight that kernel takes
+            without measuring; ``"scratch"`` uses our kernels everywhere; ``"off"``: PyTorch's plain kernels only.
+        max_copy_bytes: in ``"auto"`` mode, the most bytes of copies to make (the registry passes what its memory
+            cap leaves beside the weights); a kind whose copies would pass it gets the copy-free kernels only
+            (kinds in model order: q/k/v, o, gate/up, down, head). None: no limit.
 
     Projections of one kind (``qkv``, ``o_proj``, ``gate_up``, ``down_proj``, ``head``, ...) share the decision.
     Safe to call again (after a LoRA merge or unmerge): every kind is measured and packed afresh.
@@ -309,10 +313,15 @@ def prepack_(model: nn.Module, mode: str = "auto") -> dict[str, str]:
         kinds.setdefault(target.kind, []).append(target)
     chosen: dict[str, str] = {}
     extra = 0
+
+    def fits(nbytes: int) -> bool:
+        return mode != "auto" or max_copy_bytes is None or extra + nbytes <= max_copy_bytes
+
     for kind, targets in kinds.items():
         if any(t.quantized for t in targets):
             chosen[kind] = "int8"
-            if mode in ("auto", "panel") and kernels.available() and all(t.quantized for t in targets):
+            if mode in ("auto", "panel") and kernels.available() and all(t.quantized for t in targets) \
+                    and fits(sum(t.int8[0].numel() for t in targets)):
                 # int8 panels: as fast as the row-form int8 kernel at one row, 1.3-1.9x faster at 2-8 (measured at
                 # load of a SmolLM2's shapes on a 2-core EPYC), a quarter of the float copy's bytes
                 for t in targets:
@@ -326,6 +335,8 @@ def prepack_(model: nn.Module, mode: str = "auto") -> dict[str, str]:
             chosen[kind] = "plain"
             continue
         names = tuple(PACKERS) if mode == "auto" else (mode,)
+        if not fits(sum(t.weight.numel() * t.weight.element_size() for t in targets)):
+            names = ("scratch",)  # over the copy budget: our kernels on the weights themselves, or plain
         packed, times = choose([t.weight for t in targets], [t.bias for t in targets], names, forced=mode != "auto")
         name = chosen[kind] = packed[0].label if packed else "plain"
         logger.debug("decode kernel for %s: %s (%s)", kind, name,

@@ -91,8 +91,9 @@ class Registry:
 
     Args:
         root: models dir (default: ``weights.store.models_dir()``, i.e. ``$CHAT_MODELS_DIR`` or ./models).
-        memory_cap: bytes of base weights to keep loaded (``$SCRATCHCHAT_MODEL_MEMORY`` or 8 GiB). The least
-            recently used base that is not busy is evicted to make room; a busy one is kept even over the cap.
+        memory_cap: bytes of base weights (with their packed decode copies) to keep loaded
+            (``$SCRATCHCHAT_MODEL_MEMORY`` or 8 GiB). The least recently used base that is not busy is evicted to
+            make room; a busy one is kept even over the cap. A base gets packed copies only within the cap.
         dtype: serving dtype (default :func:`default_dtype`).
         quant: ``"none"`` or ``"int8"`` (default ``$SCRATCHCHAT_QUANT``, else none); int8 needs our kernels or bf16.
         pack: ``"auto"`` (measure and keep faster packed decode weights), ``"off"``, or ``"mkl"``/``"onednn"``
@@ -219,7 +220,7 @@ class Registry:
                 p.requires_grad_(False)
             if self.quant == "int8":
                 quantize_int8_(model)
-            prepack_(model, self.pack)
+            prepack_(model, self.pack, self._copy_budget(model))
             tokenizer = load_tokenizer(store.model_dir(name, self.root), manifest.get("tokenizer") or {"type": "none"})
             fmt = get_prompt_format(manifest.get("prompt_format") or "none")
         except UnknownModel:
@@ -231,6 +232,11 @@ class Registry:
         return LoadedModel(name=name, manifest=manifest, config=config, model=model, tokenizer=tokenizer,
                            prompt_format=fmt, dtype=self.dtype, sha256=manifest.get("sha256") or "", nbytes=nbytes,
                            stamp=stamp, quant=self.quant)
+
+    def _copy_budget(self, model: torch.nn.Module) -> int:
+        """Bytes of packed decode copies a model may add: what the memory cap leaves beside its own weights (a
+        float32 model's panel copies would double it)."""
+        return max(0, self.memory_cap - sum(p.numel() * p.element_size() for p in model.parameters()))
 
     # ---- adapters
     def get_adapter(self, base: str | LoadedModel, adapter: str) -> LoraAdapter:
@@ -317,4 +323,4 @@ class Registry:
         if lm.quant == "int8":  # the merged weights need int8 copies (on the int8 grid) of their own
             quantize_int8_(lm.model)
         if self.pack != "off":
-            prepack_(lm.model, self.pack)
+            prepack_(lm.model, self.pack, self._copy_budget(lm.model))

@@ -221,3 +221,36 @@ def test_int8_models_decode_through_int8_panels_like_the_row_form_kernel(family)
     assert not pw.fresh([model.blocks[0].mlp.down_proj.weight])
     torch.testing.assert_close(decode_logits(model, [5, 17, 42], 4), decode_logits(rows_form, [5, 17, 42], 4),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_a_copy_budget_keeps_copies_within_it(quant):
+    """max_copy_bytes (the registry passes what its memory cap leaves beside the weights): kinds whose copies would
+    pass it get copy-free kernels, and the model still decodes what the plain one does."""
+    from engine.quant import quantize_int8_
+
+    model = frozen_tiny("llama")
+    if quant == "int8":
+        quantize_int8_(model)
+    plain = decode_logits(model, [5, 17, 42], 4)
+    chosen = prepack.prepack_(model, "auto", max_copy_bytes=0)
+    assert model.packed_bytes == 0
+    for label in chosen.values():
+        assert label in ("plain", "int8") or all(p.split("[")[0] == "scratch" for p in label.split("+")), label
+    torch.testing.assert_close(decode_logits(model, [5, 17, 42], 4), plain, rtol=1e-4, atol=1e-4)
+    head = next(t for t in prepack.decode_weights(model) if t.kind == "head")
+    room = head.int8[0].numel() if quant == "int8" else head.weight.numel() * head.weight.element_size()
+    prepack.prepack_(model, "auto", max_copy_bytes=room)
+    assert model.packed_bytes <= room
+
+
+def test_the_registry_packs_within_its_memory_cap(tmp_path):
+    from engine.registry import Registry
+    from weights import store
+
+    model = frozen_tiny("llama")
+    store.add_model("tiny", model.config.to_dict(), model.state_dict(), tokenizer={"type": "none"},
+                    prompt_format="none", root=tmp_path)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    lm = Registry(tmp_path, memory_cap=weights, dtype=torch.float32, pack="auto").get("tiny")
+    assert lm.model.packed_bytes == 0 and lm.nbytes == weights
