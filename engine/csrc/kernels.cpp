@@ -36,6 +36,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -301,22 +302,28 @@ at::Tensor linear_i8(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
 // registers, no horizontal sums. Every output is one FMA chain over k in order, whatever the row count or tile, so a
 // row's result does not depend on which other rows share the step (batched == single, bit for bit).
 
-template <typename WT, int NR, int NP>
-inline void panel_tile(const float* x, int64_t K, const WT* wp, float* out /* [NR][NP * 8] */) {
-  __m256 acc[NR][NP];
-  for (int i = 0; i < NR; ++i)
-    for (int j = 0; j < NP; ++j) acc[i][j] = _mm256_setzero_ps();
+// The accumulators are expanded from an index pack (acc[I] with I a compile-time constant in every expression): with
+// nested loops over a __m256 array GCC 12 kept the registers but also stored all of them to the stack on every k
+// step (eight stores per eight FMAs, the store port became the bottleneck); this form compiles to loads,
+// broadcasts and FMAs only.
+template <typename WT, int NR, int NP, size_t... I>
+inline void panel_tile_impl(const float* x, int64_t K, const WT* wp, float* out, std::index_sequence<I...>) {
+  __m256 acc[sizeof...(I)];
+  ((acc[I] = _mm256_setzero_ps()), ...);
   const int64_t ps = K * 8;  // panel stride
   for (int64_t k = 0; k < K; ++k) {
-    __m256 w[NP];
+    __m256 w[NP], xb[NR];
     for (int j = 0; j < NP; ++j) w[j] = load8(wp + j * ps + k * 8);
-    for (int i = 0; i < NR; ++i) {
-      const __m256 xb = _mm256_broadcast_ss(x + i * K + k);
-      for (int j = 0; j < NP; ++j) acc[i][j] = _mm256_fmadd_ps(xb, w[j], acc[i][j]);
-    }
+    for (int i = 0; i < NR; ++i) xb[i] = _mm256_broadcast_ss(x + i * K + k);
+    ((acc[I] = _mm256_fmadd_ps(xb[I / NP], w[I % NP], acc[I])), ...);
   }
-  for (int i = 0; i < NR; ++i)
-    for (int j = 0; j < NP; ++j) _mm256_storeu_ps(out + (i * NP + j) * 8, acc[i][j]);
+  ((_mm256_storeu_ps(out + I * 8, acc[I])), ...);
+}
+
+// out[(i * NP + j) * 8 ...] = rows i of x (stride K) times the 8 features of panels j, over all k
+template <typename WT, int NR, int NP>
+inline void panel_tile(const float* x, int64_t K, const WT* wp, float* out /* [NR][NP * 8] */) {
+  panel_tile_impl<WT, NR, NP>(x, K, wp, out, std::make_index_sequence<NR * NP>{});
 }
 
 // y[r, n0:n0+8] = ep(v) for one panel's outputs (vector form where no bf16 rounding is involved).
