@@ -66,27 +66,31 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// dots[i * NW + j] = x[i, :] . w[j, :] for NX rows of x (stride ldx) and NW rows of w (stride K).
-template <typename WT, int NW, int NX>
-inline void tile(const float* x, int64_t ldx, const WT* w, int64_t K, float* dots) {
-  __m256 acc[NX][NW];
-  for (int i = 0; i < NX; ++i)
-    for (int j = 0; j < NW; ++j) acc[i][j] = _mm256_setzero_ps();
+// dots[i * NW + j] = x[i, :] . w[j, :] for NX rows of x (stride ldx) and NW rows of w (stride K). The accumulators
+// are expanded from an index pack (see panel_tile_impl: nested loops over a __m256 array made GCC store them all to
+// the stack on every k step).
+template <typename WT, int NW, int NX, size_t... I>
+inline void tile_impl(const float* x, int64_t ldx, const WT* w, int64_t K, float* dots, std::index_sequence<I...>) {
+  __m256 acc[sizeof...(I)];  // acc[i * NW + j]
+  ((acc[I] = _mm256_setzero_ps()), ...);
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
-    __m256 xv[NX];
+    __m256 xv[NX], wv[NW];
     for (int i = 0; i < NX; ++i) xv[i] = _mm256_loadu_ps(x + i * ldx + k);
-    for (int j = 0; j < NW; ++j) {
-      const __m256 wv = load8(w + j * K + k);
-      for (int i = 0; i < NX; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
-    }
+    for (int j = 0; j < NW; ++j) wv[j] = load8(w + j * K + k);
+    ((acc[I] = _mm256_fmadd_ps(xv[I / NW], wv[I % NW], acc[I])), ...);
   }
-  for (int i = 0; i < NX; ++i)
-    for (int j = 0; j < NW; ++j) {
-      float s = hsum(acc[i][j]);
-      for (int64_t t = k; t < K; ++t) s += x[i * ldx + t] * widen(w[j * K + t]);
-      dots[i * NW + j] = s;
-    }
+  for (size_t a = 0; a < sizeof...(I); ++a) {
+    const int64_t i = a / NW, j = a % NW;
+    float s = hsum(acc[a]);
+    for (int64_t t = k; t < K; ++t) s += x[i * ldx + t] * widen(w[j * K + t]);
+    dots[a] = s;
+  }
+}
+
+template <typename WT, int NW, int NX>
+inline void tile(const float* x, int64_t ldx, const WT* w, int64_t K, float* dots) {
+  tile_impl<WT, NW, NX>(x, ldx, w, K, dots, std::make_index_sequence<NX * NW>{});
 }
 
 // What happens to a dot product on its way out: per-feature int8 scale, bias, and optionally the residual add of the
