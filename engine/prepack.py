@@ -174,15 +174,20 @@ def _plain(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Te
     return torch.mv(w, x[0]) if b is None else torch.addmv(b, w, x[0])
 
 
-def _seconds(run: Callable[[int], object], n: int, reps: int = 3) -> float:
-    run(0)  # warm up (first-call setup, page faults of fresh buffers)
+def _seconds(runs: dict[str, Callable[[int], object]], n: int, reps: int = 3) -> dict[str, float]:
+    """Best seconds per pass (``run(0) .. run(n - 1)``) of each run, the runs interleaved pass by pass: on a shared
+    machine whose speed drifts by tens of percent over seconds, a slow spell then hits every candidate alike instead
+    of deciding the choice."""
+    for run in runs.values():
+        run(0)  # warm up (first-call setup, page faults of fresh buffers)
     reps = max(reps, 12 // n)  # a kind with one weight (the head) is a single call per pass: more passes
-    best = float("inf")
+    best = dict.fromkeys(runs, float("inf"))
     for _ in range(reps):
-        t = time.perf_counter()
-        for i in range(n):
-            run(i)
-        best = min(best, time.perf_counter() - t)
+        for name, run in runs.items():
+            t = time.perf_counter()
+            for i in range(n):
+                run(i)
+            best[name] = min(best[name], time.perf_counter() - t)
     return best
 
 
@@ -200,10 +205,10 @@ def choose(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None
     k, dtype, n = weights[0].shape[1], weights[0].dtype, len(weights)
     x1 = torch.randn(1, k, generator=gen).to(dtype)
     xb = torch.randn(BATCH_ROWS, k, generator=gen).to(dtype)
-    times: dict[str, float] = {}
+    runs: dict[str, Callable[[int], object]] = {}
     if not forced:
-        times["plain x1"] = _seconds(lambda i: _plain(x1, weights[i], biases[i]), n)
-        times[f"plain x{BATCH_ROWS}"] = _seconds(lambda i: F.linear(xb, weights[i], biases[i]), n)
+        runs["plain x1"] = lambda i: _plain(x1, weights[i], biases[i])
+        runs[f"plain x{BATCH_ROWS}"] = lambda i: F.linear(xb, weights[i], biases[i])
     candidates: dict[str, list[PackedWeight]] = {}
     for kernel in names:
         try:
@@ -215,10 +220,11 @@ def choose(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None
         candidates[kernel] = pws
         if forced:
             rows = BATCH_ROWS if kernel in MULTI_ROW else 1
-            return _serving(pws, True, rows), times
-        times[f"{kernel} x1"] = _seconds(lambda i, pws=pws: packed_linear(x1, pws[i], biases[i]), n)
+            return _serving(pws, True, rows), {}
+        runs[f"{kernel} x1"] = lambda i, pws=pws: packed_linear(x1, pws[i], biases[i])
         if kernel in MULTI_ROW:
-            times[f"{kernel} x{BATCH_ROWS}"] = _seconds(lambda i, pws=pws: packed_linear(xb, pws[i], biases[i]), n)
+            runs[f"{kernel} x{BATCH_ROWS}"] = lambda i, pws=pws: packed_linear(xb, pws[i], biases[i])
+    times = _seconds(runs, n)
     return _pick(candidates, times), times
 
 
