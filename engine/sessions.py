@@ -69,6 +69,9 @@ class ChatUsage(Usage):
     """Prompt tokens reused from the session's KV cache instead of prefilled."""
 
 
+TRIM_TO = 0.75  # a conversation that outgrows the context drops its oldest turns down to this share of it
+
+
 def split_model_name(spec: str) -> tuple[str, str | None]:
     """``"base:adapter"`` -> ``("base", "adapter")``; ``"base"`` -> ``("base", None)``."""
     base, sep, adapter = spec.partition(":")
@@ -312,10 +315,14 @@ class ChatSession:
         head = [{"role": "system", "content": system}] if system else []
         user = [{"role": "user", "content": user_text}]
         n_turns = len(self.history) // 2  # history holds (user, assistant) pairs
-        first = min(self._first_turn, n_turns)  # turns dropped once stay dropped: the prompt stays stable
+        first = kept = min(self._first_turn, n_turns)  # turns dropped once stay dropped: the prompt stays stable
         while True:
             ids = fmt.encode_chat(head + self.history[2 * first:] + user, tok, add_generation_prompt=True)
-            if len(ids) + reserve <= n_ctx or first >= n_turns:
+            need = len(ids) + reserve
+            # once turns must go, drop down to TRIM_TO of the context: a drop changes everything after the system
+            # prompt (absolute positions cannot shift under a GPT-2 cache), so dropping one turn at a time would
+            # re-prefill the whole history on every turn from then on; this way the next turns reuse the cache
+            if (need <= n_ctx and (first == kept or need <= TRIM_TO * n_ctx)) or first >= n_turns:
                 break
             first += 1
         if len(ids) >= n_ctx:

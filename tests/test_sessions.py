@@ -164,6 +164,27 @@ def test_overflow_drops_oldest_turns_keeps_system_prompt(root):
         eng.close()
 
 
+def test_a_trim_goes_down_to_three_quarters_so_the_next_turns_reuse_the_cache(root):
+    """Dropping a turn changes everything after the system prompt (a full re-prefill): so a trim drops down to 3/4 of
+    the context, and the turns after it prefill only their own tokens again."""
+    eng = Engine(root, dtype=torch.float32, max_context=400)
+    try:
+        s = eng.new_session("tiny-chat")
+        usages = []
+        for i in range(14):
+            _answer(s, f"message number {i}", GenerationConfig(max_new_tokens=8))
+            usages.append(s.last_usage)
+        trims = [i for i, u in enumerate(usages) if u.truncated_turns]
+        assert trims, "14 turns must outgrow 400 tokens"
+        for i in trims:
+            assert usages[i].prompt_tokens + 8 <= 0.75 * 400  # 8: the room reserved for the answer
+        after = [usages[i + 1] for i in trims if i + 1 < len(usages)]
+        assert after and all(u.truncated_turns == 0 and u.cached_tokens > 0.5 * u.prompt_tokens for u in after), \
+            [(u.truncated_turns, u.prompt_tokens, u.cached_tokens) for u in usages]
+    finally:
+        eng.close()
+
+
 def test_cancel_keeps_partial_answer(engine):
     s = engine.new_session("tiny-chat")
     polls = []
