@@ -15,7 +15,7 @@ from engine.errors import AdapterMismatch, ContextTooLong, EngineError, UnknownM
 from engine.model import GPT
 from engine.prompts import get_prompt_format as get_format
 from engine.sampling import GenerationConfig
-from engine.sessions import Engine
+from engine.sessions import ChatSession, Engine
 from weights import store
 
 LLAMA = ModelConfig(vocab_size=257, context_length=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
@@ -136,15 +136,20 @@ def test_system_prompt_change_discards_the_cache(engine):
     assert got == _answer(_fresh(engine, "tiny-chat", None, history, system="You are a pirate."), "again")[1]
 
 
+def _short_turns(s: ChatSession, n: int) -> list:
+    """``n`` turns of "message number i" with 8-token answers; the usage of each."""
+    usages = []
+    for i in range(n):
+        _answer(s, f"message number {i}", GenerationConfig(max_new_tokens=8))
+        usages.append(s.last_usage)
+    return usages
+
+
 def test_overflow_drops_oldest_turns_keeps_system_prompt(root):
     eng = Engine(root, dtype=torch.float32, max_context=160)
     try:
         s = eng.new_session("tiny-chat")
-        truncated = []
-        for i in range(6):
-            _answer(s, f"message number {i}", GenerationConfig(max_new_tokens=8))
-            truncated.append(s.last_usage.truncated_turns)
-        assert sum(truncated) > 0  # 6 turns of ~40 tokens do not fit 160
+        assert sum(u.truncated_turns for u in _short_turns(s, 6)) > 0  # 6 turns of ~40 tokens do not fit 160
         assert len(s.history) == 12  # the caller's history keeps everything
         lm = eng.load("tiny-chat")
         kept = s._first_turn
@@ -169,11 +174,7 @@ def test_a_trim_goes_down_to_three_quarters_so_the_next_turns_reuse_the_cache(ro
     the context, and the turns after it prefill only their own tokens again."""
     eng = Engine(root, dtype=torch.float32, max_context=400)
     try:
-        s = eng.new_session("tiny-chat")
-        usages = []
-        for i in range(14):
-            _answer(s, f"message number {i}", GenerationConfig(max_new_tokens=8))
-            usages.append(s.last_usage)
+        usages = _short_turns(eng.new_session("tiny-chat"), 14)
         trims = [i for i, u in enumerate(usages) if u.truncated_turns]
         assert trims, "14 turns must outgrow 400 tokens"
         for i in trims:
