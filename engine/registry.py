@@ -96,8 +96,8 @@ class Registry:
             make room; a busy one is kept even over the cap. A base gets packed copies only within the cap.
         dtype: serving dtype (default :func:`default_dtype`).
         quant: ``"none"`` or ``"int8"`` (default ``$SCRATCHCHAT_QUANT``, else none); int8 needs our kernels or bf16.
-        pack: ``"auto"`` (measure and keep faster packed decode weights), ``"off"``, or ``"mkl"``/``"onednn"``
-            to force a kernel (default ``$SCRATCHCHAT_PACK``, else auto).
+        pack: ``"auto"`` (measure and keep faster packed decode weights), ``"off"``, or ``"scratch"`` /
+            ``"panel"`` / ``"mkl"`` / ``"onednn"`` to force a kernel (default ``$SCRATCHCHAT_PACK``, else auto).
     """
 
     def __init__(self, root: str | Path | None = None, *, memory_cap: int | None = None,

@@ -801,11 +801,21 @@ at::Tensor product(const std::vector<std::optional<at::Tensor>>& t, int64_t slot
   return linear(x, w, t[slot + 1], residual);
 }
 
-// y + the batch's LoRA delta for these pieces (none: y, or residual + y), as the lora op computes it
+// y plus the batch's LoRA delta of the pieces in slots [slot, slot + 3), if any
 at::Tensor adapted(const std::vector<std::optional<at::Tensor>>& t, int64_t slot, const std::optional<at::Tensor>& coef,
-                   const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& residual) {
-  if (!coef || !t[slot]) return residual ? at::add(*residual, y) : y;
-  return lora(x, y, *t[slot], *t[slot + 1], *t[slot + 2], *coef, residual);
+                   const at::Tensor& x, const at::Tensor& y) {
+  if (!coef || !t[slot]) return y;
+  return lora(x, y, *t[slot], *t[slot + 1], *t[slot + 2], *coef, std::nullopt);
+}
+
+// residual + (the product of x (+ its LoRA delta)), the add in the product's epilogue or in the lora op's, as the
+// Python loop adds it
+at::Tensor add_projection(const std::vector<std::optional<at::Tensor>>& t, int64_t slot, int64_t lora_slot,
+                          int64_t kind, int64_t n, const std::optional<at::Tensor>& coef, const at::Tensor& x,
+                          const at::Tensor& residual) {
+  if (!coef || !t[lora_slot]) return product(t, slot, kind, n, x, residual);
+  return lora(x, product(t, slot, kind, n, x, std::nullopt), *t[lora_slot], *t[lora_slot + 1], *t[lora_slot + 2],
+              *coef, residual);
 }
 
 at::Tensor norm(const std::vector<std::optional<at::Tensor>>& t, int64_t slot, int64_t kind, double eps,
@@ -833,17 +843,13 @@ at::Tensor decode_blocks(const at::Tensor& x0, const std::vector<std::optional<a
     // qkv, o, up, down; slots: norm1 (2), qkv (3), o (3), norm2 (2), up (3), down (3), then the LoRA pieces
     // (a, b, pieces) of qkv, o, up, down (12), 4 spare
     at::Tensor h = norm(t, b + 0, m[1], eps, x);
-    at::Tensor q = adapted(t, b + 16, coef, h, product(t, b + 2, m[3], m[4], h, std::nullopt), std::nullopt);
+    at::Tensor q = adapted(t, b + 16, coef, h, product(t, b + 2, m[3], m[4], h, std::nullopt));
     at::Tensor y = decode_attention(q, kcs[i], vcs[i], positions, cos, sin, m[0]);
-    x = adapted(t, b + 19, coef, y, product(t, b + 5, m[5], m[6], y, coef && t[b + 19] ? std::nullopt
-                                                                                          : std::optional<at::Tensor>(x)),
-                coef && t[b + 19] ? std::optional<at::Tensor>(x) : std::nullopt);
+    x = add_projection(t, b + 5, b + 19, m[5], m[6], coef, y, x);
     h = norm(t, b + 8, m[1], eps, x);
-    at::Tensor u = adapted(t, b + 22, coef, h, product(t, b + 10, m[7], m[8], h, std::nullopt), std::nullopt);
+    at::Tensor u = adapted(t, b + 22, coef, h, product(t, b + 10, m[7], m[8], h, std::nullopt));
     at::Tensor a = m[2] ? silu_mul(u) : at::gelu(u, "tanh");
-    x = adapted(t, b + 25, coef, a, product(t, b + 13, m[9], m[10], a, coef && t[b + 25] ? std::nullopt
-                                                                                          : std::optional<at::Tensor>(x)),
-                coef && t[b + 25] ? std::optional<at::Tensor>(x) : std::nullopt);
+    x = add_projection(t, b + 13, b + 25, m[9], m[10], coef, a, x);
   }
   return x;
 }
