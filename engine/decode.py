@@ -16,7 +16,7 @@ tokens bit for bit, for the one-op form and the Python loop). What it resolved i
 (data pointer and in-place version) and every int8 or packed copy it uses (identity), and by the module types: a
 LoRA merge or unmerge, a requantization, a repack, a ``load_state_dict``, ``model.to(...)`` or a peft wrapper makes
 it rebuild on the next step, never run stale. GPT.forward uses it for decode steps when our kernels are available,
-with per-request adapters too (a hook with ``decode`` and ``packed`` methods, as the scheduler's
+with per-request adapters too (a hook with ``decode`` and ``pieces`` methods, as the scheduler's
 :class:`engine.lora.BatchLora`); prefill and training run the modules.
 """
 
@@ -141,7 +141,7 @@ class Norm:
 
 
 SLOTS, META = 32, 12  # per layer in decode_blocks' tensors and meta (engine/csrc/kernels.cpp)
-LORA_SLOTS = {"qkv": 16, "o_proj": 19, "up": 22, "down_proj": 25}  # each (a, b_flat, pieces) of the lora op
+LORA_SLOTS = {"qkv": 16, "o_proj": 17, "up": 18, "down_proj": 19}  # each the pieces table of the lora op
 
 
 class DecodeRunner:
@@ -201,7 +201,7 @@ class DecodeRunner:
         self.eps = float(eps.pop())
 
     def _lora_tensors(self, lora: object) -> list[torch.Tensor | None]:
-        """The tensors list with ``lora``'s low-rank pieces in each layer's LoRA slots (built once per hook)."""
+        """The tensors list with ``lora``'s pieces tables in each layer's LoRA slots (built once per hook)."""
         got = self._with_lora.get(lora)
         if got is None:
             got = list(self.tensors)
@@ -209,10 +209,9 @@ class DecodeRunner:
                 for name, sizes, slot in (("qkv", qkv_sizes, "qkv"), ("o_proj", None, "o_proj"),
                                           ("gate_up" if swiglu else "up_proj", gu_sizes, "up"),
                                           ("down_proj", None, "down_proj")):
-                    pk = lora.packed(i, name, sizes)
+                    pk = lora.pieces(i, name, sizes)
                     if pk is not None:
-                        at = i * SLOTS + LORA_SLOTS[slot]
-                        got[at : at + 3] = [pk.a_t, pk.b_flat, pk.pieces]
+                        got[i * SLOTS + LORA_SLOTS[slot]] = pk.table
             self._with_lora[lora] = got
         return got
 
@@ -232,9 +231,9 @@ class DecodeRunner:
         if self.meta is not None:  # every block in one op
             if lora is None:
                 return ops.decode_blocks(x, self.tensors, self.meta, cache.keys, cache.values, pos, cos, sin, None,
-                                         self.eps)
+                                         [], [], self.eps)
             return ops.decode_blocks(x, self._lora_tensors(lora), self.meta, cache.keys, cache.values, pos, cos, sin,
-                                     lora.coef, self.eps)
+                                     lora.coef, lora.a, lora.b, self.eps)
         if lora is not None:
             return self._adapted(x, cache, plan, lora)
         keys, values = cache.keys, cache.values

@@ -7,8 +7,9 @@ LoRA (Hu et al. 2021) adds a low-rank update to a frozen linear layer: ``y = W x
 
 Serving follows LoRAX/Punica's idea of a heterogeneous batch: row ``i`` of one decode batch may use adapter ``a_i``
 or none. :class:`BatchLora` is the hook the model calls after every q/k/v/o/gate/up/down projection (or once per
-fused q/k/v and gate/up group). It packs the batch's adapters once per composition (scale folded into ``B``), so
-each hooked projection costs two small matmuls for the whole batch, with a per-row mask when rows differ.
+fused q/k/v and gate/up group). Each adapter keeps all its A and B (scale folded into ``B``) in two flat float32
+buffers, and a batch composition only lists which pieces of which buffers each projection needs (as Punica's and
+S-LoRA's kernels read each adapter in place): composing a batch copies no weights.
 :func:`merge_adapter` folds one adapter into the base weights for maximum speed and :meth:`MergedAdapter.unmerge`
 restores the exact original tensors.
 """
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
+PROJ_ORDER = ATTN_PROJS + MLP_PROJS  # a layer's pieces in an adapter's flat buffers: q/k/v and gate/up adjacent
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SCRATCHCHAT_META = "scratchchat.json"
@@ -70,13 +72,21 @@ def _pattern_value(patterns: dict, module_name: str, default: float) -> float:
 
 @dataclass
 class LoraAdapter:
-    """One loaded adapter: per (layer, projection) the pair ``(A^T (in, r), scale * B^T (r, out))``."""
+    """One loaded adapter: per (layer, projection) the pair ``(A^T (in, r), scale * B^T (r, out))`` in float32.
+
+    Both are views into two flat buffers, ``a_flat`` (each A (r, in) row-major) and ``b_flat`` (each scale * B^T
+    (r, out) row-major), laid out layer by layer in :data:`PROJ_ORDER`; ``offsets`` holds each pair's element offsets
+    into them. The decode op reads the buffers in place.
+    """
 
     name: str
     base: str | None
     sha256: str  # of adapter_model.safetensors: the adapter's version
     rank: int
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    a_flat: torch.Tensor
+    b_flat: torch.Tensor
+    offsets: dict[tuple[int, str], tuple[int, int]]
     config: dict = field(default_factory=dict)  # adapter_config.json as read
     meta: dict = field(default_factory=dict)  # scratchchat.json as read ({} when absent)
     path: Path | None = None
@@ -88,11 +98,7 @@ class LoraAdapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
-
-    def to(self, dtype: torch.dtype) -> LoraAdapter:
-        weights = {k: (a.to(dtype), b.to(dtype)) for k, (a, b) in self.weights.items()}
-        return LoraAdapter(self.name, self.base, self.sha256, self.rank, weights, self.config, self.meta, self.path)
+        return (self.a_flat.numel() + self.b_flat.numel()) * self.a_flat.element_size()
 
 
 def load_adapter(
@@ -102,7 +108,6 @@ def load_adapter(
     name: str | None = None,
     base_name: str | None = None,
     base_sha256: str | None = None,
-    dtype: torch.dtype = torch.float32,
 ) -> LoraAdapter:
     """Read a PEFT LoRA folder and check that it fits the base described by ``config``.
 
@@ -112,8 +117,9 @@ def load_adapter(
         name: the adapter's name (default: the folder name).
         base_name: the base it is being loaded onto; must equal scratchchat.json's ``base`` when that is present.
         base_sha256: the base's weights hash; must equal scratchchat.json's ``base_sha256`` when both are present.
-        dtype: dtype of the stored A/B and of the low-rank product. float32 (the default) even for a bf16 base:
-            it is more exact, and CPU kernels for these small bf16 matmuls are about 10x slower than float32 ones.
+
+    A and B are kept and applied in float32 whatever the base's dtype: it is more exact, and CPU kernels for these
+    small bf16 matmuls are about 10x slower than float32 ones.
 
     Raises:
         FileNotFoundError: the folder lacks adapter_config.json or adapter_model.safetensors.
@@ -170,9 +176,8 @@ def load_adapter(
                                   f"({config.n_layers} layers, projections {sorted(shapes)})")
         parts.setdefault((layer, proj), {})[ab] = t
 
-    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-    rank = 0
-    for (layer, proj), ab in sorted(parts.items()):
+    found: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]] = {}
+    for (layer, proj), ab in parts.items():
         if set(ab) != {"A", "B"}:
             raise AdapterMismatch(f"adapter {name!r}: blocks.{layer}.{proj} has lora_{''.join(ab)} but not both")
         a, b = ab["A"], ab["B"]
@@ -185,18 +190,29 @@ def load_adapter(
                 f"another model")
         module = f"blocks.{layer}.{_block_of(proj)}.{proj}"
         a_alpha = float(_pattern_value(alpha_pattern, module, alpha))
-        scale = a_alpha / math.sqrt(r) if rslora else a_alpha / r
-        # fold the scale into B in float32, then cast once to the compute dtype
-        at = a.float().t().contiguous().to(dtype)  # (in, r)
-        bt = (b.float() * scale).t().contiguous().to(dtype)  # (r, out)
-        weights[(layer, proj)] = (at, bt)
-        rank = max(rank, r)
-    if not weights:
+        found[(layer, proj)] = (a, b, a_alpha / math.sqrt(r) if rslora else a_alpha / r)
+    if not found:
         raise AdapterMismatch(f"adapter {name!r} holds no LoRA tensors")
+    order = sorted(found, key=lambda k: (k[0], PROJ_ORDER.index(k[1])))
+    a_flat = torch.empty(sum(found[k][0].numel() for k in order))
+    b_flat = torch.empty(sum(found[k][1].numel() for k in order))
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    offsets: dict[tuple[int, str], tuple[int, int]] = {}
+    a_at = b_at = 0
+    for key in order:
+        a, b, scale = found[key]
+        (r, n_in), n_out = a.shape, b.shape[0]
+        av = a_flat[a_at : a_at + r * n_in].view(r, n_in)
+        bv = b_flat[b_at : b_at + r * n_out].view(r, n_out)
+        av.copy_(a)
+        torch.mul(b.float().t(), scale, out=bv)  # the scale folded into B^T in float32
+        weights[key], offsets[key] = (av.t(), bv), (a_at, b_at)
+        a_at, b_at = a_at + av.numel(), b_at + bv.numel()
+    rank = max(a.shape[0] for a, _, _ in found.values())
     logger.info("loaded adapter %s (rank %d, %d projections) in %.1f ms", name, rank, len(weights),
                 1e3 * (time.perf_counter() - t0))
-    return LoraAdapter(name=name, base=trained_on, sha256=sha, rank=rank, weights=weights, config=acfg, meta=meta,
-                       path=path)
+    return LoraAdapter(name=name, base=trained_on, sha256=sha, rank=rank, weights=weights, a_flat=a_flat,
+                       b_flat=b_flat, offsets=offsets, config=acfg, meta=meta, path=path)
 
 
 # projections that read the same input and that the model runs as one fused matmul (engine.linear.FusedLinears); a hook
@@ -204,23 +220,18 @@ def load_adapter(
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
 
 @dataclass(frozen=True)
-class Packed:
-    """One projection's (or fused group's) low-rank work under one batch composition, in two forms.
+class Pieces:
+    """One projection's (or fused group's) low-rank pieces under one batch composition, one per (projection,
+    contribution) that has weights there, in two forms.
 
-    For many rows (prefill), two small matmuls over the contributions stacked along the rank: ``a_t`` (R, in),
-    ``b_t`` (out, R) (block-diagonal over a group's outputs) and ``mask`` (rows, R) or None. For decode steps (up to
-    :data:`DECODE_ROWS` rows) our ``scratchchat::lora`` op, which computes each row's own pieces only:
-    ``pieces`` (P, 6) int64 [rank offset into ``a_t``, rank, output offset, output size, offset of its B^T in
-    ``b_flat``, contribution], ``b_flat`` each piece's (rank, output size) B^T flattened, ``coef`` (rows,
-    contributions) each row's sign on each contribution (0 where it does not use it).
+    ``table`` (P, 6) int64 for our ``scratchchat::lora`` op (decode steps, up to :data:`DECODE_ROWS` rows): [offset of
+    its A in the contribution's ``a_flat``, rank, output offset, output size, offset of its B^T in ``b_flat``,
+    contribution]. ``runs`` for matmuls (prefill): per contribution, a run of its pieces whose A are adjacent in its
+    buffer (q/k/v, gate/up), ``(j, A (R, in), [(rank offset in the run, B^T (r, n), output offset), ...])``.
     """
 
-    a_t: torch.Tensor
-    b_t: torch.Tensor
-    mask: torch.Tensor | None
-    b_flat: torch.Tensor
-    pieces: torch.Tensor
-    coef: torch.Tensor
+    table: torch.Tensor
+    runs: tuple[tuple[int, torch.Tensor, tuple[tuple[int, torch.Tensor, int], ...]], ...]
 
 
 DECODE_ROWS = 8  # up to this many rows (a decode step's batch) the low-rank products run through our kernels
@@ -229,17 +240,16 @@ DECODE_ROWS = 8  # up to this many rows (a decode step's batch) the low-rank pro
 class BatchLora:
     """The ``lora`` hook for one batch composition: row ``i`` uses ``adapters[i]`` (None = base only).
 
-    Build it when the batch composition changes, not per step. ``merged`` names an adapter already folded into
-    the base weights (see :func:`merge_adapter`): rows that use it need nothing, other rows subtract it.
+    Build it when the batch composition changes, not per step (building copies no weights). ``merged`` names an
+    adapter already folded into the base weights (see :func:`merge_adapter`): rows that use it need nothing, other
+    rows subtract it.
 
-    Every distinct (adapter, sign) of the batch is one "contribution". For each projection the contributions'
-    ``A`` are concatenated along the rank, ``A_all`` (in, R), and their ``B`` likewise, ``B_all`` (R, out); a
-    (rows, R) mask holds each row's sign on its own contributions' rank columns and zero elsewhere. Then
-    ``delta = ((x @ A_all) * mask) @ B_all``: two small matmuls for the whole batch, whatever its mix, and every
-    adapter's weights are read once per step, not once per row. When every row has the same contributions the mask
-    is folded into ``B_all`` (two plain matmuls, the first fused into an ``addmm``). For fused q/k/v and gate/up the
-    projections of a group are packed together (``B_all`` block-diagonal over the outputs), so a layer costs four
-    hook calls, not seven. Packs are built lazily, once per (layer, projection) and composition.
+    Every distinct (adapter, sign) of the batch is one "contribution" ``j``; ``coef`` (rows, contributions) holds each
+    row's sign on the contributions it uses and 0 elsewhere. A decode step runs our ``lora`` op, where each row
+    computes only its own pieces, reading each adapter's weights in place. Prefill (many rows) runs matmuls per
+    contribution: ``x @ A_run^T`` once for a group's adjacent A (q/k/v, gate/up), scaled per row by ``coef`` when rows
+    differ, then one small matmul per piece into its slice of a float32 delta, added to ``y`` once. For fused q/k/v
+    and gate/up a layer costs four hook calls, not seven. Pieces are listed lazily, once per (layer, projection).
     """
 
     def __init__(self, adapters: Sequence[LoraAdapter | None], *, merged: LoraAdapter | None = None) -> None:
@@ -263,10 +273,13 @@ class BatchLora:
         for i, r in enumerate(rows):
             for a, sign in r:
                 self.coef[i, index[(a.key, sign)]] = sign
+        self.a = [a.a_flat for a, _ in self.contributions]  # what the op reads, contribution by contribution
+        self.b = [a.b_flat for a, _ in self.contributions]
         uniform = len({tuple((a.key, sign) for a, sign in r) for r in rows}) == 1
-        self.shared = uniform and bool(self.contributions)  # every row: the same contributions (no mask)
-        self.stacked = not uniform and bool(self.contributions)  # rows differ (a mask selects each row's)
-        self._packs: dict[tuple[int, str], Packed | None] = {}
+        self.shared = uniform and bool(self.contributions)  # every row: the same contributions (no per-row scaling)
+        self.stacked = not uniform and bool(self.contributions)  # rows differ (coef selects each row's)
+        self._pieces: dict[tuple[int, str], Pieces | None] = {}
+        self._row_coef: dict[tuple[int, int], torch.Tensor] = {}
 
     @property
     def is_empty(self) -> bool:
@@ -275,90 +288,95 @@ class BatchLora:
 
     def __call__(self, layer: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x (B, T, in), y (B, T, out) = base projection output -> y + row-wise scale * x A^T B^T."""
-        return _add_delta(x, y, self.packed(layer, proj))
+        return self._add_delta(x, y, self.pieces(layer, proj))
 
     def group(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
         """Like ``__call__`` for the fused output ``y`` (B, T, sum(sizes)) of the projections ``GROUPS[name]``."""
-        return _add_delta(x, y, self.packed(layer, name, sizes))
+        return self._add_delta(x, y, self.pieces(layer, name, sizes))
 
     def decode(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor, residual: torch.Tensor | None = None,
                sizes: Sequence[int] | None = None) -> torch.Tensor:
         """A decode step's delta for 2-D x (B, in), y (B, out): ``y + delta``, or ``residual + (y + delta)`` (the
         layer's residual add, float32). ``name``: a projection, or a group of :data:`GROUPS` with its ``sizes``."""
-        pk = self.packed(layer, name, sizes)
+        pk = self.pieces(layer, name, sizes)
         if pk is None:
             return y if residual is None else residual + y
-        return torch.ops.scratchchat.lora(x, y, pk.a_t, pk.b_flat, pk.pieces, pk.coef, residual)
+        return torch.ops.scratchchat.lora(x, y, self.a, self.b, pk.table, self.coef, residual)
 
-    def packed(self, layer: int, name: str, sizes: Sequence[int] | None = None) -> Packed | None:
-        """The low-rank work of projection ``name`` (or of group ``name`` with its ``sizes``) under this batch
-        composition, built on first use; None where no row's adapter touches it."""
+    def pieces(self, layer: int, name: str, sizes: Sequence[int] | None = None) -> Pieces | None:
+        """The low-rank pieces of projection ``name`` (or of group ``name`` with its ``sizes``) under this batch
+        composition, listed on first use; None where no row's adapter touches it."""
         key = (layer, name)
-        if key not in self._packs:
-            self._packs[key] = self._pack(layer, GROUPS[name] if sizes is not None else (name,),
-                                          None if sizes is None else tuple(sizes))
-        return self._packs[key]
+        if key not in self._pieces:
+            self._pieces[key] = self._list(layer, GROUPS[name] if sizes is not None else (name,), sizes)
+        return self._pieces[key]
 
-    def _pack(self, layer: int, projs: tuple[str, ...], sizes: tuple[int, ...] | None) -> Packed | None:
-        a_parts, b_parts, mask_parts = [], [], []
-        flat, pieces = [], []  # the decode op's form: each piece's own B^T, no zeros
-        rank_at = flat_at = 0
-        offsets = [0]
+    def _list(self, layer: int, projs: tuple[str, ...], sizes: Sequence[int] | None) -> Pieces | None:
+        out_at = [0]
         for n in sizes or ():
-            offsets.append(offsets[-1] + n)
-        for p, proj in enumerate(projs):
-            for j, (ad, sign) in enumerate(self.contributions):
-                w = ad.weights.get((layer, proj))
-                if w is None:
+            out_at.append(out_at[-1] + n)
+        table, runs = [], []
+        for j, (ad, _) in enumerate(self.contributions):
+            run: list[tuple[int, torch.Tensor, int]] = []
+            run_a, a_end = None, None  # the run's first A offset, and where its next A must start to join it
+            for p, proj in enumerate(projs):
+                off = ad.offsets.get((layer, proj))
+                if off is None:
                     continue
-                at, bt = w  # (in, r), (r, out) with the scale folded in
-                r, out0 = at.shape[1], offsets[p] if sizes is not None else 0
-                pieces.append([rank_at, r, out0, bt.shape[1], flat_at, j])
-                flat.append(bt.float().reshape(-1))
-                rank_at, flat_at = rank_at + r, flat_at + bt.numel()
-                if sizes is not None:  # place B's columns at this projection's slice of the fused output
-                    wide = bt.new_zeros(bt.shape[0], offsets[-1])
-                    wide[:, offsets[p] : offsets[p + 1]] = bt
-                    bt = wide
-                if self.shared:
-                    bt = bt if sign == 1.0 else -bt
-                else:
-                    mask_parts.append(self.coef[:, j : j + 1].expand(-1, at.shape[1]))
-                a_parts.append(at)
-                b_parts.append(bt)
-        if not a_parts:
+                at, bt = ad.weights[(layer, proj)]  # (in, r) view, (r, out) with the scale folded in
+                n_in, r = at.shape
+                out0 = out_at[p] if sizes is not None else 0
+                table.append([off[0], r, out0, bt.shape[1], off[1], j])
+                if run and off[0] != a_end:  # not adjacent to the run: close it
+                    runs.append(self._run(j, ad, run_a, a_end, n_in, run))
+                    run = []
+                if not run:
+                    run_a = off[0]
+                run.append(((off[0] - run_a) // n_in, bt, out0))
+                a_end = off[0] + r * n_in
+            if run:
+                runs.append(self._run(j, ad, run_a, a_end, n_in, run))
+        if not table:
             return None
-        a_t, b_t = torch.cat(a_parts, dim=1).t().contiguous(), torch.cat(b_parts, dim=0).t().contiguous()
-        mask = torch.cat(mask_parts, dim=1).to(a_t.dtype) if mask_parts else None
-        return Packed(a_t, b_t, mask, torch.cat(flat), torch.tensor(pieces, dtype=torch.int64), self.coef)
+        return Pieces(torch.tensor(table, dtype=torch.int64), tuple(runs))
 
+    @staticmethod
+    def _run(j: int, ad: LoraAdapter, a0: int, a1: int, n_in: int, pieces: list) -> tuple:
+        return j, ad.a_flat[a0:a1].view(-1, n_in), tuple(pieces)
 
-def _add_delta(x: torch.Tensor, y: torch.Tensor, packed: Packed | None) -> torch.Tensor:
-    """y + ((x @ A) * mask) @ B, the low-rank part in the adapter's dtype (float32 for a bf16 base: small bf16
-    matmuls are slow on CPU and the sum is more exact). Decode steps (one token per row, up to
-    :data:`DECODE_ROWS` rows, no autograd) run our ``scratchchat::lora`` op instead, which computes each row's own
-    pieces only (no block-diagonal zeros, no masked-out rows) and adds them to y once."""
-    if packed is None:
-        return y
-    a_t, b_t, mask = packed.a_t, packed.b_t, packed.mask
-    B, T, n_in = x.shape
-    if T == 1 and B <= DECODE_ROWS and a_t.dtype == torch.float32 and not torch.is_grad_enabled() \
-            and kernels.available():  # a decode step: our op, each row's own pieces only
-        out = torch.ops.scratchchat.lora(x.reshape(B, n_in), y.reshape(B, -1), a_t, packed.b_flat, packed.pieces,
-                                         packed.coef)
-        return out.view(y.shape)
-    h = x.view(B * T, n_in) if x.is_contiguous() else x.reshape(B * T, n_in)
-    h = h if h.dtype == a_t.dtype else h.to(a_t.dtype)
-    h = torch.mm(h, a_t.t())  # (B*T, R)
-    if mask is not None:
-        h = h * mask if T == 1 else (h.view(B, T, -1) * mask[:, None, :]).view(B * T, -1)
-    if not y.is_contiguous() or torch.is_grad_enabled():  # a view of something else, or autograd: no in-place
-        return y + torch.mm(h, b_t.t()).view(y.shape).to(y.dtype)
-    y2 = y.view(B * T, -1)
-    if y.dtype == a_t.dtype:
-        return torch.addmm(y2, h, b_t.t()).view(y.shape)
-    # y is the projection's fresh output: add in place (the float32 product is rounded once, into y's dtype)
-    return y2.add_(torch.mm(h, b_t.t())).view(y.shape)
+    def _scale(self, j: int, T: int) -> torch.Tensor | float:
+        """Contribution ``j``'s coefficient for each of the B*T rows of a (B, T, ...) input (a scalar when shared)."""
+        if self.shared:
+            return float(self.coef[0, j])
+        key = (j, T)
+        if key not in self._row_coef:
+            self._row_coef[key] = self.coef[:, j].repeat_interleave(T)[:, None]
+        return self._row_coef[key]
+
+    def _add_delta(self, x: torch.Tensor, y: torch.Tensor, pk: Pieces | None) -> torch.Tensor:
+        """y + the rows' low-rank deltas, computed in float32 (more exact, and small bf16 matmuls are slow on CPU)
+        and added to y once. Decode steps (one token per row, up to :data:`DECODE_ROWS` rows, no autograd) run our
+        ``scratchchat::lora`` op, which computes each row's own pieces only."""
+        if pk is None:
+            return y
+        B, T, n_in = x.shape
+        if T == 1 and B <= DECODE_ROWS and not torch.is_grad_enabled() and kernels.available():
+            out = torch.ops.scratchchat.lora(x.reshape(B, n_in), y.reshape(B, -1), self.a, self.b, pk.table,
+                                             self.coef)
+            return out.view(y.shape)
+        h = x.reshape(B * T, n_in).float()
+        d = y.new_zeros((B * T, y.shape[-1]), dtype=torch.float32)
+        for j, a, pieces in pk.runs:
+            t = h @ a.t()  # (B*T, R of the run)
+            scale = self._scale(j, T)
+            if not isinstance(scale, float) or scale != 1.0:
+                t = t * scale
+            for r0, bt, out0 in pieces:
+                d[:, out0 : out0 + bt.shape[1]].addmm_(t[:, r0 : r0 + bt.shape[0]], bt)
+        if not y.is_contiguous() or torch.is_grad_enabled():  # a view of something else, or autograd: no in-place
+            return y + d.view(y.shape).to(y.dtype)
+        # y is the projection's fresh output: add in place (the float32 delta is rounded once, into y's dtype)
+        return y.view(B * T, -1).add_(d).view(y.shape)
 
 
 def _projection(model: nn.Module, layer: int, proj: str) -> nn.Linear:

@@ -97,7 +97,7 @@ class _Pool:
 
     def prefill_hook(self, adapter: LoraAdapter | None) -> BatchLora | None:
         """The hook for one prefilling row: the last one is kept, so a prompt of several chunks, or requests with
-        the same adapter in a row, build its packed weights once (and an unloaded adapter is held by one at most)."""
+        the same adapter in a row, list its pieces once (and an unloaded adapter is held by one at most)."""
         key = self._key([adapter])
         if key != self._prefill_key:
             self._prefill_key, self._prefill_hook = key, self._build([adapter])

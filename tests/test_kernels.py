@@ -190,15 +190,19 @@ def _lora_reference(x, y, pieces_list, coef, residual=None):
     return out if residual is None else residual.double() + out
 
 
-def _lora_args(pieces_list):
-    a = torch.cat([p[0] for p in pieces_list])
-    flat = torch.cat([p[1].reshape(-1) for p in pieces_list])
-    table, rank_at, flat_at = [], 0, 0
-    for p in pieces_list:
-        r, n = p[1].shape
-        table.append([rank_at, r, p[2], n, flat_at, p[3]])
-        rank_at, flat_at = rank_at + r, flat_at + r * n
-    return a, flat, torch.tensor(table, dtype=torch.int64)
+def _lora_args(pieces_list, contributions):
+    """Each contribution's flat A and B^T buffers (its pieces stored one after another, with a gap of unrelated
+    values in between, as an adapter stores other layers' pieces) and the op's pieces table."""
+    a = [[torch.randn(5)] for _ in range(contributions)]
+    b = [[torch.randn(3)] for _ in range(contributions)]
+    table = []
+    for at, bt, off, j in pieces_list:
+        r, n = bt.shape
+        a_at, b_at = sum(t.numel() for t in a[j]), sum(t.numel() for t in b[j])
+        table.append([a_at, r, off, n, b_at, j])
+        a[j] += [at.reshape(-1), torch.randn(7)]
+        b[j] += [bt.reshape(-1), torch.randn(2)]
+    return [torch.cat(t) for t in a], [torch.cat(t) for t in b], torch.tensor(table, dtype=torch.int64)
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
@@ -219,7 +223,7 @@ def test_lora_op_adds_each_rows_own_pieces(x_dtype, y_dtype, with_residual) -> N
     x = torch.randn(R, K, generator=g).to(x_dtype)
     y = torch.randn(R, 66, generator=g).to(y_dtype)
     res = torch.randn(R, 66, generator=g) if with_residual else None
-    a, flat, table = _lora_args(pieces_list)
+    a, flat, table = _lora_args(pieces_list, coef.shape[1])
     got = ops.lora(x, y, a, flat, table, coef, res)
     assert got.dtype == (torch.float32 if with_residual else y_dtype)
     ref = _lora_reference(x, y, pieces_list, coef, res)
@@ -234,15 +238,17 @@ def test_lora_op_adds_each_rows_own_pieces(x_dtype, y_dtype, with_residual) -> N
 
 def test_lora_op_rejects_pieces_outside_its_tensors() -> None:
     x, y, coef = torch.randn(2, 8), torch.randn(2, 10), torch.ones(2, 1)
-    a, flat = torch.randn(4, 8), torch.randn(40)
+    a, flat = [torch.randn(32)], [torch.randn(40)]
     ok = torch.tensor([[0, 4, 0, 10, 0, 0]])
     ops.lora(x, y, a, flat, ok, coef, None)
-    for bad, msg in (([0, 5, 0, 10, 0, 0], "past a's 4 ranks"), ([0, 4, 1, 10, 0, 0], "past y's 10 outputs"),
-                     ([0, 4, 0, 10, 1, 0], "past b"), ([0, 4, 0, 10, 0, 1], "contribution 1 of 1")):
+    for bad, msg in (([1, 4, 0, 10, 0, 0], r"past a\[0\]'s 32 values"), ([0, 4, 1, 10, 0, 0], "past y's 10 outputs"),
+                     ([0, 4, 0, 10, 1, 0], r"past b\[0\]'s 40 values"), ([0, 4, 0, 10, 0, 1], "contribution 1 of 1")):
         with pytest.raises(RuntimeError, match=msg):
             ops.lora(x, y, a, flat, torch.tensor([bad]), coef, None)
     with pytest.raises(RuntimeError, match="float32"):
-        ops.lora(x, y, a.bfloat16(), flat, ok, coef, None)
+        ops.lora(x, y, [a[0].bfloat16()], flat, ok, coef, None)
+    with pytest.raises(RuntimeError, match="1 contributions but there are 2 a"):
+        ops.lora(x, y, a * 2, flat * 2, ok, coef, None)
 
 
 def _rope_like_model(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

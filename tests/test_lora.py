@@ -115,7 +115,7 @@ def test_merge_equals_unmerged_and_unmerge_is_exact(tmp_path, frozen):
 def test_merge_matches_peft_merge_bf16(tmp_path):
     base = _base(LLAMA)
     pa = _make_adapter(base, tmp_path / "a", seed=1)
-    ad = load_adapter(tmp_path / "a", LLAMA, dtype=torch.bfloat16)
+    ad = load_adapter(tmp_path / "a", LLAMA)
     peft_merged = pa.merge_and_unload()
     ours = copy.deepcopy(base).to(torch.bfloat16)
     merge_adapter(ours, ad)
@@ -160,7 +160,7 @@ def test_rank16_adapter_loads_quickly(tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 16, "lora_alpha": 32,
                                                             "target_modules": ALL_TARGETS}))
     t0 = time.perf_counter()
-    ad = load_adapter(folder, config, dtype=torch.bfloat16)
+    ad = load_adapter(folder, config)
     elapsed = time.perf_counter() - t0
     assert ad.rank == 16 and len(ad.weights) == 30 * 7
     # a generous bound (the target is 200 ms; tests check correctness, this only catches pathologies)

@@ -33,6 +33,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -671,41 +672,87 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 
 // ---- per-request LoRA deltas of a decode step ----
 //
-//   scratchchat::lora(x, y, a, b, pieces, coef, residual?) -> y + delta  (or residual + (y + delta))
+//   scratchchat::lora(x, y, a[], b[], pieces, coef, residual?) -> y + delta  (or residual + (y + delta))
 //
 // A batch mixes adapters: row i adds sum_j coef[i, j] * B_j A_j x_i over the contributions j it uses (an adapter,
-// or a merged one subtracted). ``pieces`` (P, 6) int64 lists every (projection, contribution) low-rank piece of one
-// fused output: [rank offset into a, rank, output offset, output size, offset of its B^T in b, contribution].
-// a (R_total, in) holds the pieces' A stacked along the rank, b the pieces' B^T, each (rank, output size) row-major,
-// flattened. Each row computes only its own pieces (no block-diagonal zeros, no masked-out rows): t = coef * A x,
+// or a merged one subtracted). Contribution j's weights stay where its adapter keeps them, in two flat float32
+// buffers a[j] and b[j] (no copy per batch composition, as Punica's and S-LoRA's kernels read each adapter in place).
+// ``pieces`` (P, 6) int64 lists every (projection, contribution) low-rank piece of one fused output: [offset of its
+// A (rank, in) row-major in a[j], rank, output offset, output size, offset of its B^T (rank, output size) row-major
+// in b[j], j]. Each row computes only its own pieces (no block-diagonal zeros, no masked-out rows): t = coef * A x,
 // then delta = B t in broadcast form (t[k] times a row of B^T, vectorized over the outputs, no horizontal sums),
 // summed in float32 and added to y once (rounded into y's dtype, as the module path adds the float32 product).
 
+// t[I] = c * (A row I . x) for 8 rows of A at stride K: eight FMA chains sharing each load of x, one horizontal sum
+// per rank at the end (the accumulators expanded from an index pack, as in panel_tile_impl)
+template <size_t... I>
+inline void rank_dots8(const float* x, const float* a, int64_t K, float c, float* t, std::index_sequence<I...>) {
+  __m256 acc[sizeof...(I)];
+  ((acc[I] = _mm256_setzero_ps()), ...);
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + k);
+    ((acc[I] = _mm256_fmadd_ps(_mm256_loadu_ps(a + I * K + k), xv, acc[I])), ...);
+  }
+  float s[sizeof...(I)];
+  ((s[I] = hsum(acc[I])), ...);
+  for (; k < K; ++k) ((s[I] += a[I * K + k] * x[k]), ...);
+  ((t[I] = c * s[I]), ...);
+}
+
+// d[0..64) += sum over k of t[k] * brow_k[0..64), brow_k = b + k * ld: eight accumulators in registers
+template <size_t... I>
+inline void rank_axpy64(const float* t, const float* b, int64_t ld, int64_t r, float* d, std::index_sequence<I...>) {
+  __m256 acc[sizeof...(I)];
+  ((acc[I] = _mm256_loadu_ps(d + I * 8)), ...);
+  for (int64_t k = 0; k < r; ++k) {
+    const __m256 tv = _mm256_broadcast_ss(t + k);
+    const float* brow = b + k * ld;
+    ((acc[I] = _mm256_fmadd_ps(tv, _mm256_loadu_ps(brow + I * 8), acc[I])), ...);
+  }
+  ((_mm256_storeu_ps(d + I * 8, acc[I])), ...);
+}
+
 template <typename XT, typename YT>
-void lora_impl(const XT* x, const YT* y, const float* a, const float* b, const int64_t* pc, int64_t P,
-               const float* coef, int64_t C, int64_t R, int64_t K, int64_t N, int64_t Rt, const float* residual,
-               void* out_ptr) {
-  // 1. t[i, rank slice of piece p] = coef[i, j_p] * A_p x_i, for the rows that use piece p
+void lora_impl(const XT* x, const YT* y, const std::vector<const float*>& a, const std::vector<const float*>& b,
+               const int64_t* pc, int64_t P, const float* coef, int64_t C, int64_t R, int64_t K, int64_t N,
+               int64_t Rt, const float* residual, void* out_ptr) {
+  // piece p's ranks sit at [rank_at[p], rank_at[p] + rank) of a row's t
+  std::vector<int64_t> rank_at(P);
+  for (int64_t p = 0, off = 0; p < P; ++p) rank_at[p] = std::exchange(off, off + pc[p * 6 + 1]);
   std::vector<float> t(R * Rt, 0.f), xf(R * K);
   for (int64_t i = 0; i < R * K; ++i) xf[i] = widen(x[i]);
-  int64_t work = 0;
-  for (int64_t p = 0; p < P; ++p) work += pc[p * 6 + 1] * K * R;
-  at::parallel_for(0, R * P, std::max<int64_t>(1, R * P * (32 << 10) / std::max<int64_t>(1, work)),
-                   [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t i = u / P, p = u % P;
-      const int64_t* pe = pc + p * 6;
-      const float c = coef[i * C + pe[5]];
-      if (c == 0.f) continue;
-      for (int64_t k = 0; k < pe[1]; ++k) t[i * Rt + pe[0] + k] = c * dot(xf.data() + i * K, a + (pe[0] + k) * K, K);
-    }
-  });
-  // 2. delta = sum over the row's pieces of t . B^T, column blocks across threads; out = y + delta
+  // the work of step 1: (row, piece, first rank) for each run of up to 8 ranks of a piece the row uses
+  std::vector<std::array<int64_t, 3>> units;
+  for (int64_t i = 0; i < R; ++i)
+    for (int64_t p = 0; p < P; ++p)
+      if (coef[i * C + pc[p * 6 + 5]] != 0.f)
+        for (int64_t k = 0; k < pc[p * 6 + 1]; k += 8) units.push_back({i, p, k});
+  const int64_t U = static_cast<int64_t>(units.size());
   constexpr int64_t BLK = 64;
   const int64_t blocks = (N + BLK - 1) / BLK;
-  at::parallel_for(0, blocks, 4, [&](int64_t q0, int64_t q1) {
-    alignas(32) float d[BLK];
-    for (int64_t q = q0; q < q1; ++q) {
+  // both steps in one parallel region (a barrier between them, not a second fork and join): ~120 calls per step
+  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+#pragma omp parallel num_threads(threads) if (threads > 1 && U * K + blocks * BLK * Rt >= (32 << 10))
+  {
+    // 1. t[i, rank slice of piece p] = coef[i, j_p] * A_p x_i, for the rows that use piece p
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < U; ++u) {
+      const auto [i, p, k0] = units[u];
+      const int64_t* pe = pc + p * 6;
+      const float c = coef[i * C + pe[5]];
+      const float* ap = a[pe[5]] + pe[0] + k0 * K;
+      float* tp = t.data() + i * Rt + rank_at[p] + k0;
+      const float* xp = xf.data() + i * K;
+      if (pe[1] - k0 >= 8)
+        rank_dots8(xp, ap, K, c, tp, std::make_index_sequence<8>{});
+      else
+        for (int64_t k = 0; k < pe[1] - k0; ++k) tp[k] = c * dot(xp, ap + k * K, K);
+    }
+    // 2. delta = sum over the row's pieces of t . B^T, column blocks across threads; out = y + delta
+#pragma omp for schedule(static)
+    for (int64_t q = 0; q < blocks; ++q) {
+      alignas(32) float d[BLK];
       const int64_t c0 = q * BLK, c1 = std::min(N, c0 + BLK);
       for (int64_t i = 0; i < R; ++i) {
         std::fill(d, d + BLK, 0.f);
@@ -713,9 +760,14 @@ void lora_impl(const XT* x, const YT* y, const float* a, const float* b, const i
           const int64_t* pe = pc + p * 6;
           const int64_t lo = std::max(c0, pe[2]), hi = std::min(c1, pe[2] + pe[3]);
           if (lo >= hi || coef[i * C + pe[5]] == 0.f) continue;
-          const float* tk = t.data() + i * Rt + pe[0];
+          const float* tk = t.data() + i * Rt + rank_at[p];
+          const float* b0 = b[pe[5]] + pe[4] + (lo - pe[2]);
+          if (hi - lo == BLK) {  // the whole block: its 64 sums stay in registers over the ranks
+            rank_axpy64(tk, b0, pe[3], pe[1], d, std::make_index_sequence<8>{});
+            continue;
+          }
           for (int64_t k = 0; k < pe[1]; ++k) {
-            const float* brow = b + pe[4] + k * pe[3] + (lo - pe[2]);
+            const float* brow = b0 + k * pe[3];
             const __m256 tv = _mm256_set1_ps(tk[k]);
             int64_t n = 0;
             for (; n + 8 <= hi - lo; n += 8)
@@ -733,29 +785,42 @@ void lora_impl(const XT* x, const YT* y, const float* a, const float* b, const i
         }
       }
     }
-  });
+  }
 }
 
-at::Tensor lora(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, const at::Tensor& b,
-                const at::Tensor& pieces, const at::Tensor& coef, const std::optional<at::Tensor>& residual) {
+at::Tensor lora(const at::Tensor& x, const at::Tensor& y, const std::vector<at::Tensor>& a,
+                const std::vector<at::Tensor>& b, const at::Tensor& pieces, const at::Tensor& coef,
+                const std::optional<at::Tensor>& residual) {
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0), "x (R, in) and y (R, out) must share R");
-  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && coef.scalar_type() == at::kFloat,
-              "LoRA weights and coefficients must be float32");
-  TORCH_CHECK(a.dim() == 2 && a.size(1) == x.size(1), "a must be (R_total, ", x.size(1), ")");
+  TORCH_CHECK(coef.scalar_type() == at::kFloat && coef.dim() == 2 && coef.size(0) == x.size(0),
+              "coef must be float32 (R, contributions)");
+  const int64_t C = coef.size(1);
+  TORCH_CHECK(static_cast<int64_t>(a.size()) == C && static_cast<int64_t>(b.size()) == C, "coef has ", C,
+              " contributions but there are ", a.size(), " a and ", b.size(), " b buffers");
+  std::vector<const float*> ap(C), bp(C);
+  for (int64_t j = 0; j < C; ++j) {
+    TORCH_CHECK(a[j].scalar_type() == at::kFloat && b[j].scalar_type() == at::kFloat && a[j].is_contiguous() &&
+                    b[j].is_contiguous(),
+                "LoRA weights must be contiguous float32 buffers");
+    ap[j] = a[j].data_ptr<float>();
+    bp[j] = b[j].data_ptr<float>();
+  }
   TORCH_CHECK(pieces.scalar_type() == at::kLong && pieces.dim() == 2 && pieces.size(1) == 6, "pieces must be (P, 6) int64");
-  TORCH_CHECK(coef.dim() == 2 && coef.size(0) == x.size(0), "coef must be (R, contributions)");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
   TORCH_CHECK(y.scalar_type() == at::kFloat || y.scalar_type() == at::kBFloat16, "y must be float32 or bfloat16");
-  const at::Tensor xc = x.contiguous(), yc = y.contiguous(), ac = a.contiguous(), bc = b.contiguous(),
-                   pcc = pieces.contiguous(), cc = coef.contiguous();
-  const int64_t R = x.size(0), K = x.size(1), N = y.size(1), P = pieces.size(0), C = coef.size(1), Rt = a.size(0);
+  const at::Tensor xc = x.contiguous(), yc = y.contiguous(), pcc = pieces.contiguous(), cc = coef.contiguous();
+  const int64_t R = x.size(0), K = x.size(1), N = y.size(1), P = pieces.size(0);
   const int64_t* pc = pcc.data_ptr<int64_t>();
+  int64_t Rt = 0;
   for (int64_t p = 0; p < P; ++p) {
     const int64_t* pe = pc + p * 6;
-    TORCH_CHECK(pe[0] >= 0 && pe[1] >= 0 && pe[0] + pe[1] <= Rt, "piece ", p, " reaches past a's ", Rt, " ranks");
-    TORCH_CHECK(pe[2] >= 0 && pe[3] >= 0 && pe[2] + pe[3] <= N, "piece ", p, " reaches past y's ", N, " outputs");
-    TORCH_CHECK(pe[4] >= 0 && pe[4] + pe[1] * pe[3] <= bc.numel(), "piece ", p, " reaches past b");
     TORCH_CHECK(pe[5] >= 0 && pe[5] < C, "piece ", p, " names contribution ", pe[5], " of ", C);
+    TORCH_CHECK(pe[0] >= 0 && pe[1] >= 0 && pe[0] + pe[1] * K <= a[pe[5]].numel(), "piece ", p, " reaches past a[",
+                pe[5], "]'s ", a[pe[5]].numel(), " values");
+    TORCH_CHECK(pe[2] >= 0 && pe[3] >= 0 && pe[2] + pe[3] <= N, "piece ", p, " reaches past y's ", N, " outputs");
+    TORCH_CHECK(pe[4] >= 0 && pe[4] + pe[1] * pe[3] <= b[pe[5]].numel(), "piece ", p, " reaches past b[", pe[5],
+                "]'s ", b[pe[5]].numel(), " values");
+    Rt += pe[1];
   }
   at::Tensor res, out;
   if (residual) {
@@ -768,8 +833,7 @@ at::Tensor lora(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, c
   }
   const float* rp = residual ? res.data_ptr<float>() : nullptr;
   auto go = [&](auto* xp, auto* yp) {
-    lora_impl(xp, yp, ac.data_ptr<float>(), bc.data_ptr<float>(), pc, P, cc.data_ptr<float>(), C, R, K, N, Rt, rp,
-              out.data_ptr());
+    lora_impl(xp, yp, ap, bp, pc, P, cc.data_ptr<float>(), C, R, K, N, Rt, rp, out.data_ptr());
   };
   const bool xb = x.scalar_type() == at::kBFloat16, yb = y.scalar_type() == at::kBFloat16;
   if (!xb && !yb) go(xc.data_ptr<float>(), yc.data_ptr<float>());
@@ -801,21 +865,26 @@ at::Tensor product(const std::vector<std::optional<at::Tensor>>& t, int64_t slot
   return linear(x, w, t[slot + 1], residual);
 }
 
-// y plus the batch's LoRA delta of the pieces in slots [slot, slot + 3), if any
-at::Tensor adapted(const std::vector<std::optional<at::Tensor>>& t, int64_t slot, const std::optional<at::Tensor>& coef,
-                   const at::Tensor& x, const at::Tensor& y) {
-  if (!coef || !t[slot]) return y;
-  return lora(x, y, *t[slot], *t[slot + 1], *t[slot + 2], *coef, std::nullopt);
+// A batch's LoRA: each row's coefficients and each contribution's flat A and B buffers (see lora above)
+struct Lora {
+  const std::optional<at::Tensor>& coef;
+  const std::vector<at::Tensor>& a;
+  const std::vector<at::Tensor>& b;
+};
+
+// y plus the batch's LoRA delta of the pieces table in slot ``slot``, if any
+at::Tensor adapted(const std::vector<std::optional<at::Tensor>>& t, int64_t slot, const Lora& ad, const at::Tensor& x,
+                   const at::Tensor& y) {
+  if (!ad.coef || !t[slot]) return y;
+  return lora(x, y, ad.a, ad.b, *t[slot], *ad.coef, std::nullopt);
 }
 
 // residual + (the product of x (+ its LoRA delta)), the add in the product's epilogue or in the lora op's, as the
 // Python loop adds it
 at::Tensor add_projection(const std::vector<std::optional<at::Tensor>>& t, int64_t slot, int64_t lora_slot,
-                          int64_t kind, int64_t n, const std::optional<at::Tensor>& coef, const at::Tensor& x,
-                          const at::Tensor& residual) {
-  if (!coef || !t[lora_slot]) return product(t, slot, kind, n, x, residual);
-  return lora(x, product(t, slot, kind, n, x, std::nullopt), *t[lora_slot], *t[lora_slot + 1], *t[lora_slot + 2],
-              *coef, residual);
+                          int64_t kind, int64_t n, const Lora& ad, const at::Tensor& x, const at::Tensor& residual) {
+  if (!ad.coef || !t[lora_slot]) return product(t, slot, kind, n, x, residual);
+  return lora(x, product(t, slot, kind, n, x, std::nullopt), ad.a, ad.b, *t[lora_slot], *ad.coef, residual);
 }
 
 at::Tensor norm(const std::vector<std::optional<at::Tensor>>& t, int64_t slot, int64_t kind, double eps,
@@ -829,7 +898,9 @@ at::Tensor decode_blocks(const at::Tensor& x0, const std::vector<std::optional<a
                          const std::vector<int64_t>& meta, const std::vector<at::Tensor>& kcs,
                          const std::vector<at::Tensor>& vcs, const at::Tensor& positions,
                          const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
-                         const std::optional<at::Tensor>& coef, double eps) {
+                         const std::optional<at::Tensor>& coef, const std::vector<at::Tensor>& lora_a,
+                         const std::vector<at::Tensor>& lora_b, double eps) {
+  const Lora ad{coef, lora_a, lora_b};
   const int64_t L = static_cast<int64_t>(kcs.size());
   TORCH_CHECK(static_cast<int64_t>(t.size()) == L * LAYER_SLOTS && static_cast<int64_t>(meta.size()) == L * LAYER_META &&
                   static_cast<int64_t>(vcs.size()) == L,
@@ -840,16 +911,16 @@ at::Tensor decode_blocks(const at::Tensor& x0, const std::vector<std::optional<a
     const int64_t* m = meta.data() + i * LAYER_META;
     const int64_t b = i * LAYER_SLOTS;
     // meta: heads, norm kind (0 RMS, 1 LayerNorm -> float32, 2 LayerNorm -> bf16), swiglu, then (kind, n) for
-    // qkv, o, up, down; slots: norm1 (2), qkv (3), o (3), norm2 (2), up (3), down (3), then the LoRA pieces
-    // (a, b, pieces) of qkv, o, up, down (12), 4 spare
+    // qkv, o, up, down; slots: norm1 (2), qkv (3), o (3), norm2 (2), up (3), down (3), then the LoRA pieces tables
+    // of qkv, o, up, down (4), 12 spare
     at::Tensor h = norm(t, b + 0, m[1], eps, x);
-    at::Tensor q = adapted(t, b + 16, coef, h, product(t, b + 2, m[3], m[4], h, std::nullopt));
+    at::Tensor q = adapted(t, b + 16, ad, h, product(t, b + 2, m[3], m[4], h, std::nullopt));
     at::Tensor y = decode_attention(q, kcs[i], vcs[i], positions, cos, sin, m[0]);
-    x = add_projection(t, b + 5, b + 19, m[5], m[6], coef, y, x);
+    x = add_projection(t, b + 5, b + 17, m[5], m[6], ad, y, x);
     h = norm(t, b + 8, m[1], eps, x);
-    at::Tensor u = adapted(t, b + 22, coef, h, product(t, b + 10, m[7], m[8], h, std::nullopt));
+    at::Tensor u = adapted(t, b + 18, ad, h, product(t, b + 10, m[7], m[8], h, std::nullopt));
     at::Tensor a = m[2] ? silu_mul(u) : at::gelu(u, "tanh");
-    x = add_projection(t, b + 13, b + 25, m[9], m[10], coef, a, x);
+    x = add_projection(t, b + 13, b + 19, m[9], m[10], ad, a, x);
   }
   return x;
 }
@@ -861,9 +932,9 @@ TORCH_LIBRARY(scratchchat, m) {
   m.def("linear_i8(Tensor x, Tensor q, Tensor scale, Tensor? bias=None, Tensor? residual=None) -> Tensor");
   m.def("linear_panel(Tensor x, Tensor panels, int n, Tensor? scale=None, Tensor? bias=None, Tensor? residual=None) "
         "-> Tensor");
-  m.def("lora(Tensor x, Tensor y, Tensor a, Tensor b, Tensor pieces, Tensor coef, Tensor? residual=None) -> Tensor");
+  m.def("lora(Tensor x, Tensor y, Tensor[] a, Tensor[] b, Tensor pieces, Tensor coef, Tensor? residual=None) -> Tensor");
   m.def("decode_blocks(Tensor x, Tensor?[] tensors, int[] meta, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
-        "Tensor positions, Tensor? cos, Tensor? sin, Tensor? coef, float eps) -> Tensor");
+        "Tensor positions, Tensor? cos, Tensor? sin, Tensor? coef, Tensor[] lora_a, Tensor[] lora_b, float eps) -> Tensor");
   m.def("decode_attention(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, Tensor? cos, "
         "Tensor? sin, int n_heads) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
