@@ -247,9 +247,10 @@ class BatchLora:
     Every distinct (adapter, sign) of the batch is one "contribution" ``j``; ``coef`` (rows, contributions) holds each
     row's sign on the contributions it uses and 0 elsewhere. A decode step runs our ``lora`` op, where each row
     computes only its own pieces, reading each adapter's weights in place. Prefill (many rows) runs matmuls per
-    contribution: ``x @ A_run^T`` once for a group's adjacent A (q/k/v, gate/up), scaled per row by ``coef`` when rows
-    differ, then one small matmul per piece into its slice of a float32 delta, added to ``y`` once. For fused q/k/v
-    and gate/up a layer costs four hook calls, not seven. Pieces are listed lazily, once per (layer, projection).
+    contribution over the rows that use it: ``x @ A_run^T`` once for a group's adjacent A (q/k/v, gate/up), times
+    the rows' coefficient, then one small matmul per piece into its slice of a float32 delta, added to ``y`` once.
+    For fused q/k/v and gate/up a layer costs four hook calls, not seven. Pieces are listed lazily, once per (layer,
+    projection).
     """
 
     def __init__(self, adapters: Sequence[LoraAdapter | None], *, merged: LoraAdapter | None = None) -> None:
@@ -279,7 +280,7 @@ class BatchLora:
         self.shared = uniform and bool(self.contributions)  # every row: the same contributions (no per-row scaling)
         self.stacked = not uniform and bool(self.contributions)  # rows differ (coef selects each row's)
         self._pieces: dict[tuple[int, str], Pieces | None] = {}
-        self._row_coef: dict[tuple[int, int], torch.Tensor] = {}
+        self._row_spans: dict[int, list[tuple[int, int, float]]] = {}
 
     @property
     def is_empty(self) -> bool:
@@ -344,19 +345,25 @@ class BatchLora:
     def _run(j: int, ad: LoraAdapter, a0: int, a1: int, n_in: int, pieces: list) -> tuple:
         return j, ad.a_flat[a0:a1].view(-1, n_in), tuple(pieces)
 
-    def _scale(self, j: int, T: int) -> torch.Tensor | float:
-        """Contribution ``j``'s coefficient for each of the B*T rows of a (B, T, ...) input (a scalar when shared)."""
-        if self.shared:
-            return float(self.coef[0, j])
-        key = (j, T)
-        if key not in self._row_coef:
-            self._row_coef[key] = self.coef[:, j].repeat_interleave(T)[:, None]
-        return self._row_coef[key]
+    def _spans(self, j: int) -> list[tuple[int, int, float]]:
+        """Contribution ``j``'s rows as maximal runs ``(first, stop, coefficient)`` of rows with the same nonzero
+        coefficient (one run for a shared batch; a mixed batch's adapter usually has one row)."""
+        spans = self._row_spans.get(j)
+        if spans is None:
+            spans = []
+            for i, c in enumerate(self.coef[:, j].tolist()):
+                if c != 0.0 and spans and spans[-1][1] == i and spans[-1][2] == c:
+                    spans[-1] = (spans[-1][0], i + 1, c)
+                elif c != 0.0:
+                    spans.append((i, i + 1, c))
+            self._row_spans[j] = spans
+        return spans
 
     def _add_delta(self, x: torch.Tensor, y: torch.Tensor, pk: Pieces | None) -> torch.Tensor:
         """y + the rows' low-rank deltas, computed in float32 (more exact, and small bf16 matmuls are slow on CPU)
         and added to y once. Decode steps (one token per row, up to :data:`DECODE_ROWS` rows, no autograd) run our
-        ``scratchchat::lora`` op, which computes each row's own pieces only."""
+        ``scratchchat::lora`` op, which computes each row's own pieces only; longer inputs run matmuls over the rows
+        of each contribution only."""
         if pk is None:
             return y
         B, T, n_in = x.shape
@@ -367,12 +374,14 @@ class BatchLora:
         h = x.reshape(B * T, n_in).float()
         d = y.new_zeros((B * T, y.shape[-1]), dtype=torch.float32)
         for j, a, pieces in pk.runs:
-            t = h @ a.t()  # (B*T, R of the run)
-            scale = self._scale(j, T)
-            if not isinstance(scale, float) or scale != 1.0:
-                t = t * scale
-            for r0, bt, out0 in pieces:
-                d[:, out0 : out0 + bt.shape[1]].addmm_(t[:, r0 : r0 + bt.shape[0]], bt)
+            for r0, r1, c in self._spans(j):
+                rows = slice(r0 * T, r1 * T)  # the batch rows' tokens, contiguous in h and d
+                t = h[rows] @ a.t()  # (tokens, R of the run)
+                if c != 1.0:
+                    t = t * c
+                dr = d[rows]
+                for k0, bt, out0 in pieces:
+                    dr[:, out0 : out0 + bt.shape[1]].addmm_(t[:, k0 : k0 + bt.shape[0]], bt)
         if not y.is_contiguous() or torch.is_grad_enabled():  # a view of something else, or autograd: no in-place
             return y + d.view(y.shape).to(y.dtype)
         # y is the projection's fresh output: add in place (the float32 delta is rounded once, into y's dtype)

@@ -63,14 +63,19 @@ class _Active:
         self.t_last: float | None = None
 
 
+def _cached(r: Request) -> int:
+    """Prompt tokens of ``r`` whose keys and values come from its session's cache (not prefilled)."""
+    return r.prefix_len if r.prefix is not None else 0
+
+
 class _Pool:
-    """One base model's KV cache rows: decoding rows at [0, A), a prefilling one (if any) at row A."""
+    """One base model's KV cache rows: decoding rows at [0, A), the prefilling ones (if any) at [A, A + n)."""
 
     def __init__(self, lm: LoadedModel, rows: int, seq_len: int) -> None:
         self.lm = lm
         self.cache = KVCache.build(lm.config, rows, seq_len, dtype=lm.dtype)
         self.decoding: list[_Active] = []
-        self.prefilling: _Active | None = None
+        self.prefilling: list[_Active] = []
         self._hook_key: tuple | None = None
         self._hook: BatchLora | None = None
         self._prefill_key: tuple | None = None
@@ -86,7 +91,7 @@ class _Pool:
 
     @property
     def busy(self) -> bool:
-        return bool(self.decoding) or self.prefilling is not None
+        return bool(self.decoding) or bool(self.prefilling)
 
     def hook(self, adapters: list[LoraAdapter | None]) -> BatchLora | None:
         """The LoRA hook for this composition of decoding rows, cached until the composition changes."""
@@ -189,8 +194,8 @@ class Scheduler:
     def stats(self) -> dict:
         with self._cv:
             return {"waiting": len(self._waiting),
-                    "pools": {n: {"rows": p.max_rows, "decoding": len(p.decoding), "prefilling": p.prefilling
-                                  is not None, "kv_bytes": p.nbytes} for n, p in self._pools.items()},
+                    "pools": {n: {"rows": p.max_rows, "decoding": len(p.decoding), "prefilling": len(p.prefilling),
+                                  "kv_bytes": p.nbytes} for n, p in self._pools.items()},
                     "decode_steps": self.steps}
 
     def close(self) -> None:
@@ -220,7 +225,7 @@ class Scheduler:
             for pool in pools:
                 try:
                     with pool.lm.lock:  # merge/unmerge of this base's weights waits for the step
-                        if pool.prefilling is not None:
+                        if pool.prefilling:
                             self._prefill_chunk(pool)
                         if pool.decoding:
                             self._decode_step(pool)
@@ -230,7 +235,12 @@ class Scheduler:
         self._shutdown()
 
     def _admit(self) -> None:
-        """Move waiting requests into free rows (at most one prefilling request per pool). Holds ``_cv``."""
+        """Move waiting requests into free rows. Holds ``_cv``.
+
+        A pool prefills one request at a time in chunks, or several together in one forward pass when each of their
+        prompts fits the pass's token budget and padding them to the longest wastes at most 1/4 of it (requests
+        that arrive together, a burst of chats, start decoding together).
+        """
         kept: deque[Handle] = deque()
         while self._waiting:
             h = self._waiting.popleft()
@@ -255,16 +265,35 @@ class Scheduler:
                 if pool is None:
                     kept.append(h)
                     continue
-            if pool.prefilling is None and len(pool.decoding) < pool.max_rows:
+            if self._joins(pool, h):
                 try:
                     self._start(pool, h)
                 except Exception as e:  # a bad request (e.g. a seed out of range) fails alone
-                    pool.prefilling = None
+                    if pool.prefilling and pool.prefilling[-1].handle is h:
+                        pool.prefilling.pop()
                     h.error = e if isinstance(e, EngineError) else EngineError(f"bad request: {e}")
                     h.end_stream()
             else:
                 kept.append(h)
         self._waiting = kept
+
+    def _budget(self, pool: _Pool) -> int:
+        """Prompt tokens (padding included) of one prefill pass: alone on the model, big chunks (bounded, for
+        activation memory); otherwise small ones so that decoding rows keep moving."""
+        return 4 * self.prefill_chunk if not pool.decoding else self.prefill_chunk
+
+    def _joins(self, pool: _Pool, h: Handle) -> bool:
+        """Whether ``h`` can start prefilling now: alone, or with the requests already prefilling as one pass."""
+        if len(pool.decoding) + len(pool.prefilling) >= pool.max_rows:
+            return False
+        if not pool.prefilling:
+            return True
+        r = h.request
+        rest = [len(a.req.prompt_ids) - a.prefilled for a in pool.prefilling] + [len(r.prompt_ids) - _cached(r)]
+        starts = [a.prefilled for a in pool.prefilling] + [_cached(r)]
+        longest = max(rest)
+        return len(rest) * longest <= self._budget(pool) and sum(rest) >= 0.75 * len(rest) * longest \
+            and max(starts) + longest <= pool.cache.max_seq_len
 
     def _new_pool(self, lm: LoadedModel) -> _Pool | None:
         seq = self.context_length(lm)
@@ -289,42 +318,65 @@ class Scheduler:
 
     def _start(self, pool: _Pool, h: Handle) -> None:
         act = _Active(h)
-        row = len(pool.decoding)
+        row = len(pool.decoding) + len(pool.prefilling)
         r = h.request
-        if r.prefix is not None and r.prefix_len > 0:
-            n = r.prefix_len  # only the reused part (copy_row_ would copy the whole stored prefix)
+        n = _cached(r)
+        if n > 0:  # only the reused part (copy_row_ would copy the whole stored prefix)
             for mine, theirs in zip(pool.cache.keys + pool.cache.values, r.prefix.keys + r.prefix.values,
                                     strict=True):
                 mine[row, :, :n].copy_(theirs[0, :, :n])
-            pool.cache.lengths[row] = n
-            act.prefilled = n
-        else:
-            pool.cache.lengths[row] = 0
-        pool.prefilling = act
+        pool.cache.lengths[row] = n
+        act.prefilled = n
+        pool.prefilling.append(act)
 
     def _prefill_chunk(self, pool: _Pool) -> None:
-        act = pool.prefilling
-        row = len(pool.decoding)
-        if act.handle.cancelled:
-            pool.prefilling = None
-            pool.cache.lengths[row] = 0
-            self._finish(pool, act, "cancelled", row=None)
+        """One prefill pass: the next chunk of a lone prefilling request, or the whole prompts of a group (each
+        row's tokens padded on the right to the longest; the padding's keys land past the row's length and are
+        overwritten later). Requests whose prompt is done start decoding with their first token."""
+        for k in range(len(pool.prefilling) - 1, -1, -1):  # cancelled before their pass: free their rows
+            if pool.prefilling[k].handle.cancelled:
+                self._drop_prefilling(pool, k)
+        group = pool.prefilling
+        if not group:
             return
-        ids = act.req.prompt_ids
-        # alone on the model: big chunks (bounded, for activation memory); otherwise small ones so that decoding
-        # rows keep moving
-        chunk = 4 * self.prefill_chunk if not pool.decoding else self.prefill_chunk
-        piece = ids[act.prefilled : act.prefilled + chunk]
-        x = torch.tensor([piece], dtype=torch.long)
-        logits = pool.lm.model(x, cache=pool.cache.rows(row, row + 1), lora=pool.prefill_hook(act.req.adapter),
-                               last_only=True)
-        act.prefilled += len(piece)
-        if act.prefilled < len(ids):
-            return
-        pool.prefilling = None
-        pool.decoding.append(act)
-        token = int(sample_rows(logits[:, -1], [act.req.cfg], [act.generator], [act.generated])[0, 0])
-        self._emit(pool, act, token, row)
+        A = len(pool.decoding)
+        cache = pool.cache.rows(A, A + len(group))
+        if len(group) == 1:
+            act = group[0]
+            piece = act.req.prompt_ids[act.prefilled : act.prefilled + self._budget(pool)]
+            logits = pool.lm.model(torch.tensor([piece], dtype=torch.long), cache=cache,
+                                   lora=pool.prefill_hook(act.req.adapter), last_only=True)[:, -1]
+            act.prefilled += len(piece)
+            if act.prefilled < len(act.req.prompt_ids):
+                return
+        else:  # the whole of every prompt in this pass (admission made sure it fits)
+            pieces = [a.req.prompt_ids[a.prefilled :] for a in group]
+            T = max(map(len, pieces))
+            x = torch.zeros(len(group), T, dtype=torch.long)
+            keep = torch.zeros(len(group), T, dtype=torch.bool)
+            for i, piece in enumerate(pieces):
+                x[i, : len(piece)] = torch.tensor(piece)
+                keep[i, len(piece) - 1] = True  # logits at each row's last prompt token only
+            hook = pool._build([a.req.adapter for a in group])
+            logits = pool.lm.model(x, cache=cache, lora=hook, keep=keep)  # (rows, vocab)
+            for i, (a, piece) in enumerate(zip(group, pieces, strict=True)):
+                a.prefilled += len(piece)
+                cache.lengths[i] = a.prefilled  # not the padded length
+        pool.prefilling = []
+        pool.decoding.extend(group)
+        tokens = sample_rows(logits, [a.req.cfg for a in group], [a.generator for a in group],
+                             [a.generated for a in group])[:, 0].tolist()
+        for i in range(len(group) - 1, -1, -1):  # in reverse, as _decode_step: a removal moves no row not yet handled
+            self._emit(pool, group[i], tokens[i], A + i)
+
+    def _drop_prefilling(self, pool: _Pool, k: int) -> None:
+        """End prefilling request ``k`` (cancelled) and close its row's gap."""
+        act = pool.prefilling.pop(k)
+        row = len(pool.decoding) + k
+        for j in range(k, len(pool.prefilling)):  # the rows after it move down one
+            pool.cache.copy_row_(row + j - k, pool.cache, row + j - k + 1)
+        pool.cache.lengths[len(pool.decoding) + len(pool.prefilling)] = 0
+        self._finish(pool, act, "cancelled", row=None)
 
     def _decode_step(self, pool: _Pool) -> None:
         # cancellations first: they return within one step and free their row before it is computed
@@ -400,9 +452,11 @@ class Scheduler:
             rows[row] = rows[last]
         rows.pop()
         pool.cache.lengths[last] = 0
-        if pool.prefilling is not None:  # the prefilling row sits right after the decoding rows
-            pool.cache.copy_row_(last, pool.cache, last + 1)
-            pool.cache.lengths[last + 1] = 0
+        if pool.prefilling:  # the prefilling rows sit right after the decoding rows: the last one fills the gap
+            end = last + len(pool.prefilling)
+            pool.cache.copy_row_(last, pool.cache, end)
+            pool.cache.lengths[end] = 0
+            pool.prefilling.insert(0, pool.prefilling.pop())
 
     def _finish_unstarted(self, h: Handle) -> None:
         h.result = Result("cancelled", len(h.request.prompt_ids), 0, 0, 0.0, 0.0, "", [])
@@ -411,8 +465,8 @@ class Scheduler:
 
     def _fail_pool(self, pool: _Pool, exc: Exception) -> None:
         err = exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {type(exc).__name__}: {exc}")
-        acts = pool.decoding + ([pool.prefilling] if pool.prefilling else [])
-        pool.decoding, pool.prefilling = [], None
+        acts = pool.decoding + pool.prefilling
+        pool.decoding, pool.prefilling = [], []
         pool.cache.reset()
         for act in acts:
             act.handle.error = err

@@ -121,6 +121,49 @@ def test_mixed_adapters_share_a_batch(registry):
     assert _reference(lm, prompts[1], cfg) != refs[1]
 
 
+def test_requests_arriving_together_prefill_in_one_pass(registry):
+    """Requests admitted together (here: while a decoding request holds the model) prefill as one padded pass of
+    several rows: different prompt lengths, adapters, a session prefix (rows starting at different positions), and
+    one cancelled after admission; each then decodes exactly what it decodes alone."""
+    from engine.kv_cache import KVCache
+
+    lm = registry.get("tiny-llama")
+    ads = [registry.get_adapter(lm, "a"), None, registry.get_adapter(lm, "b"), None]
+    g = torch.Generator().manual_seed(21)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (30, 36, 40, 33)]
+    prefix = KVCache.build(LLAMA, 1, 64)
+    with torch.no_grad():
+        lm.model(torch.tensor([prompts[1][:10]]), cache=prefix)  # the second request reuses 10 cached tokens
+    calls = iter([False])  # the cancelled one: not when admitted, then cancelled before its pass
+    reqs = [Request(lm, ads[0], prompts[0], GenerationConfig(max_new_tokens=12)),
+            Request(lm, ads[1], prompts[1], GenerationConfig(max_new_tokens=12), prefix=prefix, prefix_len=10),
+            Request(lm, ads[2], prompts[2], GenerationConfig(max_new_tokens=12)),
+            Request(lm, ads[3], prompts[3], GenerationConfig(max_new_tokens=12), should_stop=lambda: next(calls, True))]
+    shapes = []
+    hook = lm.model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    sched = Scheduler(max_batch=8)
+    stop = threading.Event()
+    try:
+        first = iter(sched.submit(Request(lm, None, [1, 2, 3], GenerationConfig(max_new_tokens=200),
+                                          should_stop=stop.is_set)))
+        next(first)  # decoding
+        with lm.lock:  # the scheduler waits for the model: these four queue up and are admitted together
+            order = [0, 3, 1, 2]  # the cancelled one second: the rows after it move down
+            by_order = {i: sched.submit(reqs[i]) for i in order}
+            handles = [by_order[i] for i in range(4)]
+        got = [[t for d in h for t in d.token_ids] for h in handles]
+        stop.set()
+        list(first)
+    finally:
+        hook.remove()
+        sched.close()
+    assert (3, 40) in shapes  # one pass: rows of 30, 26 (after the prefix) and 40 tokens, padded to 40
+    assert handles[3].result.finish_reason == "cancelled" and got[3] == []
+    for i in range(3):
+        assert got[i] == _reference(lm, prompts[i], GenerationConfig(max_new_tokens=12), ads[i]), i
+    assert handles[1].result.cached_tokens == 10
+
+
 def test_per_row_seeded_sampling_is_reproducible_in_a_batch(registry):
     lm = registry.get("tiny-gpt2")
     prompts = _prompts(3, seed=7)
