@@ -233,7 +233,7 @@ class DecodeRunner:
                 return ops.decode_blocks(x, self.tensors, self.meta, cache.keys, cache.values, pos, cos, sin, None,
                                          [], [], self.eps)
             return ops.decode_blocks(x, self._lora_tensors(lora), self.meta, cache.keys, cache.values, pos, cos, sin,
-                                     lora.coef, lora.a, lora.b, self.eps)
+                                     lora.coef_for(len(x)), lora.a, lora.b, self.eps)
         if lora is not None:
             return self._adapted(x, cache, plan, lora)
         keys, values = cache.keys, cache.values

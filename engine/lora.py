@@ -302,7 +302,7 @@ class BatchLora:
         pk = self.pieces(layer, name, sizes)
         if pk is None:
             return y if residual is None else residual + y
-        return torch.ops.scratchchat.lora(x, y, self.a, self.b, pk.table, self.coef, residual)
+        return torch.ops.scratchchat.lora(x, y, self.a, self.b, pk.table, self.coef_for(x.shape[0]), residual)
 
     def pieces(self, layer: int, name: str, sizes: Sequence[int] | None = None) -> Pieces | None:
         """The low-rank pieces of projection ``name`` (or of group ``name`` with its ``sizes``) under this batch
@@ -345,9 +345,23 @@ class BatchLora:
     def _run(j: int, ad: LoraAdapter, a0: int, a1: int, n_in: int, pieces: list) -> tuple:
         return j, ad.a_flat[a0:a1].view(-1, n_in), tuple(pieces)
 
-    def _spans(self, j: int) -> list[tuple[int, int, float]]:
+    def _rows(self, B: int) -> None:
+        """A hook of shared contributions serves any batch size; one whose rows differ only its own."""
+        if B != self.batch_size and not self.shared:
+            raise ValueError(f"this LoRA hook was built for {self.batch_size} rows with different adapters, "
+                             f"not {B}")
+
+    def coef_for(self, B: int) -> torch.Tensor:
+        """``coef`` for a batch of ``B`` rows (a shared hook serves any batch size)."""
+        self._rows(B)
+        return self.coef if B == self.batch_size else self.coef[:1].expand(B, -1).contiguous()
+
+    def _spans(self, j: int, B: int) -> list[tuple[int, int, float]]:
         """Contribution ``j``'s rows as maximal runs ``(first, stop, coefficient)`` of rows with the same nonzero
         coefficient (one run for a shared batch; a mixed batch's adapter usually has one row)."""
+        self._rows(B)
+        if self.shared:
+            return [(0, B, float(self.coef[0, j]))]
         spans = self._row_spans.get(j)
         if spans is None:
             spans = []
@@ -369,12 +383,12 @@ class BatchLora:
         B, T, n_in = x.shape
         if T == 1 and B <= DECODE_ROWS and not torch.is_grad_enabled() and kernels.available():
             out = torch.ops.scratchchat.lora(x.reshape(B, n_in), y.reshape(B, -1), self.a, self.b, pk.table,
-                                             self.coef)
+                                             self.coef_for(B))
             return out.view(y.shape)
         h = x.reshape(B * T, n_in).float()
         d = y.new_zeros((B * T, y.shape[-1]), dtype=torch.float32)
         for j, a, pieces in pk.runs:
-            for r0, r1, c in self._spans(j):
+            for r0, r1, c in self._spans(j, B):
                 rows = slice(r0 * T, r1 * T)  # the batch rows' tokens, contiguous in h and d
                 t = h[rows] @ a.t()  # (tokens, R of the run)
                 if c != 1.0:
