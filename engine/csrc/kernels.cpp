@@ -731,58 +731,56 @@ void lora_impl(const XT* x, const YT* y, const std::vector<const float*>& a, con
   const int64_t U = static_cast<int64_t>(units.size());
   constexpr int64_t BLK = 64;
   const int64_t blocks = (N + BLK - 1) / BLK;
-  // both steps in one parallel region (a barrier between them, not a second fork and join): ~120 calls per step
-  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-#pragma omp parallel num_threads(threads) if (threads > 1 && U * K + blocks * BLK * Rt >= (32 << 10))
-  {
-    // 1. t[i, rank slice of piece p] = coef[i, j_p] * A_p x_i, for the rows that use piece p
-#pragma omp for schedule(static)
-    for (int64_t u = 0; u < U; ++u) {
-      const auto [i, p, k0] = units[u];
-      const int64_t* pe = pc + p * 6;
-      const float c = coef[i * C + pe[5]];
-      const float* ap = a[pe[5]] + pe[0] + k0 * K;
-      float* tp = t.data() + i * Rt + rank_at[p] + k0;
-      const float* xp = xf.data() + i * K;
-      if (pe[1] - k0 >= 8)
-        rank_dots8(xp, ap, K, c, tp, std::make_index_sequence<8>{});
-      else
-        for (int64_t k = 0; k < pe[1] - k0; ++k) tp[k] = c * dot(xp, ap + k * K, K);
-    }
-    // 2. delta = sum over the row's pieces of t . B^T, column blocks across threads; out = y + delta
-#pragma omp for schedule(static)
-    for (int64_t q = 0; q < blocks; ++q) {
-      alignas(32) float d[BLK];
-      const int64_t c0 = q * BLK, c1 = std::min(N, c0 + BLK);
-      for (int64_t i = 0; i < R; ++i) {
-        std::fill(d, d + BLK, 0.f);
-        for (int64_t p = 0; p < P; ++p) {
-          const int64_t* pe = pc + p * 6;
-          const int64_t lo = std::max(c0, pe[2]), hi = std::min(c1, pe[2] + pe[3]);
-          if (lo >= hi || coef[i * C + pe[5]] == 0.f) continue;
-          const float* tk = t.data() + i * Rt + rank_at[p];
-          const float* b0 = b[pe[5]] + pe[4] + (lo - pe[2]);
-          if (hi - lo == BLK) {  // the whole block: its 64 sums stay in registers over the ranks
-            rank_axpy64(tk, b0, pe[3], pe[1], d, std::make_index_sequence<8>{});
-            continue;
-          }
-          for (int64_t k = 0; k < pe[1]; ++k) {
-            const float* brow = b0 + k * pe[3];
-            const __m256 tv = _mm256_set1_ps(tk[k]);
-            int64_t n = 0;
-            for (; n + 8 <= hi - lo; n += 8)
-              _mm256_storeu_ps(d + lo - c0 + n, _mm256_fmadd_ps(tv, _mm256_loadu_ps(brow + n),
-                                                                _mm256_loadu_ps(d + lo - c0 + n)));
-            for (; n < hi - lo; ++n) d[lo - c0 + n] += tk[k] * brow[n];
-          }
+  // One thread: a call's work (a few rows' low-rank products, 0.1-0.5 MB of adapter weights) is smaller than what
+  // waking a thread team pays for, ~120 calls per decode step. Measured in the scheduler's thread next to another
+  // thread's OpenMP team (libgomp then stops spinning and every fork sleeps and wakes): +9 ms per GPT-2 4-row step
+  // parallel vs +3 ms serial, +20 vs +7 ms for SmolLM2; ~0.5 ms the other way without the second team.
+
+  // 1. t[i, rank slice of piece p] = coef[i, j_p] * A_p x_i, for the rows that use piece p
+  for (int64_t u = 0; u < U; ++u) {
+    const auto [i, p, k0] = units[u];
+    const int64_t* pe = pc + p * 6;
+    const float c = coef[i * C + pe[5]];
+    const float* ap = a[pe[5]] + pe[0] + k0 * K;
+    float* tp = t.data() + i * Rt + rank_at[p] + k0;
+    const float* xp = xf.data() + i * K;
+    if (pe[1] - k0 >= 8)
+      rank_dots8(xp, ap, K, c, tp, std::make_index_sequence<8>{});
+    else
+      for (int64_t k = 0; k < pe[1] - k0; ++k) tp[k] = c * dot(xp, ap + k * K, K);
+  }
+  // 2. delta = sum over the row's pieces of t . B^T, block by block of 64 outputs; out = y + delta
+  for (int64_t q = 0; q < blocks; ++q) {
+    alignas(32) float d[BLK];
+    const int64_t c0 = q * BLK, c1 = std::min(N, c0 + BLK);
+    for (int64_t i = 0; i < R; ++i) {
+      std::fill(d, d + BLK, 0.f);
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t* pe = pc + p * 6;
+        const int64_t lo = std::max(c0, pe[2]), hi = std::min(c1, pe[2] + pe[3]);
+        if (lo >= hi || coef[i * C + pe[5]] == 0.f) continue;
+        const float* tk = t.data() + i * Rt + rank_at[p];
+        const float* b0 = b[pe[5]] + pe[4] + (lo - pe[2]);
+        if (hi - lo == BLK) {  // the whole block: its 64 sums stay in registers over the ranks
+          rank_axpy64(tk, b0, pe[3], pe[1], d, std::make_index_sequence<8>{});
+          continue;
         }
-        for (int64_t n = c0; n < c1; ++n) {
-          const YT v = YT(widen(y[i * N + n]) + d[n - c0]);
-          if (residual)
-            static_cast<float*>(out_ptr)[i * N + n] = residual[i * N + n] + widen(v);
-          else
-            static_cast<YT*>(out_ptr)[i * N + n] = v;
+        for (int64_t k = 0; k < pe[1]; ++k) {
+          const float* brow = b0 + k * pe[3];
+          const __m256 tv = _mm256_set1_ps(tk[k]);
+          int64_t n = 0;
+          for (; n + 8 <= hi - lo; n += 8)
+            _mm256_storeu_ps(d + lo - c0 + n, _mm256_fmadd_ps(tv, _mm256_loadu_ps(brow + n),
+                                                              _mm256_loadu_ps(d + lo - c0 + n)));
+          for (; n < hi - lo; ++n) d[lo - c0 + n] += tk[k] * brow[n];
         }
+      }
+      for (int64_t n = c0; n < c1; ++n) {
+        const YT v = YT(widen(y[i * N + n]) + d[n - c0]);
+        if (residual)
+          static_cast<float*>(out_ptr)[i * N + n] = residual[i * N + n] + widen(v);
+        else
+          static_cast<YT*>(out_ptr)[i * N + n] = v;
       }
     }
   }
