@@ -5,8 +5,9 @@ decode steps. Each base model has a pool, one pre-allocated :class:`~engine.kv_c
 rows. Decoding rows are kept compact at the front, so a decode step is one call
 ``model(tokens (A, 1), cache=pool.rows(0, A), lora=hook)``; the cache builds the per-row position masks since
 rows hold different lengths. A joining request is prefilled on row ``A`` (the first free one) in chunks, so a long
-prompt never stalls the others for more than one chunk, then becomes decoding row ``A``. A finished row is
-replaced by the last decoding row (one row copy), keeping the front compact.
+prompt never stalls the others for more than one chunk, then becomes decoding row ``A``; requests that join together
+with short prompts (a burst of chats) prefill as one padded pass over rows ``A, A + 1, ...`` and start decoding
+together. A finished row is replaced by the last decoding row (one row copy), keeping the front compact.
 
 Each loop iteration gives every pool at most one prefill chunk and one decode step (round-robin: no request
 starves). Limits: a bounded wait queue (:class:`~engine.errors.EngineBusy` when full) and a byte budget for all
