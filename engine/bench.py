@@ -32,7 +32,7 @@ from engine.requests import Request
 from engine.sampling import GenerationConfig
 from engine.scheduler import Scheduler
 from engine.sessions import Engine
-from engine.threads import run_in_fresh_thread
+from engine.threads import openmp_workers, run_in_fresh_thread
 from weights import store
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -212,8 +212,8 @@ def serving_figures(root: Path, name: str, dtype: torch.dtype, tmp: Path, n_new:
     out: dict[str, Any] = {}
     try:
         lm = engine.load(name)
-        for i in range(3):
-            _write_adapter(scratch, name, f"bench-{i}", lm, rank=16, seed=i)
+        for i in range(3):  # torch ops on GPT-2's larger tensors fork: not in this long-lived thread (engine.threads)
+            run_in_fresh_thread(lambda i=i: _write_adapter(scratch, name, f"bench-{i}", lm, rank=16, seed=i))
         t = time.perf_counter()  # in a fresh thread, as the registry loads adapters (thread start included)
         run_in_fresh_thread(lambda: load_adapter(store.adapter_dir(name, "bench-0", scratch), lm.config))
         out["adapter_load_ms"] = 1e3 * (time.perf_counter() - t)
@@ -259,6 +259,8 @@ def serving_figures(root: Path, name: str, dtype: torch.dtype, tmp: Path, n_new:
                    sessions_ratio=_median([e / o for e, o in zip(eight, one, strict=True)]),
                    tok_s_base_batch4=_median(base4), tok_s_mixed_adapters_batch4=_median(mixed4),
                    mixed_slowdown=_median([b / m for b, m in zip(base4, mixed4, strict=True)]))
+        time.sleep(0.2)  # idle: the workers park
+        out["openmp_workers"] = openmp_workers()  # the scheduler's team is threads - 1; more slows every step
     finally:
         engine.close()
     return out
@@ -367,6 +369,11 @@ def to_markdown(res: dict[str, Any]) -> str:
                 lines.append(f"- {name} {dname} decode kernels: {', '.join(f'{k} {v}' for k, v in kernels.items())}")
         if "serving_dtype" in row:
             lines.append(f"- {name} serving figures (sessions, adapters) in {row['serving_dtype']}, this CPU's default")
+            workers = row.get("serving", {}).get("openmp_workers")
+            if workers is not None and workers > res["threads"] - 1:
+                lines.append(f"  - warning: {workers} OpenMP workers in the process while serving, more than the "
+                             f"scheduler's {res['threads'] - 1}: another thread holds a team, the serving figures "
+                             "are understated (engine.threads)")
     lines += ["", "| model | figure | ours | peer | ratio | target |", "|---|---|---|---|---|---|"]
     for name, row in res["models"].items():
         if "skipped" in row:

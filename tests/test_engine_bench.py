@@ -43,6 +43,9 @@ def test_bench_runs_every_figure_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     assert sv["tok_s_8_sessions"] > 0 and sv["mixed_slowdown"] > 0 and sv["adapter_load_ms"] > 0
     text = capsys.readouterr().out
     assert res["cpu"] in text
+    # the OpenMP workers while serving are reported, with a warning when another thread holds a team
+    assert isinstance(sv["openmp_workers"], int)
+    assert ("OpenMP workers in the process while serving" in text) == (sv["openmp_workers"] > res["threads"] - 1)
     for figure in ("vs roofline", "cache vs no cache", "TTFT turn 10", "8 sessions vs 1", "3 adapters vs base",
                    "switch a session's adapter", "load a rank-16 adapter", "not in this test"):
         assert figure in text, figure
