@@ -104,26 +104,22 @@ def test_serving_leaves_only_the_schedulers_openmp_team(tmp_path):
     import sys
     from pathlib import Path
 
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
+    from e2e_helpers import add_tiny_adapter
+
     from engine.config import ModelConfig
     from engine.model import GPT
     from weights import store
 
     if openmp_workers() is None:
         pytest.skip("needs Linux /proc")
+    # large enough that its ops fork (a tiny model's never do, and the check could not fail)
     cfg = ModelConfig(vocab_size=257, context_length=512, d_model=256, n_layers=2, n_heads=4, n_kv_heads=2,
                       ffn_dim=1024, norm="rmsnorm", mlp="swiglu", pos_emb="rope", bias=False, qkv_bias=False)
     torch.manual_seed(0)
     store.add_model("mid", cfg.to_dict(), GPT(cfg).state_dict(), prompt_format="chatml", root=tmp_path,
                     tokenizer={"type": "none", "eos_token_ids": []})
-    manifest, state = store.read("mid", tmp_path)
-    model = GPT(cfg)
-    model.load_state_dict(state)
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "down_proj"],
-                                                    init_lora_weights=False))
-    folder = store.adapter_dir("mid", "ad", tmp_path)
-    pm.save_pretrained(str(folder))
-    (folder / "scratchchat.json").write_text(json.dumps({"base": "mid", "base_sha256": manifest["sha256"]}))
+    add_tiny_adapter(tmp_path, "mid", "ad", rank=8, targets=("q_proj", "down_proj"))
 
     out = subprocess.run([sys.executable, "-c", _SERVING, str(tmp_path)], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1], timeout=300)
