@@ -304,6 +304,32 @@ def test_decode_attention_matches_reference_and_writes_only_each_rows_position(d
         _assert_within(y, ref, 2e-3, BF16_ULP, "bf16 attention")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H,Hkv,hd", [(9, 3, 64), (4, 2, 128), (2, 1, 72)], ids=["smollm2", "hd128", "hd72"])
+def test_decode_attention_over_long_contexts_matches_reference(dtype, H, Hkv, hd) -> None:
+    """Contexts of whole and partial eight-key blocks, head sizes of one or two 64-feature register chunks and a
+    remainder: each row's attention is the reference's, and a row's output does not depend on the other rows."""
+    g, S = _gen(6), 90
+    positions = torch.tensor([0, 7, 63, 84])
+    config = ModelConfig(vocab_size=16, context_length=S, d_model=H * hd, n_layers=1, n_heads=H, n_kv_heads=Hkv,
+                         ffn_dim=8, norm="rmsnorm", mlp="swiglu", pos_emb="rope", bias=False, qkv_bias=False)
+    tables = build_rope_cache(config)
+    qkv = torch.randn(len(positions), (H + 2 * Hkv) * hd, generator=g).to(dtype)
+    kc = torch.randn(len(positions), Hkv, S, hd, generator=g).to(dtype)
+    vc = torch.randn(len(positions), Hkv, S, hd, generator=g).to(dtype)
+    ref, _, _ = _decode_reference(qkv, kc.clone(), vc.clone(), positions, tables, H)
+    kc0, vc0 = kc.clone(), vc.clone()
+    y = ops.decode_attention(qkv, kc, vc, positions, *tables, H)
+    if dtype == torch.float32:
+        _assert_within(y, ref, 1e-5, 1e-5, "float32 attention")
+    else:
+        _assert_within(y, ref, 2e-3, BF16_ULP, "bf16 attention")
+    for b in range(len(positions)):  # one row alone gives the same bits
+        k1, v1 = kc0[b : b + 1].clone(), vc0[b : b + 1].clone()
+        y1 = ops.decode_attention(qkv[b : b + 1], k1, v1, positions[b : b + 1], *tables, H)
+        assert torch.equal(y1[0], y[b])
+
+
 def test_decode_attention_ignores_stale_cache_entries_past_the_position() -> None:
     g, H, hd, S = _gen(5), 2, 8, 12
     qkv = torch.randn(1, 3 * H * hd, generator=g)
