@@ -68,6 +68,12 @@ def _text(segments: Sequence[Segment]) -> str:
     return "".join(text for text, _ in segments)
 
 
+def _char_start(text: str, offset: int) -> bool:
+    """Whether byte ``offset`` of ``text``'s UTF-8 starts a character (or is its end)."""
+    data = text.encode("utf-8")
+    return offset >= len(data) or data[offset] & 0xC0 != 0x80
+
+
 def _split_system(messages: Sequence[dict]) -> tuple[str | None, list[dict]]:
     """Validate a chat history; return (system prompt or None, the user/assistant turns)."""
     if not messages:
@@ -141,31 +147,97 @@ class PromptFormat:
         return generated[len(prompt):].strip()
 
     # ---- token ids
+    @staticmethod
+    def _units(segments: Sequence[Segment], tokenizer: Tokenizer) -> list[int | str]:
+        """Segments as what gets encoded: special ids for markers that are special tokens here, and runs of text
+        (consecutive plain segments joined)."""
+        units: list[int | str] = []
+        run: list[str] = []
+        for text, is_marker in segments:
+            if is_marker and tokenizer.is_special(text):
+                if run:
+                    units.append("".join(run))
+                    run = []
+                units.append(tokenizer.special_id(text))
+            elif text:
+                run.append(text)
+        if run:
+            units.append("".join(run))
+        return units
+
+    @staticmethod
+    def _encode_units(units: Sequence[int | str], tokenizer: Tokenizer) -> list[int]:
+        ids: list[int] = []
+        for u in units:
+            if isinstance(u, int):
+                ids.append(u)
+            else:
+                ids += tokenizer.encode(u)
+        return ids
+
     def encode_segments(self, segments: Sequence[Segment], tokenizer: Tokenizer) -> list[int]:
         """Encode segments: markers that are special tokens become their ids; runs of text are encoded together.
 
         Consecutive plain segments are joined before encoding so that, with no special markers (GPT-2), the ids
         equal ``tokenizer.encode(full_text)`` exactly.
         """
-        ids: list[int] = []
-        run: list[str] = []
-        for text, is_marker in segments:
-            if is_marker and tokenizer.is_special(text):
-                if run:
-                    ids += tokenizer.encode("".join(run))
-                    run = []
-                ids.append(tokenizer.special_id(text))
-            elif text:
-                run.append(text)
-        if run:
-            ids += tokenizer.encode("".join(run))
-        return ids
+        return self._encode_units(self._units(segments, tokenizer), tokenizer)
 
     def encode_chat(self, messages: Sequence[dict], tokenizer: Tokenizer, add_generation_prompt: bool = True
                     ) -> list[int]:
         """Token ids of a chat history, ready to prefill (ends with the generation prompt by default)."""
         system, turns = _split_system(messages)
         return self.encode_segments(self._chat_segments(system, turns, add_generation_prompt), tokenizer)
+
+    def encode_chat_reusing(self, messages: Sequence[dict], tokenizer: Tokenizer, reuse: Sequence[int],
+                            add_generation_prompt: bool = True) -> tuple[list[int], int]:
+        """Token ids of a chat history that keep the longest prefix of ``reuse`` that spells the rendered history,
+        and encode only the rest; returns ``(ids, n_kept)``.
+
+        A chat session passes the ids its KV cache holds: the last prompt and the answer's tokens as the model
+        sampled them. Re-encoding the answer's text can split it differently (BPE has one canonical split, a sampled
+        answer need not follow it), and every token after the first difference would be prefilled again. Kept ids
+        must match the history unit for unit: a special id only where the template puts that marker, a text
+        token only where its bytes continue the text (so user text that spells ``<|im_end|>`` never matches the
+        special id); the split falls on a character boundary. With nothing reusable this is :meth:`encode_chat`.
+        """
+        system, turns = _split_system(messages)
+        units = self._units(self._chat_segments(system, turns, add_generation_prompt), tokenizer)
+        specials = {tokenizer.special_id(t) for t in tokenizer.special_tokens}
+        marks = [(0, 0)]  # (unit, byte offset in it) after each kept token
+        i, j = 0, 0
+        blob = b""  # the current text unit's bytes
+        for tid in reuse:
+            if i >= len(units):
+                break
+            u = units[i]
+            if isinstance(u, int):
+                if tid != u:
+                    break
+                i, j = i + 1, 0
+            else:
+                if tid in specials:
+                    break
+                if j == 0:
+                    blob = u.encode("utf-8")
+                try:
+                    piece = tokenizer.token_bytes(tid)
+                except (KeyError, ValueError):  # an id past the tokenizer's vocabulary (a padded embedding)
+                    break
+                if not piece or blob[j : j + len(piece)] != piece:
+                    break
+                j += len(piece)
+                if j == len(blob):
+                    i, j = i + 1, 0
+            marks.append((i, j))
+        n = len(marks) - 1
+        while n > 0 and marks[n][1] and not _char_start(units[marks[n][0]], marks[n][1]):
+            n -= 1  # the kept tokens end inside a multi-byte character: give those bytes back
+        i, j = marks[n]
+        rest: list[int | str] = list(units[i:])
+        if j:
+            rest[0] = units[i].encode("utf-8")[j:].decode("utf-8")
+        return list(reuse[:n]) + self._encode_units(rest, tokenizer), n
 
     def encode_prompt(self, instruction: str, tokenizer: Tokenizer, input: str = "", system: str | None = None,
                       add_generation_prompt: bool = True) -> list[int]:

@@ -4,7 +4,9 @@
 :class:`~engine.scheduler.Scheduler` (one thread, continuous batching). :class:`ChatSession` holds one conversation:
 history, model, adapter, system prompt, and the KV cache of everything already prefilled. A turn encodes the whole
 history in the model's prompt format and reuses the longest cached prefix, so only the new tokens are prefilled
-(llama.cpp server's prompt cache, per session).
+(llama.cpp server's prompt cache, per session). The last answer stays in the ids the model sampled, not its text
+re-encoded (:meth:`~engine.prompts.PromptFormat.encode_chat_reusing`): a sampled answer need not be BPE's
+canonical split, and re-encoding it would prefill the whole answer again.
 
 The cache is keyed by everything that changes the keys and values other than the tokens themselves: the base
 (name, weights hash, manifest file stamp, dtype), the adapter and its version (file hash), whether an adapter is merged,
@@ -317,7 +319,8 @@ class ChatSession:
         n_turns = len(self.history) // 2  # history holds (user, assistant) pairs
         first = kept = min(self._first_turn, n_turns)  # turns dropped once stay dropped: the prompt stays stable
         while True:
-            ids = fmt.encode_chat(head + self.history[2 * first:] + user, tok, add_generation_prompt=True)
+            messages = head + self.history[2 * first:] + user
+            ids = fmt.encode_chat(messages, tok, add_generation_prompt=True)
             need = len(ids) + reserve
             # once turns must go, drop down to TRIM_TO of the context: a drop changes everything after the system
             # prompt (absolute positions cannot shift under a GPT-2 cache), so dropping one turn at a time would
@@ -341,6 +344,11 @@ class ChatSession:
                 if a != b:
                     break
                 n += 1
+            # the cache holds the last answer as sampled; its text re-encoded may split differently, and keeping
+            # the sampled ids then saves prefilling everything after the first difference (same text either way)
+            spliced, kept = fmt.encode_chat_reusing(messages, tok, self._cache.ids, add_generation_prompt=True)
+            if kept > n and (len(spliced) <= len(ids) or len(spliced) + reserve <= n_ctx):  # no less room
+                ids, n = spliced, kept
             prefix_len = min(n, len(ids) - 1)  # at least one token must be prefilled to get logits
             if prefix_len > 0:
                 prefix = self._cache.cache

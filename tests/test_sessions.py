@@ -357,3 +357,35 @@ def test_idle_session_caches_stay_under_their_memory_budget(root):
         assert got == _answer(_fresh(eng, "tiny-chat", None, history), "again")[1]
     finally:
         eng.close()
+
+
+def test_next_turn_keeps_the_answer_as_sampled(tmp_path, gpt2_tokenizer_dir):
+    """A sampled answer need not be BPE's canonical split of its text: the next turn keeps the cached ids (the same
+    text) instead of prefilling everything after the first re-encoding difference, and generates exactly what an
+    uncached run on those ids generates."""
+    from engine.generate import generate_uncached
+    from weights.store import gpt2_tokenizer_entry
+
+    cfg = ModelConfig(vocab_size=50257, context_length=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4,
+                      ffn_dim=64)
+    tokenizer, files = gpt2_tokenizer_entry(gpt2_tokenizer_dir / "encoder.json", gpt2_tokenizer_dir / "vocab.bpe")
+    torch.manual_seed(3)
+    store.add_model("tiny-bpe", cfg.to_dict(), GPT(cfg).state_dict(), tokenizer={**tokenizer, "eos_token_ids": []},
+                    files=files, prompt_format="alpaca", root=tmp_path)
+    eng = Engine(tmp_path, dtype=torch.float32)
+    try:
+        s = eng.new_session("tiny-bpe")
+        text1, ids1 = _answer(s, "Name a city.", GenerationConfig(max_new_tokens=16, temperature=1.0, seed=0))
+        tok = eng.load("tiny-bpe").tokenizer
+        assert tok.encode(text1) != ids1  # a random model's answer is not the canonical split of its text
+        prompt1 = s.last_usage.prompt_tokens
+        _, ids2 = _answer(s, "Another one?", GenerationConfig(max_new_tokens=16))
+        u = s.last_usage
+        fed = s._cache.ids[: u.prompt_tokens]  # the ids this turn ran on
+        assert fed[:prompt1 + 15] == s._cache.ids[:prompt1] + ids1[:15]  # the sampled answer, kept
+        assert u.cached_tokens >= prompt1 + 15  # only the new turn's text was prefilled
+        assert tok.decode(fed) == get_format("alpaca").render(s.history[:-1], add_generation_prompt=True)
+        model = eng.load("tiny-bpe").model
+        assert ids2 == list(generate_uncached(model, fed, GenerationConfig(max_new_tokens=16)))
+    finally:
+        eng.close()
