@@ -154,6 +154,10 @@ def _pack_panel(w: torch.Tensor) -> torch.Tensor:
 PACKERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "mkl": _pack_mkl, "onednn": _pack_onednn, "scratch": _pack_scratch, "panel": _pack_panel}
 MULTI_ROW = ("onednn", "scratch", "panel")  # kernels that take more than one row
+OURS = ("scratch", "panel")  # engine.kernels: what a one-op decode step (engine.decode) can run
+# What a decode step's Python layer loop (engine.decode) costs over the one-op step, per layer: measured 50-120 us
+# for SmolLM2 in bf16 on the 2-core EPYC (1.5-3.7 ms a 30-layer step), ~67 us in float32
+LOOP_COST_PER_LAYER = 60e-6
 
 
 def packed_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -250,6 +254,58 @@ def _pick(candidates: dict[str, list[PackedWeight]], times: dict[str, float]) ->
             for m, o in zip(candidates[many], candidates[one], strict=True)]
 
 
+def _ours_for_one_row(packed: list[PackedWeight] | None, times: dict[str, float]) -> tuple[str, float] | None:
+    """For a kind whose one-row products run a library kernel: the kernel of ours it could use instead without
+    another copy (the panels it already has, else ``scratch`` on the weight itself) and its measured seconds per
+    step; None where ours was not measured (kernels unavailable)."""
+    name = "panel" if packed and packed[0].kernel == "panel" else "scratch"
+    t = times.get(f"{name} x1")
+    return None if t is None else (name, t)
+
+
+def _keep_one_op_steps(decided: dict[str, tuple[list[PackedWeight] | None, dict[str, float], list[torch.Tensor]]],
+                       layers: int) -> None:
+    """Switch the kinds whose one-row choice is a library kernel to ours when the step gains more than it loses.
+
+    A decode step runs as one op (``scratchchat::decode_blocks``) only when every block projection runs one of our
+    kernels; one library kernel anywhere and the step goes through the Python layer loop, which costs about
+    :data:`LOOP_COST_PER_LAYER` a layer. Each kind is measured alone, so a library GEMV a few percent faster on one
+    kind can cost the whole step more than it saves (bf16 on the AVX2 EPYC: PyTorch's ``addmv`` won q/k/v and o at
+    one row and the step lost 1.5-3.7 ms of ~20 to the loop). The head is outside the blocks and keeps its choice."""
+    blocks = {kind: v for kind, v in decided.items() if kind != "head"}
+    switch = {}
+    for kind, (packed, times, _) in blocks.items():
+        pw = packed[0].for_rows(1) if packed else None
+        if pw is not None and pw.kernel in OURS:
+            continue
+        got = _ours_for_one_row(packed, times)
+        if got is None:
+            return  # this kind cannot run ours: the step loops anyway
+        switch[kind] = got
+    if not switch:
+        return
+    loss = sum(t - min(v for k, v in blocks[kind][1].items() if k.endswith(" x1")) for kind, (_, t) in switch.items())
+    if loss >= LOOP_COST_PER_LAYER * layers:
+        return
+    for kind, (name, _) in switch.items():
+        packed, times, weights = decided[kind]
+        if packed and packed[0].kernel == name:  # the panels it has serve one row too
+            packed = [replace(p, single=True, single_kernel=None) for p in packed]
+        elif packed and packed[0].max_rows > 1:  # a library copy for 2+ rows, ours on the weight itself for one
+            packed = [replace(p, single=False, single_kernel=PackedWeight("scratch", p.weight, p.weight, ()))
+                      for p in packed]
+        else:  # the plain kernels for 2+ rows (a one-row library copy is dropped)
+            packed = [PackedWeight("scratch", w, w, ()) for w in weights]
+        decided[kind] = packed, times, weights
+        logger.debug("decode kernel for %s: %s for one row keeps the step one op", kind, name)
+
+
+def _copy_bytes(packed: list[PackedWeight] | None) -> int:
+    """Bytes of the second copies a kind's choice holds (our row-form kernel reads the weight itself)."""
+    copies = packed and any(p.copies or (p.single_kernel is not None and p.single_kernel.copies) for p in packed)
+    return sum(p.weight.numel() * p.weight.element_size() for p in packed) if copies else 0
+
+
 def _serving(pws: list[PackedWeight], single: bool, max_rows: int) -> list[PackedWeight]:
     if pws and pws[0].kernel == "panel" and max_rows > 1:
         max_rows = PANEL_ROWS  # prefill chunks too (see PANEL_ROWS)
@@ -318,7 +374,8 @@ def prepack_(model: nn.Module, mode: str = "auto", max_copy_bytes: int | None = 
         target.put(None)
         kinds.setdefault(target.kind, []).append(target)
     chosen: dict[str, str] = {}
-    extra = 0
+    decided: dict[str, tuple[list[PackedWeight] | None, dict[str, float], list[torch.Tensor]]] = {}
+    extra = int8_bytes = 0
 
     def fits(nbytes: int) -> bool:
         return mode != "auto" or max_copy_bytes is None or extra + nbytes <= max_copy_bytes
@@ -335,6 +392,7 @@ def prepack_(model: nn.Module, mode: str = "auto", max_copy_bytes: int | None = 
                     t.put(PackedWeight("panel", kernels.pack_panels(q), q, source_key(t.sources), True, PANEL_ROWS,
                                        scale=scale.float()))
                     extra += q.numel()
+                    int8_bytes += q.numel()
                 chosen[kind] = "int8 panel"
             continue
         if mode == "off":
@@ -344,15 +402,19 @@ def prepack_(model: nn.Module, mode: str = "auto", max_copy_bytes: int | None = 
         if not fits(sum(t.weight.numel() * t.weight.element_size() for t in targets)):
             names = ("scratch",)  # over the copy budget: our kernels on the weights themselves, or plain
         packed, times = choose([t.weight for t in targets], [t.bias for t in targets], names, forced=mode != "auto")
+        decided[kind] = (packed, times, [t.weight for t in targets])
+        extra += _copy_bytes(packed)
+    if mode == "auto":
+        _keep_one_op_steps(decided, len(getattr(model, "blocks", ())))
+        extra = int8_bytes + sum(_copy_bytes(packed) for packed, _, _ in decided.values())  # a switch may drop one
+    for kind, (packed, times, _) in decided.items():
         name = chosen[kind] = packed[0].label if packed else "plain"
         logger.debug("decode kernel for %s: %s (%s)", kind, name,
                      ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items()))
-        for t, p in zip(targets, packed or (), strict=False):
+        for t, p in zip(kinds[kind], packed or (), strict=False):
             key = source_key(t.sources)
             one = p.single_kernel and replace(p.single_kernel, key=key)
             t.put(replace(p, key=key, single_kernel=one))
-            if p.copies or (one is not None and one.copies):
-                extra += t.weight.numel() * t.weight.element_size()
     model.__dict__["decode_kernels"] = chosen
     model.__dict__["packed_bytes"] = extra
     logger.info("decode kernels: %s (%.1f MB of packed copies)",

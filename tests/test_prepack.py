@@ -254,3 +254,31 @@ def test_the_registry_packs_within_its_memory_cap(tmp_path):
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     lm = Registry(tmp_path, memory_cap=weights, dtype=torch.float32, pack="auto").get("tiny")
     assert lm.model.packed_bytes == 0 and lm.nbytes == weights
+
+
+@pytest.mark.skipif("panel" not in KERNELS, reason="needs our kernels")
+@pytest.mark.parametrize("plain_ms, one_op", [(0.98, True), (0.5, False)])
+def test_a_slightly_faster_library_gemv_does_not_cost_the_one_op_step(monkeypatch, plain_ms, one_op):
+    """Kinds are measured alone; a library GEMV a little faster on one kind must not push the whole decode step
+    into the Python layer loop (engine.decode), which costs more than it saves. Much faster, it is kept."""
+    from engine.decode import runner_for
+
+    model = frozen_tiny("llama")
+    reference = decode_logits(model, [1, 2, 3], 3)
+    kinds = iter(["qkv", "o_proj", "gate_up", "down_proj", "head"])
+
+    def timed(runs, n, reps=3):  # seconds per step of each candidate, as if measured
+        kind = next(kinds)
+        ms = {"panel x1": 1.0, "panel x8": 2.0, "plain x8": 5.0}
+        if kind == "qkv":
+            ms["plain x1"] = plain_ms
+        return {name: ms.get(name, 9.0) * 1e-3 for name in runs}
+
+    monkeypatch.setattr(prepack, "_seconds", timed)
+    chosen = prepack.prepack_(model, "auto")
+    # loss if switched: 1.0 - plain_ms ms against LOOP_COST_PER_LAYER x 2 layers = 0.12 ms
+    assert chosen["qkv"] == ("panel[1-128 rows]" if one_op else "panel[2-128 rows]")
+    assert all(chosen[k] == "panel[1-128 rows]" for k in ("o_proj", "gate_up", "down_proj", "head"))
+    with torch.no_grad():
+        assert (runner_for(model, 1).meta is not None) == one_op
+    torch.testing.assert_close(decode_logits(model, [1, 2, 3], 3), reference, rtol=1e-4, atol=1e-4)
