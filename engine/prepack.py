@@ -51,6 +51,9 @@ BATCH_ROWS = 8  # the batched decode size packed for and measured (the scheduler
 # they ran 72 / 108 / 114 GFLOPS at 16 / 48 / 128 rows where MKL's GEMM ran 38 / 70 / 94, and fell behind from about
 # 200 rows (256: 91 vs 112). Longer prompt chunks use the plain GEMM.
 PANEL_ROWS = 128
+# Where panels win one row (their copy is made anyway), they also take 2-8 rows unless another kernel is more than
+# this much faster there: the 8-row figure alone misses that panels serve the prefill chunks too (above).
+PREFILL_SHARE = 1.10
 
 
 def default_pack() -> str:
@@ -243,6 +246,9 @@ def _pick(candidates: dict[str, list[PackedWeight]], times: dict[str, float]) ->
 
     many = best(BATCH_ROWS, ["plain", *(k for k in MULTI_ROW if k in candidates)])
     one = best(1, ["plain", *candidates])
+    batch = f" x{BATCH_ROWS}"
+    if one == "panel" and many != "panel" and times["panel" + batch] <= PREFILL_SHARE * times[many + batch]:
+        many = "panel"  # its copy is made anyway, and it also serves prefill chunks up to PANEL_ROWS rows
     if many == "plain" and one == "plain":
         return None
     if many == "plain":

@@ -282,3 +282,13 @@ def test_a_slightly_faster_library_gemv_does_not_cost_the_one_op_step(monkeypatc
     with torch.no_grad():
         assert (runner_for(model, 1).meta is not None) == one_op
     torch.testing.assert_close(decode_logits(model, [1, 2, 3], 3), reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scratch_x8_ms, want", [(1.9, "panel[1-128 rows]"), (1.5, "panel[1 row]+scratch[2-8 rows]")])
+def test_panels_that_win_one_row_also_take_batches_unless_clearly_slower(scratch_x8_ms, want):
+    """Panels serve prefill chunks up to PANEL_ROWS rows as well; where their copy exists for one row anyway, an 8-row
+    figure a little behind another kernel's does not send prefill to the library GEMM."""
+    pws = {name: [prepack.PackedWeight(name, torch.zeros(1), torch.ones(1), ())] for name in ("scratch", "panel")}
+    times = {"plain x1": 5.0, "plain x8": 9.0, "scratch x1": 3.0, "panel x1": 2.0, "panel x8": 2.0,
+             "scratch x8": scratch_x8_ms}
+    assert prepack._pick(pws, times)[0].label == want
