@@ -70,6 +70,22 @@ def test_linear_matches_float64_reference_over_rows_and_ragged_shapes(x_dtype, w
                 _check_product(y, x, w.double(), None if b is None else b.double(), f"R={R} K={K} N={N}")
 
 
+def test_bf16_inputs_widen_and_outputs_round_exactly_as_pytorch_does() -> None:
+    """The kernels widen a bf16 input and round a bf16 output themselves: the same bits as ``.float()`` on the way
+    in and ``.to(torch.bfloat16)`` (round to nearest even) on the way out, for every kernel form."""
+    g = _gen(11)
+    x = (torch.randn(5, 96, generator=g) * 3).bfloat16()
+    w = torch.randn(37, 96, generator=g)
+    panels = kernels.pack_panels(w)
+    q, scale = quantize_rows(w)
+    pairs = [(ops.linear(x, w, None, None), ops.linear(x.float(), w, None, None)),
+             (ops.linear_panel(x, panels, 37), ops.linear_panel(x.float(), panels, 37)),
+             (ops.linear_i8(x, q, scale, None, None), ops.linear_i8(x.float(), q, scale, None, None))]
+    for got, wide in pairs:
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got.view(torch.int16), wide.to(torch.bfloat16).view(torch.int16))
+
+
 def test_linear_wrapper_takes_leading_dims_and_non_contiguous_inputs() -> None:
     g = _gen(1)
     w = torch.randn(40, 13, generator=g).t()  # (13, 40) -> a transposed (N=13, K=40) view
