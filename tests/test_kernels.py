@@ -358,6 +358,66 @@ def test_decode_attention_ignores_stale_cache_entries_past_the_position() -> Non
     torch.testing.assert_close(y1, y2, rtol=0, atol=0)
 
 
+def _prefix_reference(q, kc, vc, positions):
+    """float64 softmax attention of q (B, H, T, hd) over keys 0..positions[b, t] of its group's cache rows."""
+    B, H, T, hd = q.shape
+    rep = H // kc.shape[1]
+    out = torch.empty(B, T, H, hd, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                n = int(positions[b, t]) + 1
+                keys, vals = kc[b, h // rep, :n].double(), vc[b, h // rep, :n].double()
+                att = torch.softmax(keys @ q[b, h, t].double() / math.sqrt(hd), dim=0)
+                out[b, t, h] = att @ vals
+    return out.view(B, T, H * hd)
+
+
+@pytest.mark.parametrize("H,Hkv,hd", [(9, 3, 64), (4, 4, 16), (6, 2, 40), (4, 1, 8)],
+                         ids=["smollm2", "mha", "gqa-hd40", "mqa-hd8"])
+@pytest.mark.parametrize("T", [1, 5, 13])
+def test_prefix_attention_matches_reference_over_ragged_positions(H, Hkv, hd, T) -> None:
+    """New tokens over a cached prefix, rows at different positions, tiles of 8 query rows that straddle heads and
+    leave partial tiles, queries as a strided view (the model's transposed q), keys/values as a narrowed view of a
+    bigger cache: each output is the float64 reference's, and cache entries past a query's position (stale here:
+    1e4) never reach it."""
+    g, B, S = _gen(7), 3, 64
+    positions = torch.tensor([[40], [3], [0]]) + torch.arange(T)
+    q = torch.randn(B, T, H, hd, generator=g).transpose(1, 2)  # (B, H, T, hd), not contiguous
+    kc = torch.full((B, Hkv, S + 8, hd), 1e4)
+    vc = torch.full((B, Hkv, S + 8, hd), -1e4)
+    for b in range(B):
+        n = int(positions[b, -1]) + 1
+        kc[b, :, :n] = torch.randn(Hkv, n, hd, generator=g)
+        vc[b, :, :n] = torch.randn(Hkv, n, hd, generator=g)
+    k, v = kc.narrow(2, 0, S), vc.narrow(2, 0, S)
+    y = ops.prefix_attention(q, k, v, positions)
+    assert y.shape == (B, T, H * hd) and y.dtype == torch.float32
+    _assert_within(y, _prefix_reference(q, k, v, positions), 1e-5, 1e-5, "prefix attention")
+    # the model's other path: SDPA with the cache plan's boolean mask
+    mask = (torch.arange(S)[None, None, :] <= positions[:, :, None])[:, None]
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)
+    torch.testing.assert_close(y, sdpa.transpose(1, 2).reshape(B, T, H * hd), atol=2e-5, rtol=1e-5)
+    for b in range(B):  # a row alone gives the same bits
+        one = ops.prefix_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], positions[b : b + 1])
+        assert torch.equal(one, y[b : b + 1])
+
+
+def test_prefix_attention_rejects_what_it_cannot_take() -> None:
+    q, kv = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 6, 8)
+    pos = torch.tensor([[3, 4, 5]])
+    with pytest.raises(RuntimeError, match="position 6 is outside the 6 keys given"):
+        ops.prefix_attention(q, kv, kv, pos + 1)
+    with pytest.raises(RuntimeError, match="takes float32"):
+        ops.prefix_attention(q.bfloat16(), kv.bfloat16(), kv.bfloat16(), pos)
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        ops.prefix_attention(torch.randn(1, 2, 3, 6), torch.randn(1, 2, 6, 6), torch.randn(1, 2, 6, 6), pos)
+    with pytest.raises(RuntimeError, match="3 query heads do not share 2 key/value heads evenly"):
+        ops.prefix_attention(torch.randn(1, 3, 3, 8), kv, kv, pos)
+    with pytest.raises(RuntimeError, match=r"positions must be \(B, T\) int64"):
+        ops.prefix_attention(q, kv, kv, pos[0])
+
+
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 576), (3, 1, 64), (2, 5, 13)])

@@ -122,6 +122,30 @@ def test_ragged_prefill_with_explicit_positions():
     assert cache.lengths.tolist() == [6, 4]
 
 
+@pytest.mark.parametrize("family, n_kv", VARIANTS)
+@pytest.mark.parametrize("how", ["from scratch", "after a prefix", "ragged rows"])
+def test_last_only_caches_every_position(family, n_kv, how):
+    """``last_only`` runs the last block for the last position only: its logits are the full pass's last ones and
+    the cache it leaves (every layer's keys and values for every position) is the same, bit for bit."""
+    model = build(family, n_kv)
+    x = ids(2, 12, seed=6)
+    caches = [KVCache.build(model.config, 2, 24) for _ in range(2)]
+    positions = None
+    with torch.no_grad():
+        if how != "from scratch":
+            for c in caches:
+                model(x[:, :5], cache=c)
+        if how == "ragged rows":  # row 0 continues at 5, row 1 rewrites from 2: the per-row mask path
+            positions = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [2, 3, 4, 5, 6, 7, 8]])
+        new = x[:, 5:] if how != "from scratch" else x[:, :7]
+        full = model(new, cache=caches[0], positions=positions)
+        last = model(new, cache=caches[1], positions=positions, last_only=True)
+    torch.testing.assert_close(last, full[:, -1:], **TOL)
+    assert caches[0].lengths.tolist() == caches[1].lengths.tolist()
+    for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_overflow_raises_with_lengths(family):
     model = build(family, 2)

@@ -20,6 +20,9 @@
 //   scratchchat::decode_attention(qkv, k_cache, v_cache, positions, cos?, sin?) -> (B, H * hd)
 //       one new token per row: RoPE (rotate-half) on q and k, k and v written into the cache at the row's
 //       position, causal attention over the row's cached keys (grouped-query heads), softmax in float32
+//   scratchchat::prefix_attention(q, k, v, positions) -> (B, T, H * hd)
+//       a prefill chunk's float32 queries over the keys/values cached before and with them (query t of row b sees
+//       keys 0 .. positions[b, t]), grouped-query heads taken together
 //   scratchchat::rms_norm(x, weight, eps) -> x / sqrt(mean(x^2) + eps) * weight, in the weight's dtype
 //   scratchchat::silu_mul(gate_up) -> silu(gate) * up for the fused (..., 2F) gate/up output
 //
@@ -709,6 +712,160 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& kc, const a
   return y;
 }
 
+// ---- attention of a prefill chunk over the cache ----
+//
+// A chat turn prefills its new tokens against everything cached before them (~1000 keys at turn 10 next to ~50
+// queries). The key/value heads are shared by rep = H / Hkv query heads (GQA), so a kv head's queries form
+// rep * T rows that all read the same keys and values: taken QT = 8 rows at a time, one row per AVX2 lane, the
+// scores are 8-lane FMAs over head_dim with each key element broadcast (no horizontal sums), the softmax runs
+// down the lanes (a row's max and sum are lane-wise), and the weighted sum of values broadcasts the probabilities of
+// four rows against two 8-feature vectors of each value row (8 accumulators; a first version with blocks of 8 keys
+// for the scores and three rows of four vectors, remainder rows one at a time, ran no faster than SDPA). Two passes
+// per tile (all scores, then the weighted sum) in place of an online softmax: a tile's scores are 8 x (at most the
+// context) floats.
+constexpr int QT = 8;
+
+// p[j * 8 + lane] = qt[:, lane] . k_j for keys j0 .. j0 + NK; qt is the tile's queries transposed, (hd, 8)
+template <int NK, size_t... I>
+inline void tile_scores(const float* qt, const float* k, int64_t st, int64_t j0, int64_t hd, float* p,
+                        std::index_sequence<I...>) {
+  __m256 acc[NK];
+  ((acc[I] = _mm256_setzero_ps()), ...);
+  const float* kj = k + j0 * st;
+  for (int64_t d = 0; d < hd; ++d) {
+    const __m256 qv = _mm256_loadu_ps(qt + d * QT);
+    ((acc[I] = _mm256_fmadd_ps(_mm256_broadcast_ss(kj + I * st + d), qv, acc[I])), ...);
+  }
+  ((_mm256_storeu_ps(p + (j0 + I) * QT, acc[I])), ...);
+}
+
+// out rows l0 .. l0 + NR of the tile, features d0 .. d0 + 8 NV: sum_j p[j * 8 + lane] v_j over keys 0 .. n
+template <int NR, int NV, size_t... I>
+inline void tile_values(const float* p, const float* v, int64_t vt, int64_t n, int l0, int64_t d0, float* out,
+                        std::index_sequence<I...>) {
+  __m256 acc[NR * NV];
+  ((acc[I] = _mm256_setzero_ps()), ...);
+  for (int64_t j = 0; j < n; ++j) {
+    const float* vj = v + j * vt + d0;
+    __m256 vv[NV], pb[NR];
+    for (int c = 0; c < NV; ++c) vv[c] = _mm256_loadu_ps(vj + c * 8);
+    for (int r = 0; r < NR; ++r) pb[r] = _mm256_broadcast_ss(p + j * QT + l0 + r);
+    ((acc[I] = _mm256_fmadd_ps(pb[I / NV], vv[I % NV], acc[I])), ...);
+  }
+  ((_mm256_storeu_ps(out + (I / NV) * 64 + (I % NV) * 8, acc[I])), ...);
+}
+
+// rows l0 .. l0 + NR of the tile into o[r] (hd features each, scaled by inv[lane])
+template <int NR>
+inline void tile_output(const float* p, const float* v, int64_t vt, int64_t n, int l0, int64_t hd, const float* inv,
+                        float* const* o) {
+  alignas(32) float buf[NR * 64];
+  int64_t d = 0;
+  auto put = [&](int width) {
+    for (int r = 0; r < NR; ++r)
+      for (int c = 0; c < width; ++c) o[r][d + c] = buf[r * 64 + c] * inv[l0 + r];
+  };
+  for (; d + 16 <= hd; d += 16) {
+    tile_values<NR, 2>(p, v, vt, n, l0, d, buf, std::make_index_sequence<NR * 2>{});
+    put(16);
+  }
+  for (; d < hd; d += 8) {
+    tile_values<NR, 1>(p, v, vt, n, l0, d, buf, std::make_index_sequence<NR>{});
+    put(8);
+  }
+}
+
+void prefix_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const int64_t* pos,
+                           at::Tensor& y) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), hd = q.size(3), Hkv = kc.size(1);
+  const int64_t rep = H / Hkv, R = rep * T, tiles = (R + QT - 1) / QT;
+  const int64_t qb = q.stride(0), qh = q.stride(1), qs = q.stride(2);
+  const int64_t kb = kc.stride(0), kh = kc.stride(1), st = kc.stride(2);
+  const int64_t vb = vc.stride(0), vh = vc.stride(1), vt = vc.stride(2);
+  const float* qd = q.data_ptr<float>();
+  const float* kd = kc.data_ptr<float>();
+  const float* vd = vc.data_ptr<float>();
+  float* out = y.data_ptr<float>();  // (B, T, H * hd)
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  at::parallel_for(0, B * Hkv * tiles, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> qt(hd * QT), p;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / (Hkv * tiles), g = i / tiles % Hkv, r0 = i % tiles * QT;
+      alignas(32) int32_t last[QT];  // each lane's last key (its query's position)
+      float* o[QT];
+      int64_t n = 0;  // keys the tile reads: up to its furthest query
+      int rows = 0;
+      for (int l = 0; l < QT; ++l) {
+        const int64_t r = r0 + l;
+        if (r < R) {
+          const int64_t h = g * rep + r / T, t = r % T;
+          last[l] = static_cast<int32_t>(pos[b * T + t]);
+          o[l] = out + (b * T + t) * H * hd + h * hd;
+          const float* src = qd + b * qb + h * qh + t * qs;
+          for (int64_t d = 0; d < hd; ++d) qt[d * QT + l] = src[d] * scale;
+          n = std::max<int64_t>(n, last[l] + 1);
+          rows = l + 1;
+        } else {  // past the last row: zeros, kept finite and dropped
+          last[l] = 0;
+          for (int64_t d = 0; d < hd; ++d) qt[d * QT + l] = 0.f;
+        }
+      }
+      p.resize(n * QT);
+      const float* kg = kd + b * kb + g * kh;
+      int64_t j = 0;
+      for (; j + 12 <= n; j += 12) tile_scores<12>(qt.data(), kg, st, j, hd, p.data(), std::make_index_sequence<12>{});
+      for (; j < n; ++j) tile_scores<1>(qt.data(), kg, st, j, hd, p.data(), std::make_index_sequence<1>{});
+      // softmax down the lanes: keys past a lane's position are masked out (exactly 0 after the exponential)
+      const __m256i lastv = _mm256_load_si256(reinterpret_cast<const __m256i*>(last));
+      __m256 m = _mm256_set1_ps(-INFINITY);
+      for (j = 0; j < n; ++j) {
+        const __m256 masked = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(j)), lastv));
+        m = _mm256_max_ps(m, _mm256_blendv_ps(_mm256_loadu_ps(p.data() + j * QT), _mm256_set1_ps(-INFINITY), masked));
+      }
+      __m256 sum = _mm256_setzero_ps();
+      for (j = 0; j < n; ++j) {
+        const __m256 masked = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(j)), lastv));
+        const __m256 e = _mm256_blendv_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(p.data() + j * QT), m)),
+                                          _mm256_setzero_ps(), masked);
+        _mm256_storeu_ps(p.data() + j * QT, e);
+        sum = _mm256_add_ps(sum, e);
+      }
+      alignas(32) float inv[QT];
+      _mm256_store_ps(inv, _mm256_div_ps(_mm256_set1_ps(1.0f), sum));
+      const float* vg = vd + b * vb + g * vh;
+      int l = 0;
+      for (; l + 4 <= rows; l += 4) {
+        int64_t nr = 0;
+        for (int c = 0; c < 4; ++c) nr = std::max<int64_t>(nr, last[l + c] + 1);
+        tile_output<4>(p.data(), vg, vt, nr, l, hd, inv, o + l);
+      }
+      for (; l < rows; ++l) tile_output<1>(p.data(), vg, vt, last[l] + 1, l, hd, inv, o + l);
+    }
+  });
+}
+
+at::Tensor prefix_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
+                            const at::Tensor& positions) {
+  TORCH_CHECK(q.dim() == 4 && kc.dim() == 4 && vc.dim() == 4, "q must be (B, H, T, hd), the caches (B, Hkv, S, hd)");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && kc.scalar_type() == at::kFloat && vc.scalar_type() == at::kFloat,
+              "prefix_attention takes float32");
+  TORCH_CHECK(q.stride(3) == 1 && kc.stride(3) == 1 && vc.stride(3) == 1, "head features must be contiguous");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), hd = q.size(3), Hkv = kc.size(1), S = kc.size(2);
+  TORCH_CHECK(kc.size(0) == B && vc.sizes() == kc.sizes() && kc.size(3) == hd, "q ", q.sizes(), " and the caches ",
+              kc.sizes(), " / ", vc.sizes(), " do not match");
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, H, " query heads do not share ", Hkv, " key/value heads evenly");
+  TORCH_CHECK(hd % 8 == 0, "head_dim must be a multiple of 8, not ", hd);
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 2 && positions.size(0) == B &&
+              positions.size(1) == T, "positions must be (B, T) int64");
+  const at::Tensor pc = positions.contiguous();
+  const int64_t* pos = pc.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B * T; ++i)
+    TORCH_CHECK(pos[i] >= 0 && pos[i] < S, "position ", pos[i], " is outside the ", S, " keys given");
+  at::Tensor y = at::empty({B, T, H * hd}, q.options());
+  prefix_attention_impl(q, kc, vc, pos, y);
+  return y;
+}
+
 template <typename T>
 void rms_norm_impl(const float* x, const T* w, float eps, int64_t R, int64_t D, T* y) {
   at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
@@ -1040,6 +1197,7 @@ TORCH_LIBRARY(scratchchat, m) {
         "Tensor positions, Tensor? cos, Tensor? sin, Tensor? coef, Tensor[] lora_a, Tensor[] lora_b, float eps) -> Tensor");
   m.def("decode_attention(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, Tensor? cos, "
         "Tensor? sin, int n_heads) -> Tensor");
+  m.def("prefix_attention(Tensor q, Tensor k, Tensor v, Tensor positions) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
 }
@@ -1051,6 +1209,7 @@ TORCH_LIBRARY_IMPL(scratchchat, CPU, m) {
   m.impl("lora", &lora);
   m.impl("decode_blocks", &decode_blocks);
   m.impl("decode_attention", &decode_attention);
+  m.impl("prefix_attention", &prefix_attention);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
 }
