@@ -45,7 +45,8 @@ def _with_residual(f: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., t
 class Product:
     """A projection's kernel bound to its weights: ``p(x)`` or, with a float32 residual, ``residual + p(x)`` (our
     kernels add it in their epilogue: one op less). ``spec`` is how :func:`decode_blocks` runs the same kernel
-    ((kind, N, weight, bias, scale); kinds: 0 our row-form kernel, 1 panels, 2 int8), None for PyTorch's kernels."""
+    ((kind, N, weight, bias, scale); kinds: 0 our row-form kernel, 1 panels, 2 int8, 3 bf16 dot-product
+    panels), None for PyTorch's kernels."""
 
     __slots__ = ("run", "spec")
 
@@ -68,6 +69,10 @@ def product(weight: torch.Tensor, bias: torch.Tensor | None, w8: Int8Weight | No
                            (1, n, panels, bias, scale))
         if pw.kernel == "scratch":
             return Product(lambda x, residual: ops.linear(x, weight, bias, residual), (0, n, weight, bias, None))
+        if pw.kernel == "dpbf16":  # bf16 dot-product panels (AVX512-BF16)
+            panels = pw.packed
+            return Product(lambda x, residual: ops.linear_dpbf16(x, panels, n, bias, residual),
+                           (3, n, panels, bias, None))
         return Product(_with_residual(lambda x: prepack.packed_linear(x, pw, bias)))
     if w8 is not None and rows <= int8_rows():
         q, scale = w8

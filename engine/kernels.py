@@ -7,7 +7,10 @@ runtime:
 
 - products for a few rows: ``linear`` (float32 / bf16 weights as stored), ``linear_i8`` (int8 weights, per-row
   scales) and ``linear_panel`` (a panel copy of the weight, :func:`pack_panels`: the broadcast-form GEMM
-  micro-kernel, float32 / bf16 / int8, 1 to 128 rows), each with bias, scale and residual-add epilogues;
+  micro-kernel, float32 / bf16 / int8, 1 to 128 rows), each with bias, scale and residual-add epilogues; on CPUs
+  with AVX512-BF16, ``linear_dpbf16`` (bf16 x and a :func:`pack_dpbf16` copy: pairs of bf16 products per
+  ``vdpbf16ps``, compiled per function for AVX-512 and checked for at run time);
+- ``prefix_attention``: a prefill chunk's float32 queries over the cached keys before and with them;
 - the small steps of a decode layer: ``decode_attention`` (RoPE, cache write, grouped-query attention),
   ``rms_norm``, ``silu_mul``;
 - ``lora``: a decode step's per-row LoRA deltas, each row computing only its own adapter's pieces;
@@ -96,6 +99,36 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     padded = weight.detach().new_zeros(p * PANEL, k)
     padded[:n] = weight.detach()
     return padded.view(p, PANEL, k).transpose(1, 2).contiguous()
+
+
+DP_PANEL = 16  # output features per panel of a bf16 dot-product panel copy (one AVX-512 register of float32)
+
+
+def has_avx512_bf16() -> bool:
+    """Whether this CPU runs :func:`linear_dpbf16` (AVX512-BF16's ``vdpbf16ps``; the kernels must be available)."""
+    return bool(torch.ops.scratchchat.has_avx512_bf16())
+
+
+def pack_dpbf16(weight: torch.Tensor) -> torch.Tensor:
+    """The (P, K2, 16, 2) bf16 copy of an (N, K) bf16 weight for :func:`linear_dpbf16`: panel p holds output
+    features 16p..16p+15, and for each pair of k the two weights of every feature side by side (what one
+    ``vdpbf16ps`` multiplies by a row's broadcast x pair); zeros past N and, for an odd K, past K."""
+    if weight.dtype != torch.bfloat16:
+        raise ValueError(f"bf16 dot-product panels are for bfloat16 weights, not {weight.dtype}")
+    n, k = weight.shape
+    p, k2 = -(-n // DP_PANEL), -(-k // 2)
+    padded = weight.detach().new_zeros(p * DP_PANEL, 2 * k2)
+    padded[:n, :k] = weight.detach()
+    return padded.view(p, DP_PANEL, k2, 2).transpose(1, 2).contiguous()
+
+
+def linear_dpbf16(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None = None,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` for bf16 x (..., K) through :func:`pack_dpbf16`'s copy, float32 accumulation;
+    output and ``residual`` as :func:`linear`. Needs :func:`has_avx512_bf16`."""
+    res = None if residual is None else residual.reshape(-1, n)
+    y = torch.ops.scratchchat.linear_dpbf16(x.reshape(-1, x.shape[-1]), panels, n, bias, res)
+    return y.view(*x.shape[:-1], n)
 
 
 def linear_panel(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None = None,

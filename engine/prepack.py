@@ -13,9 +13,11 @@ there, and oneDNN's kernel on a weight packed for 8 rows ran gate/up, down and t
 Our own AVX2 kernels (:mod:`engine.kernels`) are two more candidates: ``scratch`` streams the weight as stored
 (25-30 GB/s for one row there, no copy), ``panel`` reads a panel copy of it (8 output features interleaved per k,
 the broadcast-form GEMM micro-kernel): ~12% faster than ``scratch`` at one row there, 1.3-1.6x at 2-8 rows, and
-faster than MKL's GEMM for prefill chunks up to :data:`PANEL_ROWS` rows. An int8 model (:mod:`engine.quant`) gets
-int8 panels (a quarter of the float copy's bytes) without measuring: they matched the row-form int8 kernel at one
-row and ran 1.3-1.9x faster at 2-8.
+faster than MKL's GEMM for prefill chunks up to :data:`PANEL_ROWS` rows. Where the CPU has AVX512-BF16, bf16
+weights get a third, ``dpbf16`` (:func:`engine.kernels.pack_dpbf16`: ``vdpbf16ps`` on pairs of k, 32 multiply-adds
+an instruction; on a 2-core Zen4 EPYC at 8 rows 1.3-1.9x faster than our AVX2 panels and 2.0-2.7x faster than
+PyTorch's bf16 ``F.linear``). An int8 model (:mod:`engine.quant`) gets int8 panels (a quarter of the float copy's
+bytes) without measuring: they matched the row-form int8 kernel at one row and ran 1.3-1.9x faster at 2-8.
 
 So :func:`prepack_` times each kind of projection (every layer's weights of that kind in turn, so they stream from
 memory as in a real step) at one row and at :data:`BATCH_ROWS` rows, with the plain kernels (``addmv``,
@@ -44,7 +46,7 @@ from engine import kernels
 
 logger = logging.getLogger(__name__)
 
-PACK_MODES = ("auto", "off", "mkl", "onednn", "scratch", "panel")  # the last three force one kernel wherever it runs
+PACK_MODES = ("auto", "off", "mkl", "onednn", "scratch", "panel", "dpbf16")  # all but the first two force a kernel
 MIN_GAIN = 1.05  # a packed kernel must be this much faster than the plain one to be worth its memory
 BATCH_ROWS = 8  # the batched decode size packed for and measured (the scheduler's default batch)
 # Panel copies also serve prefill chunks up to this many rows: on a 2-core EPYC (AVX2) over SmolLM2's projections
@@ -154,10 +156,19 @@ def _pack_panel(w: torch.Tensor) -> torch.Tensor:
     return kernels.pack_panels(w)
 
 
+def _pack_dpbf16(w: torch.Tensor) -> torch.Tensor:
+    if not kernels.available() or not kernels.has_avx512_bf16():
+        raise RuntimeError("bf16 dot-product panels need our kernels on a CPU with AVX512-BF16")
+    if w.dtype != torch.bfloat16:
+        raise RuntimeError(f"bf16 dot-product panels are for bfloat16 weights, not {w.dtype}")
+    return kernels.pack_dpbf16(w)
+
+
 PACKERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "mkl": _pack_mkl, "onednn": _pack_onednn, "scratch": _pack_scratch, "panel": _pack_panel}
-MULTI_ROW = ("onednn", "scratch", "panel")  # kernels that take more than one row
-OURS = ("scratch", "panel")  # engine.kernels: what a one-op decode step (engine.decode) can run
+    "mkl": _pack_mkl, "onednn": _pack_onednn, "scratch": _pack_scratch, "panel": _pack_panel,
+    "dpbf16": _pack_dpbf16}
+MULTI_ROW = ("onednn", "scratch", "panel", "dpbf16")  # kernels that take more than one row
+OURS = ("scratch", "panel", "dpbf16")  # engine.kernels: what a one-op decode step (engine.decode) can run
 # What a decode step's Python layer loop (engine.decode) costs over the one-op step, per layer: measured 50-120 us
 # for SmolLM2 in bf16 on the 2-core EPYC (1.5-3.7 ms a 30-layer step), ~67 us in float32
 LOOP_COST_PER_LAYER = 60e-6
@@ -170,6 +181,8 @@ def packed_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None =
         y = torch.ops.scratchchat.linear(flat, pw.weight, bias)
     elif pw.kernel == "panel":
         y = torch.ops.scratchchat.linear_panel(flat, pw.packed, pw.weight.shape[0], pw.scale, bias)
+    elif pw.kernel == "dpbf16":
+        y = torch.ops.scratchchat.linear_dpbf16(flat, pw.packed, pw.weight.shape[0], bias)
     elif pw.kernel == "mkl":
         y = torch.ops.mkl._mkl_linear(flat, pw.packed, pw.weight, bias, 1)
     else:
@@ -264,7 +277,7 @@ def _ours_for_one_row(packed: list[PackedWeight] | None, times: dict[str, float]
     """For a kind whose one-row products run a library kernel: the kernel of ours it could use instead without
     another copy (the panels it already has, else ``scratch`` on the weight itself) and its measured seconds per
     step; None where ours was not measured (kernels unavailable)."""
-    name = "panel" if packed and packed[0].kernel == "panel" else "scratch"
+    name = packed[0].kernel if packed and packed[0].kernel in ("panel", "dpbf16") else "scratch"
     t = times.get(f"{name} x1")
     return None if t is None else (name, t)
 
@@ -360,8 +373,9 @@ def prepack_(model: nn.Module, mode: str = "auto", max_copy_bytes: int | None = 
     """Measure and attach packed copies to ``model``'s frozen projections and head where they decode faster.
 
     Args:
-        mode: ``"auto"`` measures; ``"mkl"``, ``"onednn"`` or ``"panel"`` packs every weight that kernel takes
-            without measuring; ``"scratch"`` uses our kernels everywhere; ``"off"``: PyTorch's plain kernels only.
+        mode: ``"auto"`` measures; ``"mkl"``, ``"onednn"``, ``"panel"`` or ``"dpbf16"`` packs every weight that
+            kernel takes without measuring; ``"scratch"`` uses our kernels everywhere; ``"off"``: PyTorch's plain
+            kernels only.
         max_copy_bytes: in ``"auto"`` mode, the most bytes of copies to make (the registry passes what its memory
             cap leaves beside the weights); a kind whose copies would pass it gets the copy-free kernels only
             (kinds in model order: q/k/v, o, gate/up, down, head). None: no limit.

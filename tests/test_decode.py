@@ -205,3 +205,25 @@ def test_adapted_rows_equal_the_modules_exactly(cfg, pack, tmp_path, monkeypatch
         m.setattr(engine.model, "runner_for", lambda model, rows: None)
         want = run()
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not (kernels.available() and kernels.has_avx512_bf16()),
+                    reason="bf16 dot-product panels run on AVX512-BF16 CPUs only")
+@pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_bf16_dot_product_panels_in_one_op_equal_the_python_loop_and_the_modules(cfg, monkeypatch):
+    """bf16 weights packed for vdpbf16ps (kind 3 of decode_blocks): the one-op step, the Python loop and the
+    modules run the same kernel on every projection, so they agree bit for bit at one row and at three."""
+    model = frozen(cfg, torch.bfloat16)
+    chosen = prepack.prepack_(model, "dpbf16")
+    assert set(chosen.values()) == {f"dpbf16[1-{prepack.BATCH_ROWS} rows]"}
+    reference = through_modules(model, monkeypatch)
+    got = steps(model)
+    assert all(r.meta is not None for r in model._decode_runners.values())
+    with monkeypatch.context() as m:
+        python_loop(m)
+        model.__dict__.pop("_decode_runners")
+        looped = steps(model)
+    for a, b, c in zip(got, reference, looped, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+    torch.testing.assert_close(got[0][:1], got[1], rtol=0, atol=0)  # row 0 of the batch == the row alone

@@ -195,6 +195,51 @@ def test_linear_panel_residual_epilogue_equals_adding_the_rounded_output(x_dtype
         ops.linear_panel(x, kernels.pack_panels(quantize_rows(w)[0]), 35, None, None, None)
 
 
+AVX512_BF16 = kernels.cpu_supported() and kernels.available() and kernels.has_avx512_bf16()
+needs_avx512_bf16 = pytest.mark.skipif(not AVX512_BF16, reason="bf16 dot-product panels run on AVX512-BF16 CPUs only")
+
+
+@needs_avx512_bf16
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_dpbf16_matches_float64_reference_over_rows_and_ragged_shapes(with_bias) -> None:
+    """bf16 x and weights, vdpbf16ps pairs over k (odd K pads a zero pair), N not a multiple of the 16-feature
+    panel: every output is the float64 product's within float32 accumulation and one bf16 rounding."""
+    g = _gen(23)
+    for K in KS:
+        for N in NS:
+            w = torch.randn(N, K, generator=g).bfloat16()
+            panels = kernels.pack_dpbf16(w)
+            assert panels.shape == (-(-N // 16), -(-K // 2), 16, 2) and panels.dtype == torch.bfloat16
+            b = torch.randn(N, generator=g) if with_bias else None
+            for R in ROWS:
+                x = torch.randn(R, K, generator=g).bfloat16()
+                y = kernels.linear_dpbf16(x, panels, N, b)
+                _check_product(y, x, w.double(), None if b is None else b.double(), f"R={R} K={K} N={N}")
+
+
+@needs_avx512_bf16
+def test_linear_dpbf16_rows_do_not_depend_on_the_other_rows_and_residual_adds_the_rounded_output() -> None:
+    g = _gen(24)
+    w, b = torch.randn(45, 96, generator=g).bfloat16(), torch.randn(45, generator=g).bfloat16()
+    panels = kernels.pack_dpbf16(w)
+    x = torch.randn(9, 96, generator=g).bfloat16()
+    alone = torch.cat([kernels.linear_dpbf16(x[i : i + 1], panels, 45, b) for i in range(9)])
+    for R in range(2, 10):
+        torch.testing.assert_close(kernels.linear_dpbf16(x[:R], panels, 45, b), alone[:R], rtol=0, atol=0)
+    res = torch.randn(9, 45, generator=g)
+    got = kernels.linear_dpbf16(x, panels, 45, b, residual=res)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, res + alone.float(), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="x must be a bfloat16"):
+        ops.linear_dpbf16(x.float(), panels, 45, None, None)
+    with pytest.raises(RuntimeError, match="do not fill 3 panels"):
+        ops.linear_dpbf16(x, panels, 49, None, None)
+    with pytest.raises(RuntimeError, match="x has 94 features but the panels take 96"):
+        ops.linear_dpbf16(x[:, :94], panels, 45, None, None)
+    with pytest.raises(ValueError, match="for bfloat16 weights"):
+        kernels.pack_dpbf16(w.float())
+
+
 def _lora_reference(x, y, pieces_list, coef, residual=None):
     """float64: y + sum over each row's pieces of coef * B^T-form products; pieces_list holds (A (r, in), Bt (r, n),
     out offset, contribution)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import prepack
+from engine import kernels, prepack
 from engine.config import ModelConfig
 from engine.generate import generate_tokens, generate_uncached
 from engine.kv_cache import KVCache
@@ -48,7 +48,7 @@ KERNELS = available_kernels()
 
 
 def decode_logits(model: GPT, prompt: list[int], steps: int) -> torch.Tensor:
-    cache = KVCache.build(model.config, 1, 32)
+    cache = KVCache.build(model.config, 1, 32, dtype=model.tok_emb.weight.dtype)
     out = []
     with torch.inference_mode():
         model(torch.tensor([prompt]), cache=cache)
@@ -292,3 +292,19 @@ def test_panels_that_win_one_row_also_take_batches_unless_clearly_slower(scratch
     times = {"plain x1": 5.0, "plain x8": 9.0, "scratch x1": 3.0, "panel x1": 2.0, "panel x8": 2.0,
              "scratch x8": scratch_x8_ms}
     assert prepack._pick(pws, times)[0].label == want
+
+
+@pytest.mark.skipif(not (kernels.available() and kernels.has_avx512_bf16()),
+                    reason="bf16 dot-product panels run on AVX512-BF16 CPUs only")
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_bf16_dot_product_panels_give_the_plain_bf16_logits(family):
+    """A bf16 model packed for vdpbf16ps decodes to the plain bf16 model's logits (float32 accumulation both, in
+    another order: within a few bf16 steps), and a float32 model cannot take that packing."""
+    model = frozen_tiny(family).to(torch.bfloat16)
+    plain = decode_logits(model, [5, 17, 42], 6).float()
+    chosen = prepack.prepack_(model, "dpbf16")
+    assert set(chosen.values()) == {f"dpbf16[1-{prepack.BATCH_ROWS} rows]"}
+    assert model.blocks[0].attn._qkv.packed.packed.shape[-2:] == (16, 2)
+    torch.testing.assert_close(decode_logits(model, [5, 17, 42], 6).float(), plain, rtol=0.02, atol=0.05)
+    fp32 = frozen_tiny(family)
+    assert set(prepack.prepack_(fp32, "dpbf16").values()) == {"plain"}

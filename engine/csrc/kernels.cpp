@@ -39,6 +39,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -483,6 +484,104 @@ at::Tensor linear_panel(const at::Tensor& x, const at::Tensor& wp, int64_t N, co
       break;
     default: TORCH_CHECK(false, "panels must be float32, bfloat16 or int8, not ", wp.scalar_type());
   }
+  return out.result(x);
+}
+
+// ---- bf16 dot-product panels for CPUs with AVX512-BF16 ----
+//
+// `vdpbf16ps` multiplies pairs of bf16 (exact products) and adds both to a float32 lane: 32 multiply-adds per
+// instruction where the AVX2 panel tile widens each bf16 weight to float32 first and does 8. The weight is packed
+// as (P, K2, 16, 2): panel p holds output features 16p..16p+15, and for each pair of k (k = 2kk, 2kk + 1) the two
+// weights of each feature side by side, so one 64-byte load feeds 16 lanes; each row's x pair is one broadcast
+// 32-bit value. Every output is one chain over k in order whatever the row count or tile (batched == single, bit
+// for bit). Compiled for AVX-512 per function and run only where the CPU has AVX512-BF16 (checked per call).
+#define SCRATCHCHAT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+bool cpu_has_avx512_bf16() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+template <int NR, int NP, size_t... I>
+SCRATCHCHAT_AVX512 inline void dp_tile_impl(const bf16* x, int64_t ldx, int64_t K2, const bf16* wp, float* out,
+                                            std::index_sequence<I...>) {
+  __m512 acc[sizeof...(I)];
+  ((acc[I] = _mm512_setzero_ps()), ...);
+  const int64_t ps = K2 * 32;                                // panel stride (bf16 elements)
+  for (int64_t kk = 0; kk < K2; ++kk) {
+    __m512bh w[NP], xb[NR];
+    for (int j = 0; j < NP; ++j) w[j] = (__m512bh)_mm512_loadu_si512(wp + j * ps + kk * 32);
+    for (int i = 0; i < NR; ++i) {
+      int32_t pair;
+      std::memcpy(&pair, x + i * ldx + 2 * kk, 4);
+      xb[i] = (__m512bh)_mm512_set1_epi32(pair);
+    }
+    ((acc[I] = _mm512_dpbf16_ps(acc[I], xb[I / NP], w[I % NP])), ...);
+  }
+  ((_mm512_storeu_ps(out + I * 16, acc[I])), ...);
+}
+
+// rows NR at a time (then fewer) against panels p0 .. p0 + NP
+template <int NR, int NP>
+SCRATCHCHAT_AVX512 void dp_block(const bf16* x, int64_t R, int64_t ldx, int64_t K2, const bf16* wp, int64_t p0,
+                                 int64_t N, const Epilogue& ep, float* y) {
+  alignas(64) float acc[NR * NP * 16];
+  const bf16* w = wp + p0 * K2 * 32;
+  auto put = [&](int64_t r, int rows) {
+    for (int i = 0; i < rows; ++i)
+      for (int j = 0; j < NP; ++j)
+        for (int h = 0; h < 2; ++h)
+          panel_store(acc + (i * NP + j) * 16 + h * 8, r + i, (p0 + j) * 16 + h * 8, N, ep, y);
+  };
+  int64_t r = 0;
+  for (; r + NR <= R; r += NR) {
+    dp_tile_impl<NR, NP>(x + r * ldx, ldx, K2, w, acc, std::make_index_sequence<NR * NP>{});
+    put(r, NR);
+  }
+  for (; r < R; ++r) {
+    dp_tile_impl<1, NP>(x + r * ldx, ldx, K2, w, acc, std::make_index_sequence<NP>{});
+    put(r, 1);
+  }
+}
+
+template <int NR, int NP>
+SCRATCHCHAT_AVX512 void run_dp_with(const bf16* x, int64_t R, int64_t ldx, int64_t K2, const bf16* wp, int64_t N,
+                                    const Epilogue& ep, float* y) {
+  const int64_t P = (N + 15) / 16, groups = P / NP;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, NP * 64 * K2));
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) dp_block<NR, NP>(x, R, ldx, K2, wp, g * NP, N, ep, y);
+  });
+  for (int64_t p = groups * NP; p < P; ++p) dp_block<NR, 1>(x, R, ldx, K2, wp, p, N, ep, y);
+}
+
+// 1 row: 4 panels (four weight streams); 2-3 rows: 2 x 4; 4 or more: 4 x 4 (16 of the 32 zmm registers)
+void run_dp(const bf16* x, int64_t R, int64_t ldx, int64_t K2, const bf16* wp, int64_t N, const Epilogue& ep,
+            float* y) {
+  if (R == 1)
+    run_dp_with<1, 4>(x, R, ldx, K2, wp, N, ep, y);
+  else if (R < 4)
+    run_dp_with<2, 4>(x, R, ldx, K2, wp, N, ep, y);
+  else
+    run_dp_with<4, 4>(x, R, ldx, K2, wp, N, ep, y);
+}
+
+at::Tensor linear_dpbf16(const at::Tensor& x, const at::Tensor& wp, int64_t N, const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(cpu_has_avx512_bf16(), "linear_dpbf16 needs a CPU with AVX512-BF16");
+  TORCH_CHECK(x.device().is_cpu() && wp.device().is_cpu(), "scratchchat kernels run on the CPU");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x must be a bfloat16 (R, K) tensor");
+  TORCH_CHECK(wp.dim() == 4 && wp.size(2) == 16 && wp.size(3) == 2 && wp.is_contiguous() &&
+              wp.scalar_type() == at::kBFloat16, "the panels must be a contiguous bfloat16 (P, K2, 16, 2) tensor");
+  TORCH_CHECK(N > 0 && (N + 15) / 16 == wp.size(0), N, " output features do not fill ", wp.size(0), " panels of 16");
+  const int64_t R = x.size(0), K = x.size(1), K2 = wp.size(1);
+  TORCH_CHECK((K + 1) / 2 == K2, "x has ", K, " features but the panels take ", 2 * K2);
+  if (bias) TORCH_CHECK(bias->numel() == N, "bias has ", bias->numel(), " entries, not ", N);
+  at::Tensor xe = x.contiguous();
+  if (K % 2) xe = at::constant_pad_nd(xe, {0, 1});  // an odd K: a zero pairs with the panels' zero
+  Output out(x, N, bias, residual);
+  run_dp(xe.data_ptr<bf16>(), R, 2 * K2, K2, wp.data_ptr<bf16>(), N, out.ep, out.y.data_ptr<float>());
   return out.result(x);
 }
 
@@ -1111,17 +1210,19 @@ at::Tensor lora(const at::Tensor& x, const at::Tensor& y, const std::vector<at::
 // loop computes): at batch 1 the ~8 Python-side op calls per layer cost ~2 ms of a ~20 ms step. Per layer,
 // LAYER_SLOTS tensors and LAYER_META ints (see engine/decode.py's DecodeRunner._fused for the layout): two norms
 // (RMSNorm weight, or LayerNorm float32 weight + bias with the output dtype in meta), four products (each our
-// row-form kernel on a float32/bf16 weight, our panel kernel, or our int8 kernel; optional bias and scale), the
+// row-form kernel on a float32/bf16 weight, our panel kernel, our int8 kernel, or our bf16 dot-product panels;
+// optional bias and scale), the
 // MLP kind, and, with ``coef`` (a batch's per-row LoRA coefficients), each product's low-rank pieces for the lora op.
 
 constexpr int64_t LAYER_SLOTS = 32, LAYER_META = 12;
-enum Kind : int64_t { ROWS = 0, PANEL = 1, INT8 = 2 };
+enum Kind : int64_t { ROWS = 0, PANEL = 1, INT8 = 2, DPBF16 = 3 };
 
 at::Tensor product(const std::vector<std::optional<at::Tensor>>& t, int64_t slot, int64_t kind, int64_t n,
                    const at::Tensor& x, const std::optional<at::Tensor>& residual) {
   const at::Tensor& w = *t[slot];
   if (kind == PANEL) return linear_panel(x, w, n, t[slot + 2], t[slot + 1], residual);
   if (kind == INT8) return linear_i8(x, w, *t[slot + 2], t[slot + 1], residual);
+  if (kind == DPBF16) return linear_dpbf16(x, w, n, t[slot + 1], residual);
   return linear(x, w, t[slot + 1], residual);
 }
 
@@ -1197,6 +1298,8 @@ TORCH_LIBRARY(scratchchat, m) {
         "Tensor positions, Tensor? cos, Tensor? sin, Tensor? coef, Tensor[] lora_a, Tensor[] lora_b, float eps) -> Tensor");
   m.def("decode_attention(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, Tensor? cos, "
         "Tensor? sin, int n_heads) -> Tensor");
+  m.def("linear_dpbf16(Tensor x, Tensor panels, int n, Tensor? bias=None, Tensor? residual=None) -> Tensor");
+  m.def("has_avx512_bf16() -> bool", []() { return cpu_has_avx512_bf16(); });
   m.def("prefix_attention(Tensor q, Tensor k, Tensor v, Tensor positions) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
@@ -1209,6 +1312,7 @@ TORCH_LIBRARY_IMPL(scratchchat, CPU, m) {
   m.impl("lora", &lora);
   m.impl("decode_blocks", &decode_blocks);
   m.impl("decode_attention", &decode_attention);
+  m.impl("linear_dpbf16", &linear_dpbf16);
   m.impl("prefix_attention", &prefix_attention);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
