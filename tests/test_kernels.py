@@ -297,6 +297,29 @@ def test_lora_op_adds_each_rows_own_pieces(x_dtype, y_dtype, with_residual) -> N
         torch.testing.assert_close(got[0], y[0], rtol=0, atol=0)  # a row without an adapter: y untouched
 
 
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_lora_op_rounds_y_plus_delta_exactly_as_pytorch_does(with_residual) -> None:
+    """The output's float sum y + delta rounded to bf16 (vectorized 8 at a time, the tail one by one): ties to
+    even both ways, a denormal delta, NaN, and outputs past a multiple of 8, bit for bit what
+    ``(y.float() + delta).bfloat16()`` gives. Rank 1, x = 1 and A = 1, so the delta is B's column exactly."""
+    N = 21
+    y = torch.tensor([1.0, 1.0078125, -1.0, -1.0078125, 3.0, float("nan"), 0.0, 2.0] * 2 + [1.0078125] * 5)
+    y = y.bfloat16()
+    delta = torch.tensor([2.0**-8, 2.0**-8, -(2.0**-8), -(2.0**-8), 2.0**-7, 1.0, 2.0**-140, 2.0**-7] * 2
+                         + [2.0**-8] * 5)
+    x = torch.ones(1, 1)
+    a, flat, table = _lora_args([(torch.ones(1, 1), delta[None], 0, 0)], 1)
+    res = torch.randn(1, N, generator=_gen(31)) if with_residual else None
+    got = ops.lora(x, y[None], a, flat, table, torch.ones(1, 1), res)
+    want = (y.float() + delta).bfloat16()[None]
+    if with_residual:
+        torch.testing.assert_close(got, res + want.float(), rtol=0, atol=0, equal_nan=True)
+    else:  # NaN stays NaN (its payload is c10::BFloat16's canonical one, PyTorch's vector path keeps the input's)
+        nan = want.isnan()
+        assert torch.equal(got.isnan(), nan)
+        assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
 def test_lora_op_rejects_pieces_outside_its_tensors() -> None:
     x, y, coef = torch.randn(2, 8), torch.randn(2, 10), torch.ones(2, 1)
     a, flat = [torch.randn(32)], [torch.randn(40)]

@@ -41,6 +41,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -58,6 +59,20 @@ inline __m256 load8(const bf16* p) {
 inline __m256 load8(const int8_t* p) {
   const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+}
+
+// 8 floats rounded to bf16 as c10::BFloat16(float) rounds (to nearest, ties to even; NaN -> 0x7FC0), and back
+inline __m128i round_bf16x8(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
+}
+
+inline __m256 widen_bf16x8(__m128i h) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
 inline float widen(float v) { return v; }
@@ -1074,6 +1089,8 @@ inline void rank_axpy64(const float* t, const float* b, int64_t ld, int64_t r, f
   ((_mm256_storeu_ps(d + I * 8, acc[I])), ...);
 }
 
+constexpr int64_t LORA_TASK = 32 << 10;  // multiply-adds per task
+
 template <typename XT, typename YT>
 void lora_impl(const XT* x, const YT* y, const std::vector<const float*>& a, const std::vector<const float*>& b,
                const int64_t* pc, int64_t P, const float* coef, int64_t C, int64_t R, int64_t K, int64_t N,
@@ -1092,59 +1109,84 @@ void lora_impl(const XT* x, const YT* y, const std::vector<const float*>& a, con
   const int64_t U = static_cast<int64_t>(units.size());
   constexpr int64_t BLK = 64;
   const int64_t blocks = (N + BLK - 1) / BLK;
-  // One thread: a call's work (a few rows' low-rank products, 0.1-0.5 MB of adapter weights) is smaller than what
-  // waking a thread team pays for, ~120 calls per decode step. Measured in the scheduler's thread next to another
-  // thread's OpenMP team (libgomp then stops spinning and every fork sleeps and wakes): +9 ms per GPT-2 4-row step
-  // parallel vs +3 ms serial, +20 vs +7 ms for SmolLM2; ~0.5 ms the other way without the second team.
+  // Both steps split over the threads in tasks of LORA_TASK multiply-adds (a call reads 0.1-0.8 MB of adapter
+  // weights, ~120 calls a decode step). With a second OpenMP team in the process (libgomp then stops spinning and
+  // every fork sleeps and wakes) one thread was faster: +9 ms per GPT-2 4-row step parallel vs +3 ms serial, +20 vs
+  // +7 ms for SmolLM2. The engine keeps one team (engine.threads), and there the split wins: SmolLM2 bf16, a 4-row
+  // step with none + 3 rank-16 adapters, +4.7-6.0 ms over the base step split vs +6.5-7.6 ms on one thread (2-core
+  // Zen4 EPYC, three interleaved runs).
 
   // 1. t[i, rank slice of piece p] = coef[i, j_p] * A_p x_i, for the rows that use piece p
-  for (int64_t u = 0; u < U; ++u) {
-    const auto [i, p, k0] = units[u];
-    const int64_t* pe = pc + p * 6;
-    const float c = coef[i * C + pe[5]];
-    const float* ap = a[pe[5]] + pe[0] + k0 * K;
-    float* tp = t.data() + i * Rt + rank_at[p] + k0;
-    const float* xp = xf.data() + i * K;
-    if (pe[1] - k0 >= 8)
-      rank_dots8(xp, ap, K, c, tp, std::make_index_sequence<8>{});
-    else
-      for (int64_t k = 0; k < pe[1] - k0; ++k) tp[k] = c * dot(xp, ap + k * K, K);
-  }
+  const int64_t grain1 = std::max<int64_t>(1, LORA_TASK / std::max<int64_t>(1, 8 * K));
+  at::parallel_for(0, U, grain1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const auto [i, p, k0] = units[u];
+      const int64_t* pe = pc + p * 6;
+      const float c = coef[i * C + pe[5]];
+      const float* ap = a[pe[5]] + pe[0] + k0 * K;
+      float* tp = t.data() + i * Rt + rank_at[p] + k0;
+      const float* xp = xf.data() + i * K;
+      if (pe[1] - k0 >= 8)
+        rank_dots8(xp, ap, K, c, tp, std::make_index_sequence<8>{});
+      else
+        for (int64_t k = 0; k < pe[1] - k0; ++k) tp[k] = c * dot(xp, ap + k * K, K);
+    }
+  });
   // 2. delta = sum over the row's pieces of t . B^T, block by block of 64 outputs; out = y + delta
-  for (int64_t q = 0; q < blocks; ++q) {
-    alignas(32) float d[BLK];
-    const int64_t c0 = q * BLK, c1 = std::min(N, c0 + BLK);
-    for (int64_t i = 0; i < R; ++i) {
-      std::fill(d, d + BLK, 0.f);
-      for (int64_t p = 0; p < P; ++p) {
-        const int64_t* pe = pc + p * 6;
-        const int64_t lo = std::max(c0, pe[2]), hi = std::min(c1, pe[2] + pe[3]);
-        if (lo >= hi || coef[i * C + pe[5]] == 0.f) continue;
-        const float* tk = t.data() + i * Rt + rank_at[p];
-        const float* b0 = b[pe[5]] + pe[4] + (lo - pe[2]);
-        if (hi - lo == BLK) {  // the whole block: its 64 sums stay in registers over the ranks
-          rank_axpy64(tk, b0, pe[3], pe[1], d, std::make_index_sequence<8>{});
-          continue;
+  const int64_t grain2 = std::max<int64_t>(1, LORA_TASK / std::max<int64_t>(1, BLK * Rt * R));
+  at::parallel_for(0, blocks, grain2, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      alignas(32) float d[BLK];
+      const int64_t c0 = q * BLK, c1 = std::min(N, c0 + BLK);
+      for (int64_t i = 0; i < R; ++i) {
+        std::fill(d, d + BLK, 0.f);
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t* pe = pc + p * 6;
+          const int64_t lo = std::max(c0, pe[2]), hi = std::min(c1, pe[2] + pe[3]);
+          if (lo >= hi || coef[i * C + pe[5]] == 0.f) continue;
+          const float* tk = t.data() + i * Rt + rank_at[p];
+          const float* b0 = b[pe[5]] + pe[4] + (lo - pe[2]);
+          if (hi - lo == BLK) {  // the whole block: its 64 sums stay in registers over the ranks
+            rank_axpy64(tk, b0, pe[3], pe[1], d, std::make_index_sequence<8>{});
+            continue;
+          }
+          for (int64_t k = 0; k < pe[1]; ++k) {
+            const float* brow = b0 + k * pe[3];
+            const __m256 tv = _mm256_set1_ps(tk[k]);
+            int64_t n = 0;
+            for (; n + 8 <= hi - lo; n += 8)
+              _mm256_storeu_ps(d + lo - c0 + n, _mm256_fmadd_ps(tv, _mm256_loadu_ps(brow + n),
+                                                                _mm256_loadu_ps(d + lo - c0 + n)));
+            for (; n < hi - lo; ++n) d[lo - c0 + n] += tk[k] * brow[n];
+          }
         }
-        for (int64_t k = 0; k < pe[1]; ++k) {
-          const float* brow = b0 + k * pe[3];
-          const __m256 tv = _mm256_set1_ps(tk[k]);
-          int64_t n = 0;
-          for (; n + 8 <= hi - lo; n += 8)
-            _mm256_storeu_ps(d + lo - c0 + n, _mm256_fmadd_ps(tv, _mm256_loadu_ps(brow + n),
-                                                              _mm256_loadu_ps(d + lo - c0 + n)));
-          for (; n < hi - lo; ++n) d[lo - c0 + n] += tk[k] * brow[n];
+        int64_t n = c0;
+        for (; n + 8 <= c1; n += 8) {  // the scalar loop below, 8 at a time (the same float sums and roundings)
+          const __m256 v = _mm256_add_ps(load8(y + i * N + n), _mm256_loadu_ps(d + n - c0));
+          if constexpr (std::is_same_v<YT, bf16>) {
+            const __m128i h = round_bf16x8(v);
+            if (residual)
+              _mm256_storeu_ps(static_cast<float*>(out_ptr) + i * N + n,
+                               _mm256_add_ps(_mm256_loadu_ps(residual + i * N + n), widen_bf16x8(h)));
+            else
+              _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<YT*>(out_ptr) + i * N + n), h);
+          } else if (residual) {
+            _mm256_storeu_ps(static_cast<float*>(out_ptr) + i * N + n,
+                             _mm256_add_ps(_mm256_loadu_ps(residual + i * N + n), v));
+          } else {
+            _mm256_storeu_ps(reinterpret_cast<float*>(static_cast<YT*>(out_ptr) + i * N + n), v);
+          }
         }
-      }
-      for (int64_t n = c0; n < c1; ++n) {
-        const YT v = YT(widen(y[i * N + n]) + d[n - c0]);
-        if (residual)
-          static_cast<float*>(out_ptr)[i * N + n] = residual[i * N + n] + widen(v);
-        else
-          static_cast<YT*>(out_ptr)[i * N + n] = v;
+        for (; n < c1; ++n) {
+          const YT v = YT(widen(y[i * N + n]) + d[n - c0]);
+          if (residual)
+            static_cast<float*>(out_ptr)[i * N + n] = residual[i * N + n] + widen(v);
+          else
+            static_cast<YT*>(out_ptr)[i * N + n] = v;
+        }
       }
     }
-  }
+  });
 }
 
 at::Tensor lora(const at::Tensor& x, const at::Tensor& y, const std::vector<at::Tensor>& a,
