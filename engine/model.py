@@ -19,6 +19,7 @@ per-projection ``(x, y)`` contract are unchanged: the fused output is split back
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -111,6 +112,20 @@ def _apply_rope_rolled(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Ten
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
+def _prefix_kernel_for(dtype: torch.dtype) -> bool:
+    """Whether attention over a cached prefix runs engine.kernels' ``prefix_attention`` (float32 math) for this
+    dtype: float32 wherever our kernels run; bf16 too, except on CPUs with AMX, where PyTorch's SDPA multiplies bf16
+    on the AMX tiles (not measured against ours: no such machine at hand when this was written)."""
+    if dtype == torch.float32:
+        return kernels.available()
+    return dtype == torch.bfloat16 and not _has_amx() and kernels.available()
+
+
+@functools.cache
+def _has_amx() -> bool:
+    return bool(torch.cpu._is_amx_tile_supported())
+
+
 class Attention(nn.Module):
     """Causal multi-head attention with grouped K/V heads (MHA when n_kv_heads == n_heads, MQA when 1)."""
 
@@ -187,12 +202,12 @@ class Attention(nn.Module):
         if last and T > 1:  # the last query sees every key (it is last in causal order): no mask needed
             q, T = q[:, :, -1:], 1
             mask, is_causal = (None if mask is None else mask[..., -1:, :]), False
-        if mask is not None and q.dtype == torch.float32 and hd % 8 == 0 and not self.training \
-                and not torch.is_grad_enabled() \
-                and kernels.available():
+        if mask is not None and hd % 8 == 0 and not self.training and not torch.is_grad_enabled() \
+                and _prefix_kernel_for(q.dtype):
             # new tokens over a cached prefix (a chat's next turn, a prefill chunk): engine.kernels takes the
             # query heads that share a key/value head together; SmolLM2's 54 queries over 1094 keys ran 1.17-1.19x
-            # SDPA's speed, 8 queries 1.5-2x, the last block's one query ~1.7x (2-core Zen4 EPYC, interleaved runs)
+            # SDPA's speed in float32 and 1.26x in bf16, 8 queries 1.5-2x, the last block's one query ~1.7x (2-core
+            # Zen4 EPYC, interleaved runs)
             y = torch.ops.scratchchat.prefix_attention(q, k, v, plan.positions[:, -T:])  # (B, T, n_heads * hd)
         else:
             y = F.scaled_dot_product_attention(

@@ -444,7 +444,8 @@ def _prefix_reference(q, kc, vc, positions):
 @pytest.mark.parametrize("H,Hkv,hd", [(9, 3, 64), (4, 4, 16), (6, 2, 40), (4, 1, 8)],
                          ids=["smollm2", "mha", "gqa-hd40", "mqa-hd8"])
 @pytest.mark.parametrize("T", [1, 5, 13])
-def test_prefix_attention_matches_reference_over_ragged_positions(H, Hkv, hd, T) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_prefix_attention_matches_reference_over_ragged_positions(H, Hkv, hd, T, dtype) -> None:
     """New tokens over a cached prefix, rows at different positions, tiles of 8 query rows that straddle heads and
     leave partial tiles, queries as a strided view (the model's transposed q), keys/values as a narrowed view of a
     bigger cache: each output is the float64 reference's, and cache entries past a query's position (stale here:
@@ -458,14 +459,19 @@ def test_prefix_attention_matches_reference_over_ragged_positions(H, Hkv, hd, T)
         n = int(positions[b, -1]) + 1
         kc[b, :, :n] = torch.randn(Hkv, n, hd, generator=g)
         vc[b, :, :n] = torch.randn(Hkv, n, hd, generator=g)
+    q, kc, vc = q.to(dtype), kc.to(dtype), vc.to(dtype)
     k, v = kc.narrow(2, 0, S), vc.narrow(2, 0, S)
     y = ops.prefix_attention(q, k, v, positions)
-    assert y.shape == (B, T, H * hd) and y.dtype == torch.float32
-    _assert_within(y, _prefix_reference(q, k, v, positions), 1e-5, 1e-5, "prefix attention")
+    assert y.shape == (B, T, H * hd) and y.dtype == dtype
+    if dtype == torch.float32:
+        _assert_within(y, _prefix_reference(q, k, v, positions), 1e-5, 1e-5, "prefix attention")
+    else:  # float32 math on the bf16 inputs, one rounding of the output
+        _assert_within(y, _prefix_reference(q, k, v, positions), 1e-5, BF16_ULP, "bf16 prefix attention")
     # the model's other path: SDPA with the cache plan's boolean mask
     mask = (torch.arange(S)[None, None, :] <= positions[:, :, None])[:, None]
     sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)
-    torch.testing.assert_close(y, sdpa.transpose(1, 2).reshape(B, T, H * hd), atol=2e-5, rtol=1e-5)
+    tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(y, sdpa.transpose(1, 2).reshape(B, T, H * hd), **tol)
     for b in range(B):  # a row alone gives the same bits
         one = ops.prefix_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], positions[b : b + 1])
         assert torch.equal(one, y[b : b + 1])
@@ -476,8 +482,8 @@ def test_prefix_attention_rejects_what_it_cannot_take() -> None:
     pos = torch.tensor([[3, 4, 5]])
     with pytest.raises(RuntimeError, match="position 6 is outside the 6 keys given"):
         ops.prefix_attention(q, kv, kv, pos + 1)
-    with pytest.raises(RuntimeError, match="takes float32"):
-        ops.prefix_attention(q.bfloat16(), kv.bfloat16(), kv.bfloat16(), pos)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16 q, k and v alike"):
+        ops.prefix_attention(q.bfloat16(), kv, kv, pos)
     with pytest.raises(RuntimeError, match="multiple of 8"):
         ops.prefix_attention(torch.randn(1, 2, 3, 6), torch.randn(1, 2, 6, 6), torch.randn(1, 2, 6, 6), pos)
     with pytest.raises(RuntimeError, match="3 query heads do not share 2 key/value heads evenly"):

@@ -146,6 +146,23 @@ def test_last_only_caches_every_position(family, n_kv, how):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("family, n_kv", [("gpt2", 4), ("llama", 2)])
+def test_bf16_prefill_over_a_cached_prefix_matches_the_full_pass(family, n_kv):
+    """A bf16 model's next chunk over its cache (engine.kernels' prefix attention, float32 math, where this CPU runs
+    it) gives the full-sequence pass's logits (PyTorch's SDPA) within bf16 rounding."""
+    model = build(family, n_kv).to(torch.bfloat16)
+    if family == "llama":
+        model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
+    x = ids(1, 20, seed=8)
+    cache = KVCache.build(model.config, 1, 24, dtype=torch.bfloat16)
+    with torch.no_grad():
+        full = model(x).float()
+        model(x[:, :12], cache=cache)
+        rest = model(x[:, 12:], cache=cache).float()
+    torch.testing.assert_close(rest, full[:, 12:], atol=0.1, rtol=0.05)
+    assert (rest.argmax(-1) == full[:, 12:].argmax(-1)).float().mean() >= 0.75
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_overflow_raises_with_lengths(family):
     model = build(family, 2)
