@@ -151,7 +151,16 @@ def test_api_key_is_checked(server):
         bad.models.list()
 
 
-def test_busy_is_429(client, server):
+def test_busy_is_429(client, server, monkeypatch):
+    from engine.scheduler import Scheduler
+
+    real = Scheduler._decode_step
+
+    def slow(self, pool):  # the tiny model's 100 tokens take a few ms on a fast CPU: keep the rows busy meanwhile
+        time.sleep(0.005)
+        real(self, pool)
+
+    monkeypatch.setattr(Scheduler, "_decode_step", slow)
     engine = server["engine"]
     stop = threading.Event()
     lm = engine.load("tiny")
