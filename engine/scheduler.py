@@ -420,14 +420,14 @@ class Scheduler:
         act.next_token = token
 
     def _finish(self, pool: _Pool, act: _Active, reason: str, row: int | None) -> None:
-        """End a request: hand back its cache, free its row (keeping decoding rows compact), post the result."""
+        """End a request: hand back its cache, set its result, free its row (keeping decoding rows compact; only
+        then does the pool read as not busy), post the last delta."""
         cache = None
         n = 0
         if row is not None:
             n = int(pool.cache.lengths[row])
             if act.req.keep_cache and n > 0:
                 cache = pool.cache.extract_row(row)
-            self._remove_row(pool, row)
         tail = act.stream.finish(reason)  # releases held-back text unless a stop string was found
         fed = (act.req.prompt_ids + act.generated)[:n]
         decode_s = (act.t_last - act.t_first) if act.t_first is not None and act.t_last is not None else 0.0
@@ -440,6 +440,8 @@ class Scheduler:
             token_ids=list(act.generated), cache=cache, cache_ids=fed if cache is not None else [],
         )
         act.handle.result = result
+        if row is not None:
+            self._remove_row(pool, row)
         usage = Usage(result.prompt_tokens, result.completion_tokens, result.ttft_s, result.decode_tokens_per_s,
                       reason)
         act.handle._post(Delta(tail, [], reason, usage))
