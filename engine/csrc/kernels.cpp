@@ -51,17 +51,19 @@ using bf16 = c10::BFloat16;
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 
-inline __m256 load8(const bf16* p) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+// 8 bf16 (their bits) widened to float32: exact, each becomes the top half of a float
+inline __m256 widen_bf16x8(__m128i h) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
+
+inline __m256 load8(const bf16* p) { return widen_bf16x8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
 inline __m256 load8(const int8_t* p) {
   const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
 }
 
-// 8 floats rounded to bf16 as c10::BFloat16(float) rounds (to nearest, ties to even; NaN -> 0x7FC0), and back
+// 8 floats rounded to bf16 as c10::BFloat16(float) rounds (to nearest, ties to even; NaN -> 0x7FC0)
 inline __m128i round_bf16x8(__m256 v) {
   const __m256i bits = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
@@ -69,10 +71,6 @@ inline __m128i round_bf16x8(__m256 v) {
   const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
   r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
   return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
-}
-
-inline __m256 widen_bf16x8(__m128i h) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
 inline float widen(float v) { return v; }
