@@ -10,7 +10,8 @@ runtime:
   micro-kernel, float32 / bf16 / int8, 1 to 128 rows), each with bias, scale and residual-add epilogues; on CPUs
   with AVX512-BF16, ``linear_dpbf16`` (bf16 x and a :func:`pack_dpbf16` copy: pairs of bf16 products per
   ``vdpbf16ps``, compiled per function for AVX-512 and checked for at run time);
-- ``prefix_attention``: a prefill chunk's float32 queries over the cached keys before and with them;
+- ``prefix_attention``: a prefill chunk's queries over the cached keys before and with them (float32 math; bf16
+  on AVX512-BF16 CPUs through ``vdpbf16ps``);
 - the small steps of a decode layer: ``decode_attention`` (RoPE, cache write, grouped-query attention),
   ``rms_norm``, ``silu_mul``;
 - ``lora``: a decode step's per-row LoRA deltas, each row computing only its own adapter's pieces;

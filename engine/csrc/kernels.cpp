@@ -22,7 +22,8 @@
 //       position, causal attention over the row's cached keys (grouped-query heads), softmax in float32
 //   scratchchat::prefix_attention(q, k, v, positions) -> (B, T, H * hd)
 //       a prefill chunk's queries over the keys/values cached before and with them (query t of row b sees keys
-//       0 .. positions[b, t]), grouped-query heads taken together; float32 math for float32 or bf16 inputs
+//       0 .. positions[b, t]), grouped-query heads taken together; float32 math, or for bf16 inputs on CPUs with
+//       AVX512-BF16 both products by vdpbf16ps (float32 sums, the softmax in float32)
 //   scratchchat::rms_norm(x, weight, eps) -> x / sqrt(mean(x^2) + eps) * weight, in the weight's dtype
 //   scratchchat::silu_mul(gate_up) -> silu(gate) * up for the fused (..., 2F) gate/up output
 //
@@ -956,6 +957,185 @@ void prefix_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::
   });
 }
 
+// ---- bf16 prefix attention on AVX512-BF16: both products with `vdpbf16ps` ----
+//
+// The same work as prefix_attention_impl, 16 query rows a tile (one per zmm lane), with the reductions taken a pair at
+// a time by vdpbf16ps (two exact bf16 products added into a float32 lane; 32 multiply-adds an instruction where the
+// float32 tile above does 8): the scores pair the head features (the tile's queries packed (hd / 2, 16, 2), each
+// key's feature pair one broadcast), the weighted sum pairs the keys (the probabilities packed (keys / 2, 16, 2) as
+// the softmax writes them, each value feature's key pair one broadcast from the values packed once per key/value head,
+// (keys / 2, hd, 2)). Scores are scaled in float32 and the softmax runs in float32 down the lanes; its numerators
+// exp(s - max) are rounded to bf16 for the second product (as SDPA's bf16 kernels round the probabilities) and the
+// row sums add those rounded numerators, so the normalization matches the weights used.
+constexpr int QD = 16;
+
+SCRATCHCHAT_AVX512 inline __m512 exp16(__m512 x) {  // exp8's Cephes expf, 16 lanes
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3762626647949f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+SCRATCHCHAT_AVX512 inline __m512bh bcast_pair(const bf16* p) {  // two adjacent bf16 in every lane
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return (__m512bh)_mm512_set1_epi32(v);
+}
+
+// s[j * 16 + lane] = scale * (row lane's query . k_j) for keys j0 .. j0 + NK
+template <int NK, size_t... I>
+SCRATCHCHAT_AVX512 inline void dp_tile_scores(const bf16* qp, const bf16* k, int64_t st, int64_t j0, int64_t hd2,
+                                              float scale, float* s, std::index_sequence<I...>) {
+  __m512 acc[NK];
+  ((acc[I] = _mm512_setzero_ps()), ...);
+  const bf16* kj = k + j0 * st;
+  for (int64_t kk = 0; kk < hd2; ++kk) {
+    const __m512bh qv = (__m512bh)_mm512_loadu_si512(qp + kk * 2 * QD);
+    ((acc[I] = _mm512_dpbf16_ps(acc[I], bcast_pair(kj + I * st + 2 * kk), qv)), ...);
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+  ((_mm512_storeu_ps(s + (j0 + I) * QD, _mm512_mul_ps(acc[I], sc))), ...);
+}
+
+// buf[f * 16 + lane] = sum over key pairs jj < n2 of row lane's probability pair . value feature (d0 + f)'s pair
+template <int NF, size_t... I>
+SCRATCHCHAT_AVX512 inline void dp_tile_values(const bf16* pp, const bf16* vp, int64_t hd, int64_t n2, int64_t d0,
+                                              float* buf, std::index_sequence<I...>) {
+  __m512 acc[NF];
+  ((acc[I] = _mm512_setzero_ps()), ...);
+  for (int64_t jj = 0; jj < n2; ++jj) {
+    const __m512bh pv = (__m512bh)_mm512_loadu_si512(pp + jj * 2 * QD);
+    const bf16* vj = vp + (jj * hd + d0) * 2;
+    ((acc[I] = _mm512_dpbf16_ps(acc[I], bcast_pair(vj + 2 * I), pv)), ...);
+  }
+  ((_mm512_storeu_ps(buf + I * QD, acc[I])), ...);
+}
+
+// one tile: rows r0 .. r0 + 16 of kv head g of batch row b (rows past R are zeros, kept finite and dropped); s and pp
+// are the caller's scratch, vg the head's packed values
+SCRATCHCHAT_AVX512 void dp_prefix_tile(const bf16* qd, int64_t qb, int64_t qh, int64_t qs, const bf16* kg, int64_t st,
+                                       const bf16* vg, const int64_t* pos, int64_t b, int64_t g, int64_t r0, int64_t R,
+                                       int64_t T, int64_t H, int64_t rep, int64_t hd, float scale, float* out,
+                                       std::vector<float>& s, std::vector<bf16>& pp) {
+  const int64_t hd2 = hd / 2;
+  alignas(64) bf16 qp[256 * 2 * QD];  // the tile's queries, (hd / 2, 16, 2), hd up to 512
+  alignas(64) float buf[QD * QD];
+  alignas(64) int32_t last[QD];  // each lane's last key (its query's position)
+  float* o[QD];
+  int64_t n = 0;  // keys the tile reads: up to its furthest query
+  int rows = 0;
+  for (int l = 0; l < QD; ++l) {
+    const int64_t r = r0 + l;
+    if (r < R) {
+      const int64_t h = g * rep + r / T, t = r % T;
+      last[l] = static_cast<int32_t>(pos[b * T + t]);
+      o[l] = out + (b * T + t) * H * hd + h * hd;
+      const bf16* src = qd + b * qb + h * qh + t * qs;
+      for (int64_t kk = 0; kk < hd2; ++kk) std::memcpy(qp + (kk * QD + l) * 2, src + 2 * kk, 4);
+      n = std::max<int64_t>(n, last[l] + 1);
+      rows = l + 1;
+    } else {
+      last[l] = 0;
+      for (int64_t kk = 0; kk < hd2; ++kk) std::memset(qp + (kk * QD + l) * 2, 0, 4);
+    }
+  }
+  const int64_t n2 = (n + 1) / 2;
+  s.resize(2 * n2 * QD);
+  pp.resize(2 * n2 * QD);
+  int64_t j = 0;
+  for (; j + 12 <= n; j += 12)
+    dp_tile_scores<12>(qp, kg, st, j, hd2, scale, s.data(), std::make_index_sequence<12>{});
+  for (; j < n; ++j) dp_tile_scores<1>(qp, kg, st, j, hd2, scale, s.data(), std::make_index_sequence<1>{});
+  // softmax down the lanes; keys past a lane's position (and the pad key n) are exactly 0
+  const __m512i lastv = _mm512_load_si512(last);
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  for (j = 0; j < n; ++j) {
+    const __mmask16 keep = _mm512_cmple_epi32_mask(_mm512_set1_epi32(static_cast<int32_t>(j)), lastv);
+    m = _mm512_mask_max_ps(m, keep, m, _mm512_loadu_ps(s.data() + j * QD));
+  }
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t jj = 0; jj < n2; ++jj) {
+    __m512i half[2];
+    for (int e = 0; e < 2; ++e) {
+      const int64_t jk = 2 * jj + e;
+      const __mmask16 keep = jk < n ? _mm512_cmple_epi32_mask(_mm512_set1_epi32(static_cast<int32_t>(jk)), lastv)
+                                    : __mmask16(0);
+      const __m512 x = _mm512_maskz_sub_ps(keep, _mm512_loadu_ps(s.data() + jk * QD), m);
+      const __m512 ex = _mm512_maskz_mov_ps(keep, exp16(x));
+      half[e] = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(ex));  // rounded to bf16, in 32-bit lanes
+      sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(half[e], 16)));
+    }
+    _mm512_storeu_si512(pp.data() + jj * 2 * QD, _mm512_or_si512(half[0], _mm512_slli_epi32(half[1], 16)));
+  }
+  alignas(64) float inv[QD];
+  _mm512_store_ps(inv, _mm512_div_ps(_mm512_set1_ps(1.0f), sum));
+  for (int64_t d0 = 0; d0 < hd; d0 += 16) {
+    const int nf = hd - d0 >= 16 ? 16 : 8;
+    if (nf == 16)
+      dp_tile_values<16>(pp.data(), vg, hd, n2, d0, buf, std::make_index_sequence<16>{});
+    else
+      dp_tile_values<8>(pp.data(), vg, hd, n2, d0, buf, std::make_index_sequence<8>{});
+    for (int l = 0; l < rows; ++l)
+      for (int f = 0; f < nf; ++f) o[l][d0 + f] = buf[f * QD + l] * inv[l];
+  }
+}
+
+void prefix_attention_dp(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const int64_t* pos,
+                         at::Tensor& y) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), hd = q.size(3), Hkv = kc.size(1);
+  const int64_t rep = H / Hkv, R = rep * T, tiles = (R + QD - 1) / QD;
+  const int64_t vb = vc.stride(0), vh = vc.stride(1), vt = vc.stride(2);
+  const bf16* kd = kc.data_ptr<bf16>();
+  const bf16* vd = vc.data_ptr<bf16>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  // each batch row's keys: up to its furthest query, rounded up to a pair; its values packed (keys / 2, hd, 2) per
+  // kv head, the odd last key's partner zero
+  std::vector<int64_t> nk(B), n2s(B), at(B + 1, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    nk[b] = 0;
+    for (int64_t t = 0; t < T; ++t) nk[b] = std::max<int64_t>(nk[b], pos[b * T + t] + 1);
+    n2s[b] = (nk[b] + 1) / 2;
+    at[b + 1] = at[b] + Hkv * n2s[b] * hd * 2;
+  }
+  std::vector<bf16> vpack(at[B]);
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / Hkv, g = i % Hkv;
+      const bf16* src = vd + b * vb + g * vh;
+      bf16* dst = vpack.data() + at[b] + g * n2s[b] * hd * 2;
+      for (int64_t jj = 0; jj < n2s[b]; ++jj) {
+        const bf16* v0 = src + 2 * jj * vt;
+        const bool second = 2 * jj + 1 < nk[b];  // the pair's second key exists
+        for (int64_t d = 0; d < hd; ++d) {
+          dst[(jj * hd + d) * 2] = v0[d];
+          dst[(jj * hd + d) * 2 + 1] = second ? v0[vt + d] : bf16(0.f);
+        }
+      }
+    }
+  });
+  float* out = y.data_ptr<float>();  // (B, T, H * hd)
+  at::parallel_for(0, B * Hkv * tiles, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> s;
+    std::vector<bf16> pp;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / (Hkv * tiles), g = i / tiles % Hkv, r0 = i % tiles * QD;
+      dp_prefix_tile(q.data_ptr<bf16>(), q.stride(0), q.stride(1), q.stride(2),
+                     kd + b * kc.stride(0) + g * kc.stride(1), kc.stride(2), vpack.data() + at[b] + g * n2s[b] * hd * 2,
+                     pos, b, g, r0, R, T, H, rep, hd, scale, out, s, pp);
+    }
+  });
+}
+
 at::Tensor prefix_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
                             const at::Tensor& positions) {
   TORCH_CHECK(q.dim() == 4 && kc.dim() == 4 && vc.dim() == 4, "q must be (B, H, T, hd), the caches (B, Hkv, S, hd)");
@@ -979,7 +1159,11 @@ at::Tensor prefix_attention(const at::Tensor& q, const at::Tensor& kc, const at:
     prefix_attention_impl(q, kc, vc, pos, y);
     return y;
   }
-  // bf16: the keys/values attended over widened once (exact; ~2% of the work), float32 inside, the output rounded
+  if (cpu_has_avx512_bf16() && hd <= 512) {  // both products with vdpbf16ps, the softmax in float32
+    prefix_attention_dp(q, kc, vc, pos, y);
+    return to_bf16(y);
+  }
+  // elsewhere the keys/values attended over widened once (exact; ~2% of the work), float32 inside, output rounded
   prefix_attention_impl(q.to(at::kFloat), kc.to(at::kFloat), vc.to(at::kFloat), pos, y);
   return to_bf16(y);
 }
