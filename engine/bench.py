@@ -5,8 +5,8 @@ with :func:`weights.hf.write`; the memory-bandwidth roofline; our own no-cache p
 session vs eight; base vs mixed adapters; llama.cpp on SmolLM2's GGUF, run in its own venv by
 :mod:`engine.bench_llama`), all with the same dtype and thread count. ``transformers`` is imported lazily: peers are
 never engine dependencies. The output is a Markdown table (stdout) and a JSON file; decode timings are medians of
-``--repeats`` runs, serving figures (TTFT, sessions, adapters) medians of :data:`ROUNDS` rounds, their ratios the
-median of the rounds' ratios.
+``--repeats`` rounds (ours and the peer side by side in each), serving figures (TTFT, sessions, adapters) medians
+of :data:`ROUNDS` rounds; every ratio is the median of the rounds' ratios.
 """
 
 from __future__ import annotations
@@ -103,6 +103,19 @@ def decode_hf(model: Any, prompt: list[int], n_new: int, repeats: int) -> float:
     first = _median([run(1) for _ in range(repeats)])
     full = _median([run(n_new) for _ in range(repeats)])
     return (n_new - 1) / max(full - first, 1e-9)
+
+
+def decode_side_by_side(lm: LoadedModel, hf_model: Any | None, n_new: int, rounds: int) -> tuple[list, list]:
+    """Decode tokens/s of ours and of the transformers peer (when given), one run of each per round, side by side:
+    this VM's speed drifts by up to 2x over tens of seconds, so a ratio of figures taken a minute apart says little;
+    the ratio is the median of the rounds' ratios. Each side warms up first."""
+    ours, theirs = [], []
+    prompt = _prompt(lm)
+    for _ in range(rounds):
+        ours.append(decode_ours(lm, n_new, 1))
+        if hf_model is not None:
+            theirs.append(run_in_fresh_thread(lambda: decode_hf(hf_model, prompt, n_new, 1)))
+    return ours, theirs
 
 
 def read_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
@@ -315,25 +328,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 results["models"][name] = {"skipped": f"not in the store {root}"}
                 continue
             row: dict[str, Any] = {}
-            hf_rates: dict[torch.dtype, float] = {}  # transformers per dtype, measured once (int8 reuses its dtype's)
+            hf_models: dict[torch.dtype, Any] = {}  # the transformers peer per dtype (int8 runs against its dtype's)
             for dname in args.dtypes:
                 dtype, quant = variant(dname)
                 lm = Registry(root, dtype=dtype, quant=quant).get(name)
-                ours = decode_ours(lm, args.new_tokens, args.repeats)
-                r: dict[str, Any] = {"ours_tok_s": ours, "decode_kernels": lm.model.__dict__.get("decode_kernels"),
+                hf_error = None
+                if not args.skip_hf and dtype not in hf_models:
+                    try:
+                        hf_models[dtype] = run_in_fresh_thread(lambda: _hf_model(lm, root, dtype, tmp))
+                    except Exception as e:  # the peer failing must not hide our own figures
+                        hf_error = f"{type(e).__name__}: {e}"
+                ours, hf_rates = decode_side_by_side(lm, hf_models.get(dtype), args.new_tokens, args.repeats)
+                r: dict[str, Any] = {"ours_tok_s": _median(ours),
+                                     "decode_kernels": lm.model.__dict__.get("decode_kernels"),
                                      "activations": str(dtype).removeprefix("torch.")}
                 r["weight_bytes_per_token"] = weight_bytes_per_token(lm)
                 bandwidths.append(run_in_fresh_thread(read_bandwidth))  # next to each decode figure: the best counts
-                if not args.skip_hf:
-                    try:
-                        if dtype not in hf_rates:
-                            hf_rates[dtype] = run_in_fresh_thread(
-                                lambda: decode_hf(_hf_model(lm, root, dtype, tmp), _prompt(lm), args.new_tokens,
-                                                  args.repeats))
-                        r["hf_tok_s"] = hf_rates[dtype]
-                        r["vs_hf"] = ours / r["hf_tok_s"]
-                    except Exception as e:  # the peer failing must not hide our own figures
-                        r["hf_error"] = f"{type(e).__name__}: {e}"
+                if hf_rates:
+                    r["hf_tok_s"] = _median(hf_rates)
+                    r["vs_hf"] = _median([o / h for o, h in zip(ours, hf_rates, strict=True)])
+                elif hf_error:
+                    r["hf_error"] = hf_error
                 row[dname] = r
             row["no_cache"] = {}
             for dname in args.dtypes:

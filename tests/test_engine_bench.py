@@ -1,5 +1,5 @@
-"""``python -m engine bench`` end to end on a tiny random GPT-2 (no transformers peer, no llama.cpp): every figure
-is measured and reported, and the Markdown table carries each row with its target."""
+"""``python -m engine bench`` end to end on a tiny random GPT-2 (with the transformers peer, without llama.cpp): every
+figure is measured and reported, and the Markdown table carries each row with its target."""
 
 from __future__ import annotations
 
@@ -27,13 +27,16 @@ def test_bench_runs_every_figure_on_a_tiny_model(tmp_path, monkeypatch, capsys):
                     prompt_format="alpaca", root=root)
     monkeypatch.setattr(bench, "_llama_cpp_row", lambda args, ours: {"skipped": "not in this test"})
     out = tmp_path / "bench.json"
-    assert bench.main(["--models", "tiny", "missing", "--models-dir", str(root), "--dtypes", "fp32", "--skip-hf",
+    assert bench.main(["--models", "tiny", "missing", "--models-dir", str(root), "--dtypes", "fp32",
                        "--new-tokens", "8", "--no-cache-tokens", "8", "--no-cache-all", "--repeats", "1",
                        "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     row = res["models"]["tiny"]
     assert res["models"]["missing"] == {"skipped": f"not in the store {root}"}
     assert row["fp32"]["ours_tok_s"] > 0 and 0 < row["fp32"]["roofline_fraction"]
+    # the transformers peer ran on the same weights, side by side (one round here: the ratio is that round's)
+    assert row["fp32"]["hf_tok_s"] > 0 and "hf_error" not in row["fp32"]
+    assert row["fp32"]["vs_hf"] == row["fp32"]["ours_tok_s"] / row["fp32"]["hf_tok_s"]
     assert set(row["fp32"]["decode_kernels"]) == {"qkv", "o_proj", "up_proj", "down_proj", "head"}
     assert row["fp32"]["weight_bytes_per_token"] >= 4 * sum(p.numel() for p in GPT(cfg).blocks.parameters())
     nc = row["no_cache"]["fp32"]
@@ -47,6 +50,6 @@ def test_bench_runs_every_figure_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     # the OpenMP workers while serving are reported, with a warning when another thread holds a team
     assert isinstance(sv["openmp_workers"], int)
     assert ("OpenMP workers in the process while serving" in text) == (sv["openmp_workers"] > res["threads"] - 1)
-    for figure in ("vs roofline", "cache vs no cache", "TTFT turn 10", "8 sessions vs 1", "3 adapters vs base",
-                   "switch a session's adapter", "load a rank-16 adapter", "not in this test"):
+    for figure in ("vs transformers", "vs roofline", "cache vs no cache", "TTFT turn 10", "8 sessions vs 1",
+                   "3 adapters vs base", "switch a session's adapter", "load a rank-16 adapter", "not in this test"):
         assert figure in text, figure
