@@ -46,7 +46,7 @@ class Product:
     """A projection's kernel bound to its weights: ``p(x)`` or, with a float32 residual, ``residual + p(x)`` (our
     kernels add it in their epilogue: one op less). ``spec`` is how :func:`decode_blocks` runs the same kernel
     ((kind, N, weight, bias, scale); kinds: 0 our row-form kernel, 1 panels, 2 int8, 3 bf16 dot-product
-    panels), None for PyTorch's kernels."""
+    panels, 4 int8 dot-product panels), None for PyTorch's kernels."""
 
     __slots__ = ("run", "spec")
 
@@ -73,6 +73,10 @@ def product(weight: torch.Tensor, bias: torch.Tensor | None, w8: Int8Weight | No
             panels = pw.packed
             return Product(lambda x, residual: ops.linear_dpbf16(x, panels, n, bias, residual),
                            (3, n, panels, bias, None))
+        if pw.kernel == "dpi8":  # int8 dot-product panels (AVX512-BF16), with their scale
+            panels, scale = pw.packed, pw.scale
+            return Product(lambda x, residual: ops.linear_dpi8(x, panels, n, scale, bias, residual),
+                           (4, n, panels, bias, scale))
         return Product(_with_residual(lambda x: prepack.packed_linear(x, pw, bias)))
     if w8 is not None and rows <= int8_rows():
         q, scale = w8

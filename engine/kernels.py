@@ -9,7 +9,8 @@ runtime:
   scales) and ``linear_panel`` (a panel copy of the weight, :func:`pack_panels`: the broadcast-form GEMM
   micro-kernel, float32 / bf16 / int8, 1 to 128 rows), each with bias, scale and residual-add epilogues; on CPUs
   with AVX512-BF16, ``linear_dpbf16`` (bf16 x and a :func:`pack_dpbf16` copy: pairs of bf16 products per
-  ``vdpbf16ps``, compiled per function for AVX-512 and checked for at run time);
+  ``vdpbf16ps``, compiled per function for AVX-512 and checked for at run time) and ``linear_dpi8`` (the same for
+  an int8 weight, :func:`pack_dpi8`, each int8 widened to bf16 exactly in registers, its scale in the epilogue);
 - ``prefix_attention``: a prefill chunk's queries over the cached keys before and with them (float32 math; bf16
   on AVX512-BF16 CPUs through ``vdpbf16ps``);
 - the small steps of a decode layer: ``decode_attention`` (RoPE, cache write, grouped-query attention),
@@ -116,6 +117,17 @@ def pack_dpbf16(weight: torch.Tensor) -> torch.Tensor:
     ``vdpbf16ps`` multiplies by a row's broadcast x pair); zeros past N and, for an odd K, past K."""
     if weight.dtype != torch.bfloat16:
         raise ValueError(f"bf16 dot-product panels are for bfloat16 weights, not {weight.dtype}")
+    return _pack_pairs(weight)
+
+
+def pack_dpi8(q: torch.Tensor) -> torch.Tensor:
+    """:func:`pack_dpbf16`'s layout for an int8 weight (engine.quant's copy), for :func:`linear_dpi8`."""
+    if q.dtype != torch.int8:
+        raise ValueError(f"int8 dot-product panels are for int8 weights, not {q.dtype}")
+    return _pack_pairs(q)
+
+
+def _pack_pairs(weight: torch.Tensor) -> torch.Tensor:
     n, k = weight.shape
     p, k2 = -(-n // DP_PANEL), -(-k // 2)
     padded = weight.detach().new_zeros(p * DP_PANEL, 2 * k2)
@@ -129,6 +141,16 @@ def linear_dpbf16(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Ten
     output and ``residual`` as :func:`linear`. Needs :func:`has_avx512_bf16`."""
     res = None if residual is None else residual.reshape(-1, n)
     y = torch.ops.scratchchat.linear_dpbf16(x.reshape(-1, x.shape[-1]), panels, n, bias, res)
+    return y.view(*x.shape[:-1], n)
+
+
+def linear_dpi8(x: torch.Tensor, panels: torch.Tensor, n: int, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``(x @ q.T) * scale (+ bias)`` for bf16 x (..., K) through :func:`pack_dpi8`'s copy of an int8 weight ``q``:
+    each int8 becomes a bf16 exactly in registers, so the products are exact and the sums float32, as in
+    :func:`linear_dpbf16`. Needs :func:`has_avx512_bf16`."""
+    res = None if residual is None else residual.reshape(-1, n)
+    y = torch.ops.scratchchat.linear_dpi8(x.reshape(-1, x.shape[-1]), panels, n, scale, bias, res)
     return y.view(*x.shape[:-1], n)
 
 

@@ -17,7 +17,8 @@ faster than MKL's GEMM for prefill chunks up to :data:`PANEL_ROWS` rows. Where t
 weights get a third, ``dpbf16`` (:func:`engine.kernels.pack_dpbf16`: ``vdpbf16ps`` on pairs of k, 32 multiply-adds
 an instruction; on a 2-core Zen4 EPYC at 8 rows 1.3-1.9x faster than our AVX2 panels and 2.0-2.7x faster than
 PyTorch's bf16 ``F.linear``). An int8 model (:mod:`engine.quant`) gets int8 panels (a quarter of the float copy's
-bytes) without measuring: they matched the row-form int8 kernel at one row and ran 1.3-1.9x faster at 2-8.
+bytes; int8 dot-product panels where the CPU has AVX512-BF16 and the activations are bf16) for 2 or more rows, and
+for one row where they beat the row-form int8 kernel at load (see :func:`_pack_int8`).
 
 So :func:`prepack_` times each kind of projection (every layer's weights of that kind in turn, so they stream from
 memory as in a real step) at one row and at :data:`BATCH_ROWS` rows, with the plain kernels (``addmv``,
@@ -183,6 +184,8 @@ def packed_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None =
         y = torch.ops.scratchchat.linear_panel(flat, pw.packed, pw.weight.shape[0], pw.scale, bias)
     elif pw.kernel == "dpbf16":
         y = torch.ops.scratchchat.linear_dpbf16(flat, pw.packed, pw.weight.shape[0], bias)
+    elif pw.kernel == "dpi8":
+        y = torch.ops.scratchchat.linear_dpi8(flat, pw.packed, pw.weight.shape[0], pw.scale, bias)
     elif pw.kernel == "mkl":
         y = torch.ops.mkl._mkl_linear(flat, pw.packed, pw.weight, bias, 1)
     else:
@@ -246,6 +249,34 @@ def choose(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None
             runs[f"{kernel} x{BATCH_ROWS}"] = lambda i, pws=pws: packed_linear(xb, pws[i], biases[i])
     times = _seconds(runs, n)
     return _pick(candidates, times), times
+
+
+def _pack_int8(targets: list[Target], mode: str) -> tuple[str, bool]:
+    """Give one kind's int8 copies (engine.quant) a packed copy for decode steps and prefill chunks up to
+    :data:`PANEL_ROWS` rows: int8 dot-product panels (:func:`engine.kernels.pack_dpi8`) where the CPU has
+    AVX512-BF16 and the activations are bf16, else int8 panels (a quarter of the float copy's bytes either way).
+    Batches and chunks always run the copy (on a 2-core Zen5 EPYC the int8 dot-product panels ran SmolLM2's shapes
+    2x as fast as the int8 panels at 4-64 rows; on the AVX2 EPYC the panels ran 1.3-1.9x the row-form kernel at 2-8);
+    one row runs it only where it beats the row-form int8 kernel on the copy of engine.quant, measured here (on the
+    AVX2 EPYC they were even; on the Zen5 EPYC the row-form kernel was 1.2x the dot-product panels and 1.7x the
+    panels). Returns (the copy's label, whether it serves one row too)."""
+    dp = mode != "panel" and kernels.has_avx512_bf16() and all(t.weight.dtype == torch.bfloat16 for t in targets)
+    name = "dpi8" if dp else "panel"
+    packs = [(kernels.pack_dpi8 if dp else kernels.pack_panels)(t.int8[0]) for t in targets]
+    scales = [t.int8[1].float() for t in targets]
+    single = True
+    if mode == "auto":
+        gen = torch.Generator().manual_seed(0)  # never the global RNG: loading a model must not move seeded sampling
+        x1 = torch.randn(1, targets[0].int8[0].shape[1], generator=gen).to(targets[0].weight.dtype)
+        op = torch.ops.scratchchat.linear_dpi8 if dp else torch.ops.scratchchat.linear_panel
+        times = _seconds({"packed": lambda i: op(x1, packs[i], targets[i].int8[0].shape[0], scales[i], targets[i].bias),
+                          "rows": lambda i: torch.ops.scratchchat.linear_i8(x1, *targets[i].int8, targets[i].bias)},
+                         len(targets))
+        single = times["packed"] <= times["rows"]
+        logger.debug("int8 %s at one row %.2f ms, row-form %.2f ms", name, 1e3 * times["packed"], 1e3 * times["rows"])
+    for t, packed, scale in zip(targets, packs, scales, strict=True):
+        t.put(PackedWeight(name, packed, t.int8[0], source_key(t.sources), single, PANEL_ROWS, scale=scale))
+    return ("dp panel" if dp else "panel"), single
 
 
 def _pick(candidates: dict[str, list[PackedWeight]], times: dict[str, float]) -> list[PackedWeight] | None:
@@ -403,17 +434,12 @@ def prepack_(model: nn.Module, mode: str = "auto", max_copy_bytes: int | None = 
     for kind, targets in kinds.items():
         if any(t.quantized for t in targets):
             chosen[kind] = "int8"
-            if mode in ("auto", "panel") and kernels.available() and all(t.quantized for t in targets) \
+            if mode in ("auto", "panel", "dpbf16") and kernels.available() and all(t.quantized for t in targets) \
                     and fits(sum(t.int8[0].numel() for t in targets)):
-                # int8 panels: as fast as the row-form int8 kernel at one row, 1.3-1.9x faster at 2-8 (measured at
-                # load of a SmolLM2's shapes on a 2-core EPYC), a quarter of the float copy's bytes
-                for t in targets:
-                    q, scale = t.int8
-                    t.put(PackedWeight("panel", kernels.pack_panels(q), q, source_key(t.sources), True, PANEL_ROWS,
-                                       scale=scale.float()))
-                    extra += q.numel()
-                    int8_bytes += q.numel()
-                chosen[kind] = "int8 panel"
+                label, one_row = _pack_int8(targets, mode)
+                extra += sum(t.int8[0].numel() for t in targets)
+                int8_bytes += sum(t.int8[0].numel() for t in targets)
+                chosen[kind] = f"int8 {label}" if one_row else f"int8 rows[1 row]+{label}[2-{PANEL_ROWS} rows]"
             continue
         if mode == "off":
             chosen[kind] = "plain"

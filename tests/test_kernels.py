@@ -240,6 +240,55 @@ def test_linear_dpbf16_rows_do_not_depend_on_the_other_rows_and_residual_adds_th
         kernels.pack_dpbf16(w.float())
 
 
+@needs_avx512_bf16
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_dpi8_matches_dequantized_float64_reference(with_bias) -> None:
+    """int8 weights in the dot-product panel layout, each widened to bf16 exactly in registers: bf16 x times the
+    dequantized weight, over rows 1-9 and ragged K/N, within float32 accumulation and one bf16 rounding."""
+    g = _gen(25)
+    for K in KS:
+        for N in NS:
+            q, scale = quantize_rows(torch.randn(N, K, generator=g))
+            panels = kernels.pack_dpi8(q)
+            assert panels.shape == (-(-N // 16), -(-K // 2), 16, 2) and panels.dtype == torch.int8
+            w64 = q.double() * scale.double()[:, None]
+            b = torch.randn(N, generator=g) if with_bias else None
+            for R in ROWS:
+                x = torch.randn(R, K, generator=g).bfloat16()
+                y = kernels.linear_dpi8(x, panels, N, scale, b)
+                _check_product(y, x, w64, None if b is None else b.double(), f"R={R} K={K} N={N}")
+
+
+@needs_avx512_bf16
+def test_linear_dpi8_extremes_rows_alone_residual_and_errors() -> None:
+    """-128 and 127 (every int8 is a bf16) give exact products; a row's output does not depend on the other rows;
+    the residual adds the rounded output; bad inputs get clear errors."""
+    g = _gen(26)
+    q = torch.randint(-128, 128, (45, 96), generator=g, dtype=torch.int8)
+    q[0], q[1] = -128, 127
+    scale = torch.rand(45, generator=g) + 0.5
+    panels = kernels.pack_dpi8(q)
+    x = torch.randn(9, 96, generator=g).bfloat16()
+    _check_product(kernels.linear_dpi8(x, panels, 45, scale), x, q.double() * scale.double()[:, None], None, "dpi8")
+    alone = torch.cat([kernels.linear_dpi8(x[i : i + 1], panels, 45, scale) for i in range(9)])
+    for R in range(2, 10):
+        torch.testing.assert_close(kernels.linear_dpi8(x[:R], panels, 45, scale), alone[:R], rtol=0, atol=0)
+    res = torch.randn(9, 45, generator=g)
+    got = kernels.linear_dpi8(x, panels, 45, scale, residual=res)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, res + alone.float(), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="x must be a bfloat16"):
+        ops.linear_dpi8(x.float(), panels, 45, scale, None, None)
+    with pytest.raises(RuntimeError, match="scale has 44 entries, not 45"):
+        ops.linear_dpi8(x, panels, 45, scale[:44], None, None)
+    with pytest.raises(RuntimeError, match="takes int8 panels"):
+        ops.linear_dpi8(x, kernels.pack_dpbf16(q.bfloat16()), 45, scale, None, None)
+    with pytest.raises(RuntimeError, match="takes bfloat16 panels"):
+        ops.linear_dpbf16(x, panels, 45, None, None)
+    with pytest.raises(ValueError, match="for int8 weights"):
+        kernels.pack_dpi8(q.bfloat16())
+
+
 def _lora_reference(x, y, pieces_list, coef, residual=None):
     """float64: y + sum over each row's pieces of coef * B^T-form products; pieces_list holds (A (r, in), Bt (r, n),
     out offset, contribution)."""

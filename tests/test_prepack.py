@@ -208,7 +208,8 @@ def test_int8_models_decode_through_int8_panels_like_the_row_form_kernel(family)
     rows_form = copy.deepcopy(model)  # a deep copy drops packed copies: the row-form int8 kernel
     rows_form.head_int8 = model.head_int8
     chosen = prepack.prepack_(model, "auto")
-    assert set(chosen.values()) == {"int8 panel"}
+    # one row: the panels or the row-form kernel, whichever ran faster at load; 2+ rows: the panels
+    assert set(chosen.values()) <= {"int8 panel", f"int8 rows[1 row]+panel[2-{prepack.PANEL_ROWS} rows]"}, chosen
     pw = model.blocks[0].mlp.down_proj.packed
     assert pw.kernel == "panel" and pw.packed.dtype == torch.int8 and pw.scale is not None and pw.serves(8)
     assert model.packed_bytes == sum(t.int8[0].numel() for t in prepack.decode_weights(model))
@@ -308,3 +309,35 @@ def test_bf16_dot_product_panels_give_the_plain_bf16_logits(family):
     torch.testing.assert_close(decode_logits(model, [5, 17, 42], 6).float(), plain, rtol=0.02, atol=0.05)
     fp32 = frozen_tiny(family)
     assert set(prepack.prepack_(fp32, "dpbf16").values()) == {"plain"}
+
+
+@pytest.mark.skipif(not (kernels.available() and kernels.has_avx512_bf16()),
+                    reason="int8 dot-product panels run on AVX512-BF16 CPUs only")
+@pytest.mark.parametrize("one_row", ["dp", "rows"])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_int8_bf16_models_decode_through_int8_dot_product_panels(family, one_row, monkeypatch):
+    """A quantized bf16 model gets int8 dot-product panels (vdpbf16ps on each int8 widened to bf16 exactly): the
+    same products as the row-form int8 kernel (float32 sums in another order: within a few bf16 steps), for decode
+    steps and prefill chunks; one row runs them or the row-form kernel, as measured at load (both forced here);
+    greedy decoding with the cache equals the uncached path."""
+    import copy
+
+    from engine.quant import quantize_int8_
+
+    model = frozen_tiny(family).to(torch.bfloat16)
+    quantize_int8_(model)
+    rows_form = copy.deepcopy(model)  # a deep copy drops packed copies: the row-form int8 kernel
+    rows_form.head_int8 = model.head_int8
+    real = prepack._seconds
+    monkeypatch.setattr(prepack, "_seconds", lambda runs, n: {"packed": 1.0, "rows": 2.0} if one_row == "dp"
+                        else {"packed": 2.0, "rows": 1.0} if set(runs) == {"packed", "rows"} else real(runs, n))
+    chosen = prepack.prepack_(model, "auto")
+    want = "int8 dp panel" if one_row == "dp" else f"int8 rows[1 row]+dp panel[2-{prepack.PANEL_ROWS} rows]"
+    assert set(chosen.values()) == {want}, chosen
+    pw = model.blocks[0].mlp.down_proj.packed
+    assert pw.kernel == "dpi8" and pw.packed.dtype == torch.int8 and pw.packed.shape[-2:] == (16, 2)
+    assert pw.serves(prepack.PANEL_ROWS) and (pw.for_rows(1) is pw) == (one_row == "dp")
+    torch.testing.assert_close(decode_logits(model, [5, 17, 42], 6).float(),
+                               decode_logits(rows_form, [5, 17, 42], 6).float(), rtol=0.02, atol=0.05)
+    cfg = GenerationConfig(max_new_tokens=8, temperature=0.0)
+    assert list(generate_tokens(model, [3, 9, 27], cfg)) == list(generate_uncached(model, [3, 9, 27], cfg))

@@ -517,15 +517,26 @@ bool cpu_has_avx512_bf16() {
   return has;
 }
 
-template <int NR, int NP, size_t... I>
-SCRATCHCHAT_AVX512 inline void dp_tile_impl(const bf16* x, int64_t ldx, int64_t K2, const bf16* wp, float* out,
+// 32 weights of a panel's pair step as bf16: stored bf16 as they are; int8 (engine.quant's copy, scaled in the
+// epilogue) converted exactly (every int8 is a bf16: 8 significant bits), 16 at a time through float32
+SCRATCHCHAT_AVX512 inline __m512bh dp_load(const bf16* p) { return (__m512bh)_mm512_loadu_si512(p); }
+
+SCRATCHCHAT_AVX512 inline __m512bh dp_load(const int8_t* p) {
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+  return _mm512_cvtne2ps_pbh(hi, lo);
+}
+
+template <typename WT, int NR, int NP, size_t... I>
+SCRATCHCHAT_AVX512 inline void dp_tile_impl(const bf16* x, int64_t ldx, int64_t K2, const WT* wp, float* out,
                                             std::index_sequence<I...>) {
   __m512 acc[sizeof...(I)];
   ((acc[I] = _mm512_setzero_ps()), ...);
-  const int64_t ps = K2 * 32;                                // panel stride (bf16 elements)
+  const int64_t ps = K2 * 32;                                // panel stride (elements)
   for (int64_t kk = 0; kk < K2; ++kk) {
     __m512bh w[NP], xb[NR];
-    for (int j = 0; j < NP; ++j) w[j] = (__m512bh)_mm512_loadu_si512(wp + j * ps + kk * 32);
+    for (int j = 0; j < NP; ++j) w[j] = dp_load(wp + j * ps + kk * 32);
     for (int i = 0; i < NR; ++i) {
       int32_t pair;
       std::memcpy(&pair, x + i * ldx + 2 * kk, 4);
@@ -537,11 +548,11 @@ SCRATCHCHAT_AVX512 inline void dp_tile_impl(const bf16* x, int64_t ldx, int64_t 
 }
 
 // rows NR at a time (then fewer) against panels p0 .. p0 + NP
-template <int NR, int NP>
-SCRATCHCHAT_AVX512 void dp_block(const bf16* x, int64_t R, int64_t ldx, int64_t K2, const bf16* wp, int64_t p0,
+template <typename WT, int NR, int NP>
+SCRATCHCHAT_AVX512 void dp_block(const bf16* x, int64_t R, int64_t ldx, int64_t K2, const WT* wp, int64_t p0,
                                  int64_t N, const Epilogue& ep, float* y) {
   alignas(64) float acc[NR * NP * 16];
-  const bf16* w = wp + p0 * K2 * 32;
+  const WT* w = wp + p0 * K2 * 32;
   auto put = [&](int64_t r, int rows) {
     for (int i = 0; i < rows; ++i)
       for (int j = 0; j < NP; ++j)
@@ -550,44 +561,49 @@ SCRATCHCHAT_AVX512 void dp_block(const bf16* x, int64_t R, int64_t ldx, int64_t 
   };
   int64_t r = 0;
   for (; r + NR <= R; r += NR) {
-    dp_tile_impl<NR, NP>(x + r * ldx, ldx, K2, w, acc, std::make_index_sequence<NR * NP>{});
+    dp_tile_impl<WT, NR, NP>(x + r * ldx, ldx, K2, w, acc, std::make_index_sequence<NR * NP>{});
     put(r, NR);
   }
   for (; r < R; ++r) {
-    dp_tile_impl<1, NP>(x + r * ldx, ldx, K2, w, acc, std::make_index_sequence<NP>{});
+    dp_tile_impl<WT, 1, NP>(x + r * ldx, ldx, K2, w, acc, std::make_index_sequence<NP>{});
     put(r, 1);
   }
 }
 
-template <int NR, int NP>
-SCRATCHCHAT_AVX512 void run_dp_with(const bf16* x, int64_t R, int64_t ldx, int64_t K2, const bf16* wp, int64_t N,
+template <typename WT, int NR, int NP>
+SCRATCHCHAT_AVX512 void run_dp_with(const bf16* x, int64_t R, int64_t ldx, int64_t K2, const WT* wp, int64_t N,
                                     const Epilogue& ep, float* y) {
   const int64_t P = (N + 15) / 16, groups = P / NP;
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, NP * 64 * K2));
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) dp_block<NR, NP>(x, R, ldx, K2, wp, g * NP, N, ep, y);
+    for (int64_t g = g0; g < g1; ++g) dp_block<WT, NR, NP>(x, R, ldx, K2, wp, g * NP, N, ep, y);
   });
-  for (int64_t p = groups * NP; p < P; ++p) dp_block<NR, 1>(x, R, ldx, K2, wp, p, N, ep, y);
+  for (int64_t p = groups * NP; p < P; ++p) dp_block<WT, NR, 1>(x, R, ldx, K2, wp, p, N, ep, y);
 }
 
 // 1 row: 4 panels (four weight streams); 2-3 rows: 2 x 4; 4 or more: 4 x 4 (16 of the 32 zmm registers)
-void run_dp(const bf16* x, int64_t R, int64_t ldx, int64_t K2, const bf16* wp, int64_t N, const Epilogue& ep,
+template <typename WT>
+void run_dp(const bf16* x, int64_t R, int64_t ldx, int64_t K2, const WT* wp, int64_t N, const Epilogue& ep,
             float* y) {
-  if (R == 1)
-    run_dp_with<1, 4>(x, R, ldx, K2, wp, N, ep, y);
+  if (R == 1 && std::is_same_v<WT, int8_t>)
+    run_dp_with<WT, 1, 8>(x, R, ldx, K2, wp, N, ep, y);
+  else if (R == 1)
+    run_dp_with<WT, 1, 4>(x, R, ldx, K2, wp, N, ep, y);
   else if (R < 4)
-    run_dp_with<2, 4>(x, R, ldx, K2, wp, N, ep, y);
+    run_dp_with<WT, 2, 4>(x, R, ldx, K2, wp, N, ep, y);
   else
-    run_dp_with<4, 4>(x, R, ldx, K2, wp, N, ep, y);
+    run_dp_with<WT, 4, 4>(x, R, ldx, K2, wp, N, ep, y);
 }
 
-at::Tensor linear_dpbf16(const at::Tensor& x, const at::Tensor& wp, int64_t N, const std::optional<at::Tensor>& bias,
-                         const std::optional<at::Tensor>& residual) {
-  TORCH_CHECK(cpu_has_avx512_bf16(), "linear_dpbf16 needs a CPU with AVX512-BF16");
+// x @ w.T through dot-product panels (P, K2, 16, 2) of bf16 or, with their per-feature scale, int8 weights
+at::Tensor linear_dp(const char* op, const at::Tensor& x, const at::Tensor& wp, int64_t N,
+                     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
+                     const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(cpu_has_avx512_bf16(), op, " needs a CPU with AVX512-BF16");
   TORCH_CHECK(x.device().is_cpu() && wp.device().is_cpu(), "scratchchat kernels run on the CPU");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x must be a bfloat16 (R, K) tensor");
-  TORCH_CHECK(wp.dim() == 4 && wp.size(2) == 16 && wp.size(3) == 2 && wp.is_contiguous() &&
-              wp.scalar_type() == at::kBFloat16, "the panels must be a contiguous bfloat16 (P, K2, 16, 2) tensor");
+  TORCH_CHECK(wp.dim() == 4 && wp.size(2) == 16 && wp.size(3) == 2 && wp.is_contiguous(),
+              "the panels must be a contiguous (P, K2, 16, 2) tensor");
   TORCH_CHECK(N > 0 && (N + 15) / 16 == wp.size(0), N, " output features do not fill ", wp.size(0), " panels of 16");
   const int64_t R = x.size(0), K = x.size(1), K2 = wp.size(1);
   TORCH_CHECK((K + 1) / 2 == K2, "x has ", K, " features but the panels take ", 2 * K2);
@@ -595,8 +611,34 @@ at::Tensor linear_dpbf16(const at::Tensor& x, const at::Tensor& wp, int64_t N, c
   at::Tensor xe = x.contiguous();
   if (K % 2) xe = at::constant_pad_nd(xe, {0, 1});  // an odd K: a zero pairs with the panels' zero
   Output out(x, N, bias, residual);
-  run_dp(xe.data_ptr<bf16>(), R, 2 * K2, K2, wp.data_ptr<bf16>(), N, out.ep, out.y.data_ptr<float>());
+  at::Tensor sf;
+  if (scale) {
+    TORCH_CHECK(scale->numel() == N, "scale has ", scale->numel(), " entries, not ", N);
+    sf = as_float(*scale);
+    out.ep.scale = sf.data_ptr<float>();
+  }
+  if (wp.scalar_type() == at::kBFloat16) {
+    TORCH_CHECK(!scale, "bf16 panels take no scale");
+    run_dp(xe.data_ptr<bf16>(), R, 2 * K2, K2, wp.data_ptr<bf16>(), N, out.ep, out.y.data_ptr<float>());
+  } else {
+    TORCH_CHECK(wp.scalar_type() == at::kChar && scale, "dot-product panels are bfloat16, or int8 with their scale");
+    run_dp(xe.data_ptr<bf16>(), R, 2 * K2, K2, wp.data_ptr<int8_t>(), N, out.ep, out.y.data_ptr<float>());
+  }
   return out.result(x);
+}
+
+at::Tensor linear_dpbf16(const at::Tensor& x, const at::Tensor& wp, int64_t N, const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(wp.scalar_type() == at::kBFloat16, "linear_dpbf16 takes bfloat16 panels, not ", wp.scalar_type());
+  return linear_dp("linear_dpbf16", x, wp, N, std::nullopt, bias, residual);
+}
+
+// int8 weights (engine.quant's, per-feature scale) in the dot-product panel layout, each converted to bf16 exactly
+// in registers: bf16 x times the int8 weight, float32 sums, then the scale (as linear_i8 and the int8 panels)
+at::Tensor linear_dpi8(const at::Tensor& x, const at::Tensor& wp, int64_t N, const at::Tensor& scale,
+                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(wp.scalar_type() == at::kChar, "linear_dpi8 takes int8 panels, not ", wp.scalar_type());
+  return linear_dp("linear_dpi8", x, wp, N, scale, bias, residual);
 }
 
 // ---- the small steps of a decode layer ----
@@ -1445,7 +1487,7 @@ at::Tensor lora(const at::Tensor& x, const at::Tensor& y, const std::vector<at::
 // MLP kind, and, with ``coef`` (a batch's per-row LoRA coefficients), each product's low-rank pieces for the lora op.
 
 constexpr int64_t LAYER_SLOTS = 32, LAYER_META = 12;
-enum Kind : int64_t { ROWS = 0, PANEL = 1, INT8 = 2, DPBF16 = 3 };
+enum Kind : int64_t { ROWS = 0, PANEL = 1, INT8 = 2, DPBF16 = 3, DPI8 = 4 };
 
 at::Tensor product(const std::vector<std::optional<at::Tensor>>& t, int64_t slot, int64_t kind, int64_t n,
                    const at::Tensor& x, const std::optional<at::Tensor>& residual) {
@@ -1453,6 +1495,7 @@ at::Tensor product(const std::vector<std::optional<at::Tensor>>& t, int64_t slot
   if (kind == PANEL) return linear_panel(x, w, n, t[slot + 2], t[slot + 1], residual);
   if (kind == INT8) return linear_i8(x, w, *t[slot + 2], t[slot + 1], residual);
   if (kind == DPBF16) return linear_dpbf16(x, w, n, t[slot + 1], residual);
+  if (kind == DPI8) return linear_dpi8(x, w, n, *t[slot + 2], t[slot + 1], residual);
   return linear(x, w, t[slot + 1], residual);
 }
 
@@ -1529,6 +1572,7 @@ TORCH_LIBRARY(scratchchat, m) {
   m.def("decode_attention(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, Tensor? cos, "
         "Tensor? sin, int n_heads) -> Tensor");
   m.def("linear_dpbf16(Tensor x, Tensor panels, int n, Tensor? bias=None, Tensor? residual=None) -> Tensor");
+  m.def("linear_dpi8(Tensor x, Tensor panels, int n, Tensor scale, Tensor? bias=None, Tensor? residual=None) -> Tensor");
   m.def("has_avx512_bf16() -> bool", []() { return cpu_has_avx512_bf16(); });
   m.def("prefix_attention(Tensor q, Tensor k, Tensor v, Tensor positions) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -1543,6 +1587,7 @@ TORCH_LIBRARY_IMPL(scratchchat, CPU, m) {
   m.impl("decode_blocks", &decode_blocks);
   m.impl("decode_attention", &decode_attention);
   m.impl("linear_dpbf16", &linear_dpbf16);
+  m.impl("linear_dpi8", &linear_dpi8);
   m.impl("prefix_attention", &prefix_attention);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
