@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import kernels
 from engine.prepack import PackedWeight, packed_linear
 from engine.quant import Int8Weight, int8_linear, int8_rows
 
@@ -136,6 +137,11 @@ def refine_top_logits(logits: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     decoding then follows the rounding (SmolLM2 answered "L'Étoile..." instead of "The capital of France is
     Paris." on such a tie). Recomputing only the top-k keeps the head's bandwidth at bf16.
     """
+    if weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and kernels.available():
+        # one op (engine.kernels) in place of the five below: 0.4-0.5 ms of a ~10 ms decode step on a 2-core EPYC
+        flat = torch.ops.scratchchat.refine_top(logits.reshape(-1, logits.shape[-1]), x.reshape(-1, x.shape[-1]),
+                                                weight, k)
+        return flat.view(logits.shape)
     logits = logits.float()
     top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices  # (..., k)
     exact = torch.einsum("...d,...kd->...k", x.float(), weight[top].float())

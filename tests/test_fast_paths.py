@@ -324,16 +324,26 @@ def test_lora_merge_and_unmerge_on_a_fused_model(tmp_path):
     assert attn.q_proj.weight.untyped_storage().data_ptr() == attn._qkv.weight.untyped_storage().data_ptr()
 
 
-def test_bf16_head_recomputes_the_top_logits_in_float32():
-    """A bf16 head rounds logits to coarse steps; the top-k are recomputed in float32 from the same bf16 inputs."""
-    from engine.linear import refine_top_logits
+@pytest.mark.parametrize("path", ["kernel", "pytorch"])
+def test_bf16_head_recomputes_the_top_logits_in_float32(path, monkeypatch):
+    """A bf16 head rounds logits to coarse steps; the top-k are recomputed in float32 from the same bf16 inputs (our
+    one-op kernel, or PyTorch's ops where the kernels are unavailable); every other logit is the head's, widened."""
+    import engine.linear as lin
 
+    if path == "kernel" and not lin.kernels.available():
+        pytest.skip("our kernels are unavailable here")
+    if path == "pytorch":
+        monkeypatch.setattr(lin.kernels, "available", lambda: False)
     torch.manual_seed(0)
-    x = torch.randn(1, 2, 16).bfloat16()
-    weight = torch.randn(50, 16).bfloat16() * 8
-    logits = refine_top_logits(torch.nn.functional.linear(x, weight), x, weight, k=5)
+    x = torch.randn(1, 3, 40).bfloat16()
+    weight = torch.randn(2000, 40).bfloat16() * 8
+    weight[7] = weight[3]  # two equal rows: equal head logits, both in the top
+    head = torch.nn.functional.linear(x, weight)
+    logits = lin.refine_top_logits(head, x, weight, k=5)
     exact = torch.nn.functional.linear(x.float(), weight.float())
     top = exact.topk(5, dim=-1).indices
-    assert logits.dtype == torch.float32
-    torch.testing.assert_close(logits.gather(-1, top), exact.gather(-1, top), rtol=0, atol=1e-5)
+    assert logits.dtype == torch.float32 and logits.shape == head.shape
+    torch.testing.assert_close(logits.gather(-1, top), exact.gather(-1, top), rtol=0, atol=1e-4)
     assert torch.equal(logits.argmax(-1), exact.argmax(-1))
+    rest = torch.ones_like(logits, dtype=torch.bool).scatter_(-1, head.float().topk(5, dim=-1).indices, False)
+    assert torch.equal(logits[rest], head.float()[rest])  # outside the recomputed top-k: the head's own logits
