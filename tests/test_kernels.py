@@ -572,6 +572,20 @@ def test_silu_mul_matches_reference(dtype, shape) -> None:
     _assert_within(y, ref, 1e-6, 1e-5 if dtype == torch.float32 else 2 * BF16_ULP, "silu_mul")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_silu_mul_vector_body_and_scalar_tail_round_alike(dtype) -> None:
+    """F = 15: features 0-7 take the 8-wide body, 8-14 the scalar tail; the same gate/up values in both give the same
+    bits (the body rounds silu and the product into bf16 as the scalar code does, ties to even, NaN kept a NaN)."""
+    g = _gen(8)
+    vals = 4 * torch.randn(2, 7, generator=g)
+    vals[0, 0], vals[1, 3] = float("nan"), 1e30
+    gate = torch.cat([vals, torch.zeros(2, 1), vals], dim=1)
+    up = torch.cat([vals.flip(-1), torch.ones(2, 1), vals.flip(-1)], dim=1)
+    y = ops.silu_mul(torch.cat([gate, up], dim=1).to(dtype))
+    assert torch.equal(y[:, :7].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       y[:, 8:].view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+
+
 def test_silu_mul_saturates_cleanly_for_large_inputs() -> None:
     gate_up = torch.tensor([[-100.0, -30.0, 0.0, 30.0, 100.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
     y = ops.silu_mul(gate_up)

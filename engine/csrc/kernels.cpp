@@ -683,9 +683,33 @@ inline float dot(const float* a, const T* b, int64_t n) {
 
 // x * cos + roll(x, hd / 2) * signed_sin, rounded to T after each op as the PyTorch path does (its tables are
 // already in T there: cos and sin are rounded to T first).
+inline __m256 round_to(const __m256 v, float*) { return v; }  // T = float: no rounding
+inline __m256 round_to(const __m256 v, bf16*) { return widen_bf16x8(round_bf16x8(v)); }
+
+template <typename T>
+inline void store8(T* p, __m256 v) {
+  if constexpr (std::is_same_v<T, bf16>)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), round_bf16x8(v));
+  else
+    _mm256_storeu_ps(p, v);
+}
+
 template <typename T>
 inline void rope(const T* x, const float* cos, const float* sin, int64_t hd, T* out) {
   const int64_t half = hd / 2;
+  if (half % 8 == 0) {  // the loop below, 8 features at a time (the same roundings)
+    T* tag = nullptr;
+    const __m256 neg = _mm256_set1_ps(-0.0f);
+    for (int64_t i = 0; i < hd; i += 8) {
+      const __m256 c = round_to(_mm256_loadu_ps(cos + i), tag);
+      const __m256 sv = _mm256_loadu_ps(sin + i);
+      const __m256 s = round_to(i < half ? _mm256_xor_ps(sv, neg) : sv, tag);
+      const __m256 a = round_to(_mm256_mul_ps(load8(x + i), c), tag);
+      const __m256 b = round_to(_mm256_mul_ps(load8(x + (i + half) % hd), s), tag);
+      store8(out + i, _mm256_add_ps(a, b));
+    }
+    return;
+  }
   for (int64_t i = 0; i < hd; ++i) {
     const float c = widen(T(cos[i])), s = widen(T(i < half ? -sin[i] : sin[i]));
     const float a = widen(T(widen(x[i]) * c));
@@ -1308,8 +1332,14 @@ void silu_mul_impl(const T* in, int64_t R, int64_t F, T* out) {
       for (; i + 8 <= F; i += 8) {  // silu(x) = x / (1 + exp(-x)), as PyTorch's kernel computes it
         const __m256 x = load8(g + i);
         const __m256 one = _mm256_set1_ps(1.0f);
-        _mm256_storeu_ps(s, _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x)))));
-        for (int j = 0; j < 8; ++j) o[i + j] = T(widen(T(s[j])) * widen(u[i + j]));
+        const __m256 silu = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+        if constexpr (std::is_same_v<T, bf16>) {  // the loop below, 8 at a time (the same roundings)
+          const __m256 prod = _mm256_mul_ps(widen_bf16x8(round_bf16x8(silu)), load8(u + i));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(o + i), round_bf16x8(prod));
+        } else {
+          _mm256_storeu_ps(s, silu);
+          for (int j = 0; j < 8; ++j) o[i + j] = T(widen(T(s[j])) * widen(u[i + j]));
+        }
       }
       for (; i < F; ++i) {
         const float x = widen(g[i]);
