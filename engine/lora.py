@@ -76,7 +76,9 @@ class LoraAdapter:
 
     Both are views into two flat buffers, ``a_flat`` (each A (r, in) row-major) and ``b_flat`` (each scale * B^T
     (r, out) row-major), laid out layer by layer in :data:`PROJ_ORDER`; ``offsets`` holds each pair's element offsets
-    into them. The decode op reads the buffers in place.
+    into them (prefill's matmuls read these). The decode op reads ``a_decode`` and ``b_decode`` in place: the same
+    values packed by :func:`pack_decode_piece` for its broadcast-form loops (``decode_offsets``; one more copy of the
+    adapter, ~20 MB for a rank-16 adapter of every SmolLM2 projection).
     """
 
     name: str
@@ -87,6 +89,9 @@ class LoraAdapter:
     a_flat: torch.Tensor
     b_flat: torch.Tensor
     offsets: dict[tuple[int, str], tuple[int, int]]
+    a_decode: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # the decode op's copies, see below
+    b_decode: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    decode_offsets: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict)
     config: dict = field(default_factory=dict)  # adapter_config.json as read
     meta: dict = field(default_factory=dict)  # scratchchat.json as read ({} when absent)
     path: Path | None = None
@@ -98,7 +103,22 @@ class LoraAdapter:
 
     @property
     def nbytes(self) -> int:
-        return (self.a_flat.numel() + self.b_flat.numel()) * self.a_flat.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.a_flat, self.b_flat, self.a_decode, self.b_decode))
+
+
+def pack_decode_piece(a: torch.Tensor, bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One piece's A (r, in) and scaled B^T (r, n) packed for the ``scratchchat::lora`` op, flat float32: A as
+    (ceil(r / 8), in, 8) (8 ranks side by side per input feature) and B as (ceil(n / 8), ceil8(r), 8) panels (8
+    outputs side by side per rank), zeros past r and n: each step then reads one contiguous stream per piece."""
+    r, k = a.shape
+    n = bt.shape[1]
+    rp, np_ = -(-r // 8) * 8, -(-n // 8) * 8
+    ap = a.new_zeros(rp, k, dtype=torch.float32)
+    ap[:r] = a
+    bp = bt.new_zeros(rp, np_, dtype=torch.float32)
+    bp[:r, :n] = bt
+    return (ap.view(rp // 8, 8, k).transpose(1, 2).reshape(-1),
+            bp.view(rp, np_ // 8, 8).transpose(0, 1).reshape(-1))
 
 
 def load_adapter(
@@ -208,11 +228,19 @@ def load_adapter(
         torch.mul(b.float().t(), scale, out=bv)  # the scale folded into B^T in float32
         weights[key], offsets[key] = (av.t(), bv), (a_at, b_at)
         a_at, b_at = a_at + av.numel(), b_at + bv.numel()
+    decode = {key: pack_decode_piece(weights[key][0].t(), weights[key][1]) for key in order}
+    a_decode, b_decode = torch.cat([decode[key][0] for key in order]), torch.cat([decode[key][1] for key in order])
+    decode_offsets: dict[tuple[int, str], tuple[int, int]] = {}
+    a_at = b_at = 0
+    for key in order:
+        decode_offsets[key] = (a_at, b_at)
+        a_at, b_at = a_at + decode[key][0].numel(), b_at + decode[key][1].numel()
     rank = max(a.shape[0] for a, _, _ in found.values())
     logger.info("loaded adapter %s (rank %d, %d projections) in %.1f ms", name, rank, len(weights),
                 1e3 * (time.perf_counter() - t0))
     return LoraAdapter(name=name, base=trained_on, sha256=sha, rank=rank, weights=weights, a_flat=a_flat,
-                       b_flat=b_flat, offsets=offsets, config=acfg, meta=meta, path=path)
+                       b_flat=b_flat, offsets=offsets, a_decode=a_decode, b_decode=b_decode,
+                       decode_offsets=decode_offsets, config=acfg, meta=meta, path=path)
 
 
 # projections that read the same input and that the model runs as one fused matmul (engine.linear.FusedLinears); a hook
@@ -225,9 +253,10 @@ class Pieces:
     contribution) that has weights there, in two forms.
 
     ``table`` (P, 6) int64 for our ``scratchchat::lora`` op (decode steps, up to :data:`DECODE_ROWS` rows): [offset of
-    its A in the contribution's ``a_flat``, rank, output offset, output size, offset of its B^T in ``b_flat``,
-    contribution]. ``runs`` for matmuls (prefill): per contribution, a run of its pieces whose A are adjacent in its
-    buffer (q/k/v, gate/up), ``(j, A (R, in), [(rank offset in the run, B^T (r, n), output offset), ...])``.
+    its packed A in the contribution's ``a_decode``, rank, output offset, output size, offset of its B panels in
+    ``b_decode``, contribution]. ``runs`` for matmuls (prefill): per contribution, a run of its pieces whose A are
+    adjacent in its buffer (q/k/v, gate/up), ``(j, A (R, in), [(rank offset in the run, B^T (r, n), output offset),
+    ...])``.
     """
 
     table: torch.Tensor
@@ -274,8 +303,8 @@ class BatchLora:
         for i, r in enumerate(rows):
             for a, sign in r:
                 self.coef[i, index[(a.key, sign)]] = sign
-        self.a = [a.a_flat for a, _ in self.contributions]  # what the op reads, contribution by contribution
-        self.b = [a.b_flat for a, _ in self.contributions]
+        self.a = [a.a_decode for a, _ in self.contributions]  # what the op reads, contribution by contribution
+        self.b = [a.b_decode for a, _ in self.contributions]
         uniform = len({tuple((a.key, sign) for a, sign in r) for r in rows}) == 1
         self.shared = uniform and bool(self.contributions)  # every row: the same contributions (no per-row scaling)
         self.stacked = not uniform and bool(self.contributions)  # rows differ (coef selects each row's)
@@ -327,7 +356,8 @@ class BatchLora:
                 at, bt = ad.weights[(layer, proj)]  # (in, r) view, (r, out) with the scale folded in
                 n_in, r = at.shape
                 out0 = out_at[p] if sizes is not None else 0
-                table.append([off[0], r, out0, bt.shape[1], off[1], j])
+                dec = ad.decode_offsets[(layer, proj)]
+                table.append([dec[0], r, out0, bt.shape[1], dec[1], j])
                 if run and off[0] != a_end:  # not adjacent to the run: close it
                     runs.append(self._run(j, ad, run_a, a_end, n_in, run))
                     run = []

@@ -350,6 +350,45 @@ def _keep_one_op_steps(decided: dict[str, tuple[list[PackedWeight] | None, dict[
         logger.debug("decode kernel for %s: %s for one row keeps the step one op", kind, name)
 
 
+def _keep_one_op_batches(decided: dict[str, tuple[list[PackedWeight] | None, dict[str, float], list[torch.Tensor]]],
+                         layers: int) -> None:
+    """:func:`_keep_one_op_steps` for batched steps (2 to :data:`BATCH_ROWS` rows): switch the block kinds whose
+    batched choice is a library kernel to the fastest of ours measured at :data:`BATCH_ROWS` rows when all of them
+    together lose less than the Python layer loop costs. Applies where one row already runs ours (the others loop at
+    one row anyway). On the Zen5 EPYC oneDNN won SmolLM2's gate/up at 8 rows by 0.2 ms a step over ``dpbf16``, and
+    every batched step then ran the layer loop (~1.8 ms) plus a Python call per adapter piece (per-request LoRA)."""
+    blocks = {kind: v for kind, v in decided.items() if kind != "head"}
+    switch: dict[str, tuple[str, float]] = {}
+    for kind, (packed, times, _) in blocks.items():
+        one = packed[0].for_rows(1) if packed else None
+        if one is None or one.kernel not in OURS:
+            return  # one row loops anyway: nothing to keep
+        many = packed[0].for_rows(BATCH_ROWS)
+        if many is not None and many.kernel in OURS:
+            continue
+        # a library copy is replaced by ours (about its size); where the plain kernels ran, only ours without a copy
+        names = OURS if many is not None else ("scratch",)
+        ours = [(times[f"{k} x{BATCH_ROWS}"], k) for k in names if f"{k} x{BATCH_ROWS}" in times]
+        if not ours:
+            return
+        best = min(v for k, v in times.items() if k.endswith(f" x{BATCH_ROWS}"))
+        t, name = min(ours)
+        switch[kind] = (name, t - best)
+    if not switch or sum(loss for _, loss in switch.values()) >= LOOP_COST_PER_LAYER * layers:
+        return
+    for kind, (name, _) in switch.items():
+        packed, times, weights = decided[kind]
+        one = packed[0].for_rows(1)
+        rows = PANEL_ROWS if name == "panel" else BATCH_ROWS
+        if one.kernel == name:  # ours already serves one row with this copy: it takes the batches too
+            new = [replace(p.for_rows(1), single=True, max_rows=rows, single_kernel=None) for p in packed]
+        else:
+            new = [PackedWeight(name, PACKERS[name](w), w, (), single=False, max_rows=rows,
+                                single_kernel=p.for_rows(1)) for p, w in zip(packed, weights, strict=True)]
+        decided[kind] = new, times, weights
+        logger.debug("decode kernel for %s: %s for 2-%d rows keeps batched steps one op", kind, name, BATCH_ROWS)
+
+
 def _copy_bytes(packed: list[PackedWeight] | None) -> int:
     """Bytes of the second copies a kind's choice holds (our row-form kernel reads the weight itself)."""
     copies = packed and any(p.copies or (p.single_kernel is not None and p.single_kernel.copies) for p in packed)
@@ -452,6 +491,7 @@ def prepack_(model: nn.Module, mode: str = "auto", max_copy_bytes: int | None = 
         extra += _copy_bytes(packed)
     if mode == "auto":
         _keep_one_op_steps(decided, len(getattr(model, "blocks", ())))
+        _keep_one_op_batches(decided, len(getattr(model, "blocks", ())))
         extra = int8_bytes + sum(_copy_bytes(packed) for packed, _, _ in decided.values())  # a switch may drop one
     for kind, (packed, times, _) in decided.items():
         name = chosen[kind] = packed[0].label if packed else "plain"

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from engine import kernels
 from engine.config import ModelConfig
+from engine.lora import pack_decode_piece
 from engine.model import build_rope_cache
 from engine.quant import quantize_rows
 
@@ -301,8 +302,9 @@ def _lora_reference(x, y, pieces_list, coef, residual=None):
 
 
 def _lora_args(pieces_list, contributions):
-    """Each contribution's flat A and B^T buffers (its pieces stored one after another, with a gap of unrelated
-    values in between, as an adapter stores other layers' pieces) and the op's pieces table."""
+    """Each contribution's flat A and B buffers as engine.lora packs them for the op (its pieces stored one after
+    another, with a gap of unrelated values in between, as an adapter stores other layers' pieces) and the op's
+    pieces table."""
     a = [[torch.randn(5)] for _ in range(contributions)]
     b = [[torch.randn(3)] for _ in range(contributions)]
     table = []
@@ -310,8 +312,9 @@ def _lora_args(pieces_list, contributions):
         r, n = bt.shape
         a_at, b_at = sum(t.numel() for t in a[j]), sum(t.numel() for t in b[j])
         table.append([a_at, r, off, n, b_at, j])
-        a[j] += [at.reshape(-1), torch.randn(7)]
-        b[j] += [bt.reshape(-1), torch.randn(2)]
+        ap, bp = pack_decode_piece(at, bt)
+        a[j] += [ap, torch.randn(7)]
+        b[j] += [bp, torch.randn(2)]
     return [torch.cat(t) for t in a], [torch.cat(t) for t in b], torch.tensor(table, dtype=torch.int64)
 
 
@@ -371,11 +374,11 @@ def test_lora_op_rounds_y_plus_delta_exactly_as_pytorch_does(with_residual) -> N
 
 def test_lora_op_rejects_pieces_outside_its_tensors() -> None:
     x, y, coef = torch.randn(2, 8), torch.randn(2, 10), torch.ones(2, 1)
-    a, flat = [torch.randn(32)], [torch.randn(40)]
+    a, flat = [torch.randn(64)], [torch.randn(128)]  # rank 4 packs as 8 (x 8 inputs), 10 outputs as 16 (x 8 ranks)
     ok = torch.tensor([[0, 4, 0, 10, 0, 0]])
     ops.lora(x, y, a, flat, ok, coef, None)
-    for bad, msg in (([1, 4, 0, 10, 0, 0], r"past a\[0\]'s 32 values"), ([0, 4, 1, 10, 0, 0], "past y's 10 outputs"),
-                     ([0, 4, 0, 10, 1, 0], r"past b\[0\]'s 40 values"), ([0, 4, 0, 10, 0, 1], "contribution 1 of 1")):
+    for bad, msg in (([1, 4, 0, 10, 0, 0], r"past a\[0\]'s 64 values"), ([0, 4, 1, 10, 0, 0], "past y's 10 outputs"),
+                     ([0, 4, 0, 10, 1, 0], r"past b\[0\]'s 128 values"), ([0, 4, 0, 10, 0, 1], "contribution 1 of 1")):
         with pytest.raises(RuntimeError, match=msg):
             ops.lora(x, y, a, flat, torch.tensor([bad]), coef, None)
     with pytest.raises(RuntimeError, match="float32"):

@@ -1371,41 +1371,41 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 //
 // A batch mixes adapters: row i adds sum_j coef[i, j] * B_j A_j x_i over the contributions j it uses (an adapter,
 // or a merged one subtracted). Contribution j's weights stay where its adapter keeps them, in two flat float32
-// buffers a[j] and b[j] (no copy per batch composition, as Punica's and S-LoRA's kernels read each adapter in place).
+// buffers a[j] and b[j] (no copy per batch composition, as Punica's and S-LoRA's kernels read each adapter in place),
+// packed for these loops by engine.lora.pack_decode_piece: each piece's A as (ceil(r / 8), in, 8) (chunk c, input k,
+// lane l = A[8c + l, k]) and its scaled B as panels (ceil(n / 8), ceil8(r), 8) (panel q, rank k, lane l =
+// B[8q + l, k]), zeros past r and n, so both steps read each piece as one contiguous stream in broadcast form (no
+// horizontal sums): a first version read A (r, in) and B^T (r, n) row-major, 8 rows of A and 16 strided 256-byte
+// runs of B^T at a time, and streamed SmolLM2's three rank-16 adapters at ~13 GB/s on the Zen5 EPYC.
 // ``pieces`` (P, 6) int64 lists every (projection, contribution) low-rank piece of one fused output: [offset of its
-// A (rank, in) row-major in a[j], rank, output offset, output size, offset of its B^T (rank, output size) row-major
-// in b[j], j]. Each row computes only its own pieces (no block-diagonal zeros, no masked-out rows): t = coef * A x,
-// then delta = B t in broadcast form (t[k] times a row of B^T, vectorized over the outputs, no horizontal sums),
-// summed in float32 and added to y once (rounded into y's dtype, as the module path adds the float32 product).
+// packed A in a[j], rank, output offset, output size, offset of its B panels in b[j], j]. Each row computes only its
+// own pieces (no block-diagonal zeros, no masked-out rows): t = coef * A x, then delta = B t, summed in float32 and
+// added to y once (rounded into y's dtype, as the module path adds the float32 product).
 
-// t[I] = c * (A row I . x) for 8 rows of A at stride K: eight FMA chains sharing each load of x, one horizontal sum
-// per rank at the end (the accumulators expanded from an index pack, as in panel_tile_impl)
-template <size_t... I>
-inline void rank_dots8(const float* x, const float* a, int64_t K, float c, float* t, std::index_sequence<I...>) {
-  __m256 acc[sizeof...(I)];
-  ((acc[I] = _mm256_setzero_ps()), ...);
+inline int64_t ceil8(int64_t v) { return (v + 7) / 8 * 8; }
+
+// the 8 lanes of sum over k of x[k] * ac[8k .. 8k + 8): four accumulators (the FMA latency), summed at the end
+inline __m256 chunk_dot(const float* x, const float* ac, int64_t K) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
   int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    const __m256 xv = _mm256_loadu_ps(x + k);
-    ((acc[I] = _mm256_fmadd_ps(_mm256_loadu_ps(a + I * K + k), xv, acc[I])), ...);
+  for (; k + 4 <= K; k += 4) {
+    s0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k), _mm256_loadu_ps(ac + 8 * k), s0);
+    s1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k + 1), _mm256_loadu_ps(ac + 8 * k + 8), s1);
+    s2 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k + 2), _mm256_loadu_ps(ac + 8 * k + 16), s2);
+    s3 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k + 3), _mm256_loadu_ps(ac + 8 * k + 24), s3);
   }
-  float s[sizeof...(I)];
-  ((s[I] = hsum(acc[I])), ...);
-  for (; k < K; ++k) ((s[I] += a[I * K + k] * x[k]), ...);
-  ((t[I] = c * s[I]), ...);
+  for (; k < K; ++k) s0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k), _mm256_loadu_ps(ac + 8 * k), s0);
+  return _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
 }
 
-// d[0..64) += sum over k of t[k] * brow_k[0..64), brow_k = b + k * ld: eight accumulators in registers
-template <size_t... I>
-inline void rank_axpy64(const float* t, const float* b, int64_t ld, int64_t r, float* d, std::index_sequence<I...>) {
-  __m256 acc[sizeof...(I)];
-  ((acc[I] = _mm256_loadu_ps(d + I * 8)), ...);
-  for (int64_t k = 0; k < r; ++k) {
-    const __m256 tv = _mm256_broadcast_ss(t + k);
-    const float* brow = b + k * ld;
-    ((acc[I] = _mm256_fmadd_ps(tv, _mm256_loadu_ps(brow + I * 8), acc[I])), ...);
+// the 8 outputs of one B panel: sum over the rp ranks of t[k] * panel[8k .. 8k + 8)
+inline __m256 panel_delta(const float* t, const float* panel, int64_t rp) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  for (int64_t k = 0; k < rp; k += 2) {  // rp is a multiple of 8
+    s0 = _mm256_fmadd_ps(_mm256_broadcast_ss(t + k), _mm256_loadu_ps(panel + 8 * k), s0);
+    s1 = _mm256_fmadd_ps(_mm256_broadcast_ss(t + k + 1), _mm256_loadu_ps(panel + 8 * k + 8), s1);
   }
-  ((_mm256_storeu_ps(d + I * 8, acc[I])), ...);
+  return _mm256_add_ps(s0, s1);
 }
 
 constexpr int64_t LORA_TASK = 32 << 10;  // multiply-adds per task
@@ -1414,17 +1414,17 @@ template <typename XT, typename YT>
 void lora_impl(const XT* x, const YT* y, const std::vector<const float*>& a, const std::vector<const float*>& b,
                const int64_t* pc, int64_t P, const float* coef, int64_t C, int64_t R, int64_t K, int64_t N,
                int64_t Rt, const float* residual, void* out_ptr) {
-  // piece p's ranks sit at [rank_at[p], rank_at[p] + rank) of a row's t
+  // piece p's (padded) ranks sit at [rank_at[p], rank_at[p] + ceil8(rank)) of a row's t
   std::vector<int64_t> rank_at(P);
-  for (int64_t p = 0, off = 0; p < P; ++p) rank_at[p] = std::exchange(off, off + pc[p * 6 + 1]);
+  for (int64_t p = 0, off = 0; p < P; ++p) rank_at[p] = std::exchange(off, off + ceil8(pc[p * 6 + 1]));
   std::vector<float> t(R * Rt, 0.f), xf(R * K);
   for (int64_t i = 0; i < R * K; ++i) xf[i] = widen(x[i]);
-  // the work of step 1: (row, piece, first rank) for each run of up to 8 ranks of a piece the row uses
+  // the work of step 1: (row, piece, chunk of 8 ranks) for each piece a row uses
   std::vector<std::array<int64_t, 3>> units;
   for (int64_t i = 0; i < R; ++i)
     for (int64_t p = 0; p < P; ++p)
       if (coef[i * C + pc[p * 6 + 5]] != 0.f)
-        for (int64_t k = 0; k < pc[p * 6 + 1]; k += 8) units.push_back({i, p, k});
+        for (int64_t c = 0; c < ceil8(pc[p * 6 + 1]) / 8; ++c) units.push_back({i, p, c});
   const int64_t U = static_cast<int64_t>(units.size());
   constexpr int64_t BLK = 64;
   const int64_t blocks = (N + BLK - 1) / BLK;
@@ -1433,50 +1433,44 @@ void lora_impl(const XT* x, const YT* y, const std::vector<const float*>& a, con
   // every fork sleeps and wakes) one thread was faster: +9 ms per GPT-2 4-row step parallel vs +3 ms serial, +20 vs
   // +7 ms for SmolLM2. The engine keeps one team (engine.threads), and there the split wins: SmolLM2 bf16, a 4-row
   // step with none + 3 rank-16 adapters, +4.7-6.0 ms over the base step split vs +6.5-7.6 ms on one thread (2-core
-  // Zen4 EPYC, three interleaved runs).
+  // Zen4 EPYC, three interleaved runs; the row-major layout of then).
 
-  // 1. t[i, rank slice of piece p] = coef[i, j_p] * A_p x_i, for the rows that use piece p
+  // 1. t[i, ranks of piece p] = coef[i, j_p] * A_p x_i, for the rows that use piece p
   const int64_t grain1 = std::max<int64_t>(1, LORA_TASK / std::max<int64_t>(1, 8 * K));
   at::parallel_for(0, U, grain1, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
-      const auto [i, p, k0] = units[u];
+      const auto [i, p, c] = units[u];
       const int64_t* pe = pc + p * 6;
-      const float c = coef[i * C + pe[5]];
-      const float* ap = a[pe[5]] + pe[0] + k0 * K;
-      float* tp = t.data() + i * Rt + rank_at[p] + k0;
-      const float* xp = xf.data() + i * K;
-      if (pe[1] - k0 >= 8)
-        rank_dots8(xp, ap, K, c, tp, std::make_index_sequence<8>{});
-      else
-        for (int64_t k = 0; k < pe[1] - k0; ++k) tp[k] = c * dot(xp, ap + k * K, K);
+      const __m256 v = chunk_dot(xf.data() + i * K, a[pe[5]] + pe[0] + c * 8 * K, K);
+      _mm256_storeu_ps(t.data() + i * Rt + rank_at[p] + 8 * c, _mm256_mul_ps(_mm256_set1_ps(coef[i * C + pe[5]]), v));
     }
   });
-  // 2. delta = sum over the row's pieces of t . B^T, block by block of 64 outputs; out = y + delta
+  // 2. delta = sum over the row's pieces of B t, block by block of 64 outputs; out = y + delta
   const int64_t grain2 = std::max<int64_t>(1, LORA_TASK / std::max<int64_t>(1, BLK * Rt * R));
   at::parallel_for(0, blocks, grain2, [&](int64_t q0, int64_t q1) {
     for (int64_t q = q0; q < q1; ++q) {
       alignas(32) float d[BLK];
+      alignas(32) float lanes[8];
       const int64_t c0 = q * BLK, c1 = std::min(N, c0 + BLK);
       for (int64_t i = 0; i < R; ++i) {
         std::fill(d, d + BLK, 0.f);
         for (int64_t p = 0; p < P; ++p) {
           const int64_t* pe = pc + p * 6;
-          const int64_t lo = std::max(c0, pe[2]), hi = std::min(c1, pe[2] + pe[3]);
+          const int64_t out0 = pe[2], n = pe[3], rp = ceil8(pe[1]);
+          const int64_t lo = std::max(c0, out0), hi = std::min(c1, out0 + n);
           if (lo >= hi || coef[i * C + pe[5]] == 0.f) continue;
           const float* tk = t.data() + i * Rt + rank_at[p];
-          const float* b0 = b[pe[5]] + pe[4] + (lo - pe[2]);
-          if (hi - lo == BLK) {  // the whole block: its 64 sums stay in registers over the ranks
-            rank_axpy64(tk, b0, pe[3], pe[1], d, std::make_index_sequence<8>{});
-            continue;
-          }
-          for (int64_t k = 0; k < pe[1]; ++k) {
-            const float* brow = b0 + k * pe[3];
-            const __m256 tv = _mm256_set1_ps(tk[k]);
-            int64_t n = 0;
-            for (; n + 8 <= hi - lo; n += 8)
-              _mm256_storeu_ps(d + lo - c0 + n, _mm256_fmadd_ps(tv, _mm256_loadu_ps(brow + n),
-                                                                _mm256_loadu_ps(d + lo - c0 + n)));
-            for (; n < hi - lo; ++n) d[lo - c0 + n] += tk[k] * brow[n];
+          const float* bp = b[pe[5]] + pe[4];
+          for (int64_t pq = (lo - out0) / 8; pq * 8 + out0 < hi; ++pq) {  // the piece's panels over [lo, hi)
+            const __m256 v = panel_delta(tk, bp + pq * rp * 8, rp);
+            const int64_t g0 = out0 + pq * 8;  // the panel's first output
+            if (g0 >= lo && g0 + 8 <= hi) {  // all 8 lanes in this block and in the piece
+              _mm256_storeu_ps(d + g0 - c0, _mm256_add_ps(_mm256_loadu_ps(d + g0 - c0), v));
+            } else {
+              _mm256_storeu_ps(lanes, v);
+              for (int64_t l = 0; l < 8; ++l)
+                if (g0 + l >= lo && g0 + l < hi) d[g0 + l - c0] += lanes[l];
+            }
           }
         }
         int64_t n = c0;
@@ -1535,12 +1529,12 @@ at::Tensor lora(const at::Tensor& x, const at::Tensor& y, const std::vector<at::
   for (int64_t p = 0; p < P; ++p) {
     const int64_t* pe = pc + p * 6;
     TORCH_CHECK(pe[5] >= 0 && pe[5] < C, "piece ", p, " names contribution ", pe[5], " of ", C);
-    TORCH_CHECK(pe[0] >= 0 && pe[1] >= 0 && pe[0] + pe[1] * K <= a[pe[5]].numel(), "piece ", p, " reaches past a[",
-                pe[5], "]'s ", a[pe[5]].numel(), " values");
+    TORCH_CHECK(pe[0] >= 0 && pe[1] >= 0 && pe[0] + ceil8(pe[1]) * K <= a[pe[5]].numel(), "piece ", p,
+                " reaches past a[", pe[5], "]'s ", a[pe[5]].numel(), " values");
     TORCH_CHECK(pe[2] >= 0 && pe[3] >= 0 && pe[2] + pe[3] <= N, "piece ", p, " reaches past y's ", N, " outputs");
-    TORCH_CHECK(pe[4] >= 0 && pe[4] + pe[1] * pe[3] <= b[pe[5]].numel(), "piece ", p, " reaches past b[", pe[5],
-                "]'s ", b[pe[5]].numel(), " values");
-    Rt += pe[1];
+    TORCH_CHECK(pe[4] >= 0 && pe[4] + ceil8(pe[1]) * ceil8(pe[3]) <= b[pe[5]].numel(), "piece ", p,
+                " reaches past b[", pe[5], "]'s ", b[pe[5]].numel(), " values");
+    Rt += ceil8(pe[1]);
   }
   at::Tensor res, out;
   if (residual) {
