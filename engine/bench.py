@@ -228,7 +228,7 @@ def serving_figures(root: Path, name: str, dtype: torch.dtype, tmp: Path, n_new:
         for i in range(3):  # torch ops on GPT-2's larger tensors fork: not in this long-lived thread (engine.threads)
             run_in_fresh_thread(lambda i=i: _write_adapter(scratch, name, f"bench-{i}", lm, rank=16, seed=i))
         t = time.perf_counter()  # in a fresh thread, as the registry loads adapters (thread start included)
-        run_in_fresh_thread(lambda: load_adapter(store.adapter_dir(name, "bench-0", scratch), lm.config))
+        run_in_fresh_thread(lambda: load_adapter(store.adapter_dir(name, "bench-0", scratch), lm.config, dtype=dtype))
         out["adapter_load_ms"] = 1e3 * (time.perf_counter() - t)
 
         # TTFT: turn 1 vs turn 10 (~1000 tokens of history), after a throwaway turn that allocates the KV pool;

@@ -128,6 +128,7 @@ def load_adapter(
     name: str | None = None,
     base_name: str | None = None,
     base_sha256: str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> LoraAdapter:
     """Read a PEFT LoRA folder and check that it fits the base described by ``config``.
 
@@ -137,9 +138,11 @@ def load_adapter(
         name: the adapter's name (default: the folder name).
         base_name: the base it is being loaded onto; must equal scratchchat.json's ``base`` when that is present.
         base_sha256: the base's weights hash; must equal scratchchat.json's ``base_sha256`` when both are present.
-
-    A and B are kept and applied in float32 whatever the base's dtype: it is more exact, and CPU kernels for these
-    small bf16 matmuls are about 10x slower than float32 ones.
+        dtype: the base's dtype as served. For a bf16 base, A and scale * B are rounded to bf16 once here, as the
+            base's own weights are (vLLM and LoRAX serve adapters in the model's dtype; PEFT does with
+            ``autocast_adapter_dtype=False``), and the decode op reads bf16 copies: half the bytes of a decode step's
+            adapter pieces. The arithmetic stays float32 either way (CPU kernels for these small bf16 matmuls are
+            about 10x slower than float32 ones), so prefill and decode apply the same values.
 
     Raises:
         FileNotFoundError: the folder lacks adapter_config.json or adapter_model.safetensors.
@@ -226,10 +229,15 @@ def load_adapter(
         bv = b_flat[b_at : b_at + r * n_out].view(r, n_out)
         av.copy_(a)
         torch.mul(b.float().t(), scale, out=bv)  # the scale folded into B^T in float32
+        if dtype == torch.bfloat16:  # the values a bf16 base serves (see above), kept in float32 for prefill
+            av.copy_(av.bfloat16())
+            bv.copy_(bv.bfloat16())
         weights[key], offsets[key] = (av.t(), bv), (a_at, b_at)
         a_at, b_at = a_at + av.numel(), b_at + bv.numel()
     decode = {key: pack_decode_piece(weights[key][0].t(), weights[key][1]) for key in order}
     a_decode, b_decode = torch.cat([decode[key][0] for key in order]), torch.cat([decode[key][1] for key in order])
+    if dtype == torch.bfloat16:  # exact: the values are bf16 already
+        a_decode, b_decode = a_decode.bfloat16(), b_decode.bfloat16()
     decode_offsets: dict[tuple[int, str], tuple[int, int]] = {}
     a_at = b_at = 0
     for key in order:

@@ -261,7 +261,8 @@ class Registry:
         # read outside the model's lock: the scheduler holds it during every forward pass
         try:
             loaded = run_in_fresh_thread(lambda: load_adapter(folder, lm.config, name=adapter, base_name=lm.name,
-                                                              base_sha256=lm.sha256 or None), "scratchchat-adapter")
+                                                              base_sha256=lm.sha256 or None, dtype=lm.dtype),
+                                         "scratchchat-adapter")
         except AdapterMismatch:
             raise
         except Exception as e:  # unreadable JSON or safetensors: one readable error, the engine keeps serving

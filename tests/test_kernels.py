@@ -301,7 +301,7 @@ def _lora_reference(x, y, pieces_list, coef, residual=None):
     return out if residual is None else residual.double() + out
 
 
-def _lora_args(pieces_list, contributions):
+def _lora_args(pieces_list, contributions, dtype=torch.float32):
     """Each contribution's flat A and B buffers as engine.lora packs them for the op (its pieces stored one after
     another, with a gap of unrelated values in between, as an adapter stores other layers' pieces) and the op's
     pieces table."""
@@ -315,28 +315,32 @@ def _lora_args(pieces_list, contributions):
         ap, bp = pack_decode_piece(at, bt)
         a[j] += [ap, torch.randn(7)]
         b[j] += [bp, torch.randn(2)]
-    return [torch.cat(t) for t in a], [torch.cat(t) for t in b], torch.tensor(table, dtype=torch.int64)
+    return ([torch.cat(t).to(dtype) for t in a], [torch.cat(t).to(dtype) for t in b],
+            torch.tensor(table, dtype=torch.int64))
 
 
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16], ids=["w-fp32", "w-bf16"])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("y_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_lora_op_adds_each_rows_own_pieces(x_dtype, y_dtype, with_residual) -> None:
+def test_lora_op_adds_each_rows_own_pieces(x_dtype, y_dtype, with_residual, w_dtype) -> None:
     """A fused output (sizes 40 | 13 | 13) with three contributions of ranks 4, 8, 2 on different slices; rows use
-    none, one, or one plus a negative (merged) one; coef 0 rows get exactly y back."""
+    none, one, or one plus a negative (merged) one; coef 0 rows get exactly y back. Adapter weights in float32 or
+    (a bf16 base's) bf16, widened exactly."""
     g = _gen(30)
     K = 37
     sizes = [(0, 40), (40, 13), (53, 13)]
     pieces_list = []
     for j, r in enumerate((4, 8, 2)):
         for off, n in sizes[: 3 - j]:
-            pieces_list.append((torch.randn(r, K, generator=g), torch.randn(r, n, generator=g), off, j))
+            a_, b_ = torch.randn(r, K, generator=g), torch.randn(r, n, generator=g)
+            pieces_list.append((a_.to(w_dtype).float(), b_.to(w_dtype).float(), off, j))
     coef = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, -1]])
     R = coef.shape[0]
     x = torch.randn(R, K, generator=g).to(x_dtype)
     y = torch.randn(R, 66, generator=g).to(y_dtype)
     res = torch.randn(R, 66, generator=g) if with_residual else None
-    a, flat, table = _lora_args(pieces_list, coef.shape[1])
+    a, flat, table = _lora_args(pieces_list, coef.shape[1], w_dtype)
     got = ops.lora(x, y, a, flat, table, coef, res)
     assert got.dtype == (torch.float32 if with_residual else y_dtype)
     ref = _lora_reference(x, y, pieces_list, coef, res)

@@ -181,3 +181,34 @@ def test_bf16_base_with_fp32_lora_matches_fp32_reference(tmp_path):
             rows = [0, 2] if hook.stacked else [0, 1, 2]
             ref = want if hook.stacked else pa(idx)
             torch.testing.assert_close(got[rows], ref[rows], rtol=0.05, atol=0.05)
+
+
+def test_bf16_base_serves_bf16_adapter_weights_like_peft_in_bf16(tmp_path):
+    """For a bf16 base, A and scale * B are rounded to bf16 once at load (the decode op reads bf16 copies, prefill
+    the same values in float32) as PEFT keeps them with ``autocast_adapter_dtype=False``: the mixed batch equals
+    that PeftModel's rows within bf16 steps, and decode steps through the cache give the prefill's logits."""
+    base = _base(LLAMA)
+    _make_adapter(base, tmp_path / "a", seed=1)
+    ad = load_adapter(tmp_path / "a", LLAMA, dtype=torch.bfloat16)
+    assert ad.a_decode.dtype == torch.bfloat16 and ad.b_decode.dtype == torch.bfloat16
+    a32, bt32 = ad.weights[(0, "q_proj")]
+    assert a32.dtype == torch.float32 and torch.equal(a32, a32.bfloat16().float())  # bf16 values, float32 storage
+    assert torch.equal(bt32, bt32.bfloat16().float())
+    base16 = copy.deepcopy(base).to(torch.bfloat16)
+    base16.rope_cos, base16.rope_sin = base.rope_cos, base.rope_sin
+    pm16 = peft.PeftModel.from_pretrained(copy.deepcopy(base16), str(tmp_path / "a"),
+                                          autocast_adapter_dtype=False).eval()
+    assert pm16.base_model.model.blocks[0].attn.q_proj.lora_A["default"].weight.dtype == torch.bfloat16
+    torch.manual_seed(3)
+    idx = torch.randint(0, LLAMA.vocab_size, (2, 9))
+    hook = BatchLora([ad, None])
+    with torch.no_grad():
+        want = torch.cat([pm16(idx[0:1]), base16(idx[1:2])]).float()
+        served = _served(base16)
+        got = served(idx, lora=hook).float()
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+        cache = KVCache.build(LLAMA, 2, 16, dtype=torch.bfloat16)
+        steps = [served(idx[:, :6], cache=cache, lora=hook)]
+        for t in range(6, 9):
+            steps.append(served(idx[:, t : t + 1], cache=cache, lora=hook))
+    torch.testing.assert_close(torch.cat(steps, dim=1).float(), got, rtol=0.02, atol=0.05)

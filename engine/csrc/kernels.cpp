@@ -1385,33 +1385,35 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 inline int64_t ceil8(int64_t v) { return (v + 7) / 8 * 8; }
 
 // the 8 lanes of sum over k of x[k] * ac[8k .. 8k + 8): four accumulators (the FMA latency), summed at the end
-inline __m256 chunk_dot(const float* x, const float* ac, int64_t K) {
+template <typename WT>
+inline __m256 chunk_dot(const float* x, const WT* ac, int64_t K) {
   __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 4 <= K; k += 4) {
-    s0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k), _mm256_loadu_ps(ac + 8 * k), s0);
-    s1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k + 1), _mm256_loadu_ps(ac + 8 * k + 8), s1);
-    s2 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k + 2), _mm256_loadu_ps(ac + 8 * k + 16), s2);
-    s3 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k + 3), _mm256_loadu_ps(ac + 8 * k + 24), s3);
+    s0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k), load8(ac + 8 * k), s0);
+    s1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k + 1), load8(ac + 8 * k + 8), s1);
+    s2 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k + 2), load8(ac + 8 * k + 16), s2);
+    s3 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k + 3), load8(ac + 8 * k + 24), s3);
   }
-  for (; k < K; ++k) s0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k), _mm256_loadu_ps(ac + 8 * k), s0);
+  for (; k < K; ++k) s0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k), load8(ac + 8 * k), s0);
   return _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
 }
 
 // the 8 outputs of one B panel: sum over the rp ranks of t[k] * panel[8k .. 8k + 8)
-inline __m256 panel_delta(const float* t, const float* panel, int64_t rp) {
+template <typename WT>
+inline __m256 panel_delta(const float* t, const WT* panel, int64_t rp) {
   __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
   for (int64_t k = 0; k < rp; k += 2) {  // rp is a multiple of 8
-    s0 = _mm256_fmadd_ps(_mm256_broadcast_ss(t + k), _mm256_loadu_ps(panel + 8 * k), s0);
-    s1 = _mm256_fmadd_ps(_mm256_broadcast_ss(t + k + 1), _mm256_loadu_ps(panel + 8 * k + 8), s1);
+    s0 = _mm256_fmadd_ps(_mm256_broadcast_ss(t + k), load8(panel + 8 * k), s0);
+    s1 = _mm256_fmadd_ps(_mm256_broadcast_ss(t + k + 1), load8(panel + 8 * k + 8), s1);
   }
   return _mm256_add_ps(s0, s1);
 }
 
 constexpr int64_t LORA_TASK = 32 << 10;  // multiply-adds per task
 
-template <typename XT, typename YT>
-void lora_impl(const XT* x, const YT* y, const std::vector<const float*>& a, const std::vector<const float*>& b,
+template <typename XT, typename YT, typename WT>
+void lora_impl(const XT* x, const YT* y, const std::vector<const WT*>& a, const std::vector<const WT*>& b,
                const int64_t* pc, int64_t P, const float* coef, int64_t C, int64_t R, int64_t K, int64_t N,
                int64_t Rt, const float* residual, void* out_ptr) {
   // piece p's (padded) ranks sit at [rank_at[p], rank_at[p] + ceil8(rank)) of a row's t
@@ -1460,7 +1462,7 @@ void lora_impl(const XT* x, const YT* y, const std::vector<const float*>& a, con
           const int64_t lo = std::max(c0, out0), hi = std::min(c1, out0 + n);
           if (lo >= hi || coef[i * C + pe[5]] == 0.f) continue;
           const float* tk = t.data() + i * Rt + rank_at[p];
-          const float* bp = b[pe[5]] + pe[4];
+          const WT* bp = b[pe[5]] + pe[4];
           for (int64_t pq = (lo - out0) / 8; pq * 8 + out0 < hi; ++pq) {  // the piece's panels over [lo, hi)
             const __m256 v = panel_delta(tk, bp + pq * rp * 8, rp);
             const int64_t g0 = out0 + pq * 8;  // the panel's first output
@@ -1511,14 +1513,11 @@ at::Tensor lora(const at::Tensor& x, const at::Tensor& y, const std::vector<at::
   const int64_t C = coef.size(1);
   TORCH_CHECK(static_cast<int64_t>(a.size()) == C && static_cast<int64_t>(b.size()) == C, "coef has ", C,
               " contributions but there are ", a.size(), " a and ", b.size(), " b buffers");
-  std::vector<const float*> ap(C), bp(C);
-  for (int64_t j = 0; j < C; ++j) {
-    TORCH_CHECK(a[j].scalar_type() == at::kFloat && b[j].scalar_type() == at::kFloat && a[j].is_contiguous() &&
-                    b[j].is_contiguous(),
-                "LoRA weights must be contiguous float32 buffers");
-    ap[j] = a[j].data_ptr<float>();
-    bp[j] = b[j].data_ptr<float>();
-  }
+  const at::ScalarType wt = C ? a[0].scalar_type() : at::kFloat;
+  TORCH_CHECK(wt == at::kFloat || wt == at::kBFloat16, "LoRA weights must be float32 or bfloat16 buffers");
+  for (int64_t j = 0; j < C; ++j)
+    TORCH_CHECK(a[j].scalar_type() == wt && b[j].scalar_type() == wt && a[j].is_contiguous() && b[j].is_contiguous(),
+                "LoRA weights must be contiguous buffers of one dtype (float32 or bfloat16)");
   TORCH_CHECK(pieces.scalar_type() == at::kLong && pieces.dim() == 2 && pieces.size(1) == 6, "pieces must be (P, 6) int64");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
   TORCH_CHECK(y.scalar_type() == at::kFloat || y.scalar_type() == at::kBFloat16, "y must be float32 or bfloat16");
@@ -1547,7 +1546,16 @@ at::Tensor lora(const at::Tensor& x, const at::Tensor& y, const std::vector<at::
   }
   const float* rp = residual ? res.data_ptr<float>() : nullptr;
   auto go = [&](auto* xp, auto* yp) {
-    lora_impl(xp, yp, ap, bp, pc, P, cc.data_ptr<float>(), C, R, K, N, Rt, rp, out.data_ptr());
+    auto with = [&](auto* tag) {
+      using WT = std::remove_pointer_t<decltype(tag)>;
+      std::vector<const WT*> ap(C), bp(C);
+      for (int64_t j = 0; j < C; ++j) {
+        ap[j] = a[j].data_ptr<WT>();
+        bp[j] = b[j].data_ptr<WT>();
+      }
+      lora_impl(xp, yp, ap, bp, pc, P, cc.data_ptr<float>(), C, R, K, N, Rt, rp, out.data_ptr());
+    };
+    if (wt == at::kBFloat16) with(static_cast<bf16*>(nullptr)); else with(static_cast<float*>(nullptr));
   };
   const bool xb = x.scalar_type() == at::kBFloat16, yb = y.scalar_type() == at::kBFloat16;
   if (!xb && !yb) go(xc.data_ptr<float>(), yc.data_ptr<float>());
