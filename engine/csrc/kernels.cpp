@@ -1087,6 +1087,24 @@ SCRATCHCHAT_AVX512 inline void dp_tile_values(const bf16* pp, const bf16* vp, in
   ((_mm512_storeu_ps(buf + I * QD, acc[I])), ...);
 }
 
+// dst[2d] = v0[d], dst[2d + 1] = v1[d] for d < hd (a multiple of 8): two value rows as the pairs vdpbf16ps takes
+inline void interleave_pairs(const bf16* v0, const bf16* v1, int64_t hd, bf16* dst) {
+  int64_t d = 0;
+  for (; d + 16 <= hd; d += 16) {
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + d));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + d));
+    const __m256i lo = _mm256_unpacklo_epi16(a, b), hi = _mm256_unpackhi_epi16(a, b);  // per 128-bit half
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * d), _mm256_permute2x128_si256(lo, hi, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * d + 16), _mm256_permute2x128_si256(lo, hi, 0x31));
+  }
+  for (; d < hd; d += 8) {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v0 + d));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v1 + d));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * d), _mm_unpacklo_epi16(a, b));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * d + 8), _mm_unpackhi_epi16(a, b));
+  }
+}
+
 // one tile: rows r0 .. r0 + 16 of kv head g of batch row b (rows past R are zeros, kept finite and dropped); s and pp
 // are the caller's scratch, vg the head's packed values
 SCRATCHCHAT_AVX512 void dp_prefix_tile(const bf16* qd, int64_t qb, int64_t qh, int64_t qs, const bf16* kg, int64_t st,
@@ -1179,13 +1197,11 @@ void prefix_attention_dp(const at::Tensor& q, const at::Tensor& kc, const at::Te
       const int64_t b = i / Hkv, g = i % Hkv;
       const bf16* src = vd + b * vb + g * vh;
       bf16* dst = vpack.data() + at[b] + g * n2s[b] * hd * 2;
+      std::vector<bf16> zeros(hd, bf16(0.f));
       for (int64_t jj = 0; jj < n2s[b]; ++jj) {
         const bf16* v0 = src + 2 * jj * vt;
-        const bool second = 2 * jj + 1 < nk[b];  // the pair's second key exists
-        for (int64_t d = 0; d < hd; ++d) {
-          dst[(jj * hd + d) * 2] = v0[d];
-          dst[(jj * hd + d) * 2 + 1] = second ? v0[vt + d] : bf16(0.f);
-        }
+        const bf16* v1 = 2 * jj + 1 < nk[b] ? v0 + vt : zeros.data();  // the pair's second key, or zeros
+        interleave_pairs(v0, v1, hd, dst + jj * hd * 2);
       }
     }
   });
