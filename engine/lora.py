@@ -8,8 +8,9 @@ LoRA (Hu et al. 2021) adds a low-rank update to a frozen linear layer: ``y = W x
 Serving follows LoRAX/Punica's idea of a heterogeneous batch: row ``i`` of one decode batch may use adapter ``a_i``
 or none. :class:`BatchLora` is the hook the model calls after every q/k/v/o/gate/up/down projection (or once per
 fused q/k/v and gate/up group). Each adapter keeps all its A and B (scale folded into ``B``) in two flat float32
-buffers, and a batch composition only lists which pieces of which buffers each projection needs (as Punica's and
-S-LoRA's kernels read each adapter in place): composing a batch copies no weights.
+buffers (prefill's matmuls) and two more packed for the decode op (in bf16 for a bf16 base, see :func:`load_adapter`),
+and a batch composition only lists which pieces of which buffers each projection needs (as Punica's and S-LoRA's
+kernels read each adapter in place): composing a batch copies no weights.
 :func:`merge_adapter` folds one adapter into the base weights for maximum speed and :meth:`MergedAdapter.unmerge`
 restores the exact original tensors.
 """
