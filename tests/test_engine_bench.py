@@ -42,7 +42,8 @@ def test_bench_runs_every_figure_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     nc = row["no_cache"]["fp32"]
     assert nc["same_tokens"] is True and nc["cached_s"] > 0 and nc["speedup"] == nc["uncached_s"] / nc["cached_s"]
     sv = row["serving"]
-    assert sv["history_tokens_turn10"] > 300 and sv["ttft_turn1_ms"] > 0
+    assert sv["history_tokens_turn10"] > 300 and sv["ttft_turn1_ms"] > 0 and sv["ttft_ratio"] > 0
+    assert sv["cached_tokens_turn10"] > 300  # turn 10 prefilled only its new tokens
     assert sv["ttft_turns_dropped"] == 0  # turn 10 reuses its cache (within the context: no overflow re-prefill)
     assert sv["tok_s_8_sessions"] > 0 and sv["mixed_slowdown"] > 0 and sv["adapter_load_ms"] > 0
     text = capsys.readouterr().out
