@@ -482,9 +482,8 @@ def test_decode_attention_ignores_stale_cache_entries_past_the_position() -> Non
     torch.testing.assert_close(y1, y2, rtol=0, atol=0)
 
 
-def _prefix_reference(q, kc, vc, positions, values=lambda v: v):
-    """float64 softmax attention of q (B, H, T, hd) over keys 0..positions[b, t] of its group's cache rows (of
-    ``values(v)``: ``torch.abs`` gives each output's weighted mean of |v|, the scale of a probability's error)."""
+def _prefix_reference(q, kc, vc, positions):
+    """float64 softmax attention of q (B, H, T, hd) over keys 0..positions[b, t] of its group's cache rows."""
     B, H, T, hd = q.shape
     rep = H // kc.shape[1]
     out = torch.empty(B, T, H, hd, dtype=torch.float64)
@@ -492,7 +491,7 @@ def _prefix_reference(q, kc, vc, positions, values=lambda v: v):
         for h in range(H):
             for t in range(T):
                 n = int(positions[b, t]) + 1
-                keys, vals = kc[b, h // rep, :n].double(), values(vc[b, h // rep, :n].double())
+                keys, vals = kc[b, h // rep, :n].double(), vc[b, h // rep, :n].double()
                 att = torch.softmax(keys @ q[b, h, t].double() / math.sqrt(hd), dim=0)
                 out[b, t, h] = att @ vals
     return out.view(B, T, H * hd)
@@ -522,11 +521,8 @@ def test_prefix_attention_matches_reference_over_ragged_positions(H, Hkv, hd, T,
     assert y.shape == (B, T, H * hd) and y.dtype == dtype
     if dtype == torch.float32:
         _assert_within(y, _prefix_reference(q, k, v, positions), 1e-5, 1e-5, "prefix attention")
-    else:  # float32 math on the bf16 inputs, one rounding of the output; with AVX512-BF16 the probabilities are
-        # rounded to bf16 for the weighted sum (each within 2^-9 of itself, numerators and their sum alike: the
-        # output within 2^-8 of the weighted mean of |v|)
-        slack = 2.0 ** -8 * _prefix_reference(q, k, v, positions, torch.abs) if AVX512_BF16 else 0.0
-        _assert_within(y, _prefix_reference(q, k, v, positions), slack + 1e-5, BF16_ULP, "bf16 prefix attention")
+    else:  # float32 math on the bf16 inputs (exact products), one rounding of the output
+        _assert_within(y, _prefix_reference(q, k, v, positions), 1e-5, BF16_ULP, "bf16 prefix attention")
     # the model's other path: SDPA with the cache plan's boolean mask
     mask = (torch.arange(S)[None, None, :] <= positions[:, :, None])[:, None]
     sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)

@@ -1023,16 +1023,15 @@ void prefix_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::
   });
 }
 
-// ---- bf16 prefix attention on AVX512-BF16: both products with `vdpbf16ps` ----
+// ---- bf16 prefix attention on AVX512-BF16: the scores with `vdpbf16ps` ----
 //
-// The same work as prefix_attention_impl, 16 query rows a tile (one per zmm lane), with the reductions taken a pair at
-// a time by vdpbf16ps (two exact bf16 products added into a float32 lane; 32 multiply-adds an instruction where the
-// float32 tile above does 8): the scores pair the head features (the tile's queries packed (hd / 2, 16, 2), each
-// key's feature pair one broadcast), the weighted sum pairs the keys (the probabilities packed (keys / 2, 16, 2) as
-// the softmax writes them, each value feature's key pair one broadcast from the values packed once per key/value head,
-// (keys / 2, hd, 2)). Scores are scaled in float32 and the softmax runs in float32 down the lanes; its numerators
-// exp(s - max) are rounded to bf16 for the second product (as SDPA's bf16 kernels round the probabilities) and the
-// row sums add those rounded numerators, so the normalization matches the weights used.
+// The same work as prefix_attention_impl, 16 query rows a tile (one per zmm lane). The scores take the head features
+// a pair at a time with vdpbf16ps (two exact bf16 products added into a float32 lane: 32 multiply-adds an
+// instruction where the float32 tile above does 8; the tile's queries packed (hd / 2, 16, 2), each key's feature pair
+// one broadcast), then scaled in float32; softmax and the weighted sum of values stay float32 (16 rows a FMA, the
+// values widened once per key/value head). Rounding the probabilities to bf16 to take the weighted sum by vdpbf16ps
+// too was 10-20% faster, but moved a chat turn's prefill far enough from the decode steps' float32 attention that
+// SmolLM2's 500 greedy tokens with the cache left those of the uncached path in one of four benchmark runs.
 constexpr int QD = 16;
 
 SCRATCHCHAT_AVX512 inline __m512 exp16(__m512 x) {  // exp8's Cephes expf, 16 lanes
@@ -1050,22 +1049,6 @@ SCRATCHCHAT_AVX512 inline __m512 exp16(__m512 x) {  // exp8's Cephes expf, 16 la
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
   return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
-
-// exp for x <= 0 whose result is rounded to bf16 next: Cephes' range reduction, then the degree-4 Taylor polynomial
-// (relative error below r^5 / 120 <= 4.3e-5 for |r| <= ln 2 / 2, a fiftieth of a bf16 step)
-SCRATCHCHAT_AVX512 inline __m512 exp16_bf(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 24);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
 }
 
 SCRATCHCHAT_AVX512 inline __m512bh bcast_pair(const bf16* p) {  // two adjacent bf16 in every lane
@@ -1089,44 +1072,27 @@ SCRATCHCHAT_AVX512 inline void dp_tile_scores(const bf16* qp, const bf16* k, int
   ((_mm512_storeu_ps(s + (j0 + I) * QD, _mm512_mul_ps(acc[I], sc))), ...);
 }
 
-// buf[f * 16 + lane] = sum over key pairs jj < n2 of row lane's probability pair . value feature (d0 + f)'s pair
+// buf[f * 16 + lane] = sum over keys j < n of row lane's numerator e[j] times value feature d0 + f of key j (float32:
+// the value cache's bf16 widened once per head; the numerators are not rounded)
 template <int NF, size_t... I>
-SCRATCHCHAT_AVX512 inline void dp_tile_values(const bf16* pp, const bf16* vp, int64_t hd, int64_t n2, int64_t d0,
-                                              float* buf, std::index_sequence<I...>) {
+SCRATCHCHAT_AVX512 inline void tile_values16(const float* e, const float* vf, int64_t hd, int64_t n, int64_t d0,
+                                             float* buf, std::index_sequence<I...>) {
   __m512 acc[NF];
   ((acc[I] = _mm512_setzero_ps()), ...);
-  for (int64_t jj = 0; jj < n2; ++jj) {
-    const __m512bh pv = (__m512bh)_mm512_loadu_si512(pp + jj * 2 * QD);
-    const bf16* vj = vp + (jj * hd + d0) * 2;
-    ((acc[I] = _mm512_dpbf16_ps(acc[I], bcast_pair(vj + 2 * I), pv)), ...);
+  for (int64_t j = 0; j < n; ++j) {
+    const __m512 ev = _mm512_loadu_ps(e + j * QD);
+    const float* vj = vf + j * hd + d0;
+    ((acc[I] = _mm512_fmadd_ps(ev, _mm512_set1_ps(vj[I]), acc[I])), ...);
   }
   ((_mm512_storeu_ps(buf + I * QD, acc[I])), ...);
 }
 
-// dst[2d] = v0[d], dst[2d + 1] = v1[d] for d < hd (a multiple of 8): two value rows as the pairs vdpbf16ps takes
-inline void interleave_pairs(const bf16* v0, const bf16* v1, int64_t hd, bf16* dst) {
-  int64_t d = 0;
-  for (; d + 16 <= hd; d += 16) {
-    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + d));
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + d));
-    const __m256i lo = _mm256_unpacklo_epi16(a, b), hi = _mm256_unpackhi_epi16(a, b);  // per 128-bit half
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * d), _mm256_permute2x128_si256(lo, hi, 0x20));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * d + 16), _mm256_permute2x128_si256(lo, hi, 0x31));
-  }
-  for (; d < hd; d += 8) {
-    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v0 + d));
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v1 + d));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * d), _mm_unpacklo_epi16(a, b));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * d + 8), _mm_unpackhi_epi16(a, b));
-  }
-}
-
-// one tile: rows r0 .. r0 + 16 of kv head g of batch row b (rows past R are zeros, kept finite and dropped); s and pp
-// are the caller's scratch, vg the head's packed values
+// one tile: rows r0 .. r0 + 16 of kv head g of batch row b (rows past R are zeros, kept finite and dropped); s is the
+// caller's scratch, vf the head's values widened to float32
 SCRATCHCHAT_AVX512 void dp_prefix_tile(const bf16* qd, int64_t qb, int64_t qh, int64_t qs, const bf16* kg, int64_t st,
-                                       const bf16* vg, const int64_t* pos, int64_t b, int64_t g, int64_t r0, int64_t R,
+                                       const float* vf, const int64_t* pos, int64_t b, int64_t g, int64_t r0, int64_t R,
                                        int64_t T, int64_t H, int64_t rep, int64_t hd, float scale, float* out,
-                                       std::vector<float>& s, std::vector<bf16>& pp) {
+                                       std::vector<float>& s) {
   const int64_t hd2 = hd / 2;
   alignas(64) bf16 qp[256 * 2 * QD];  // the tile's queries, (hd / 2, 16, 2), hd up to 512
   alignas(64) float buf[QD * QD];
@@ -1149,14 +1115,12 @@ SCRATCHCHAT_AVX512 void dp_prefix_tile(const bf16* qd, int64_t qb, int64_t qh, i
       for (int64_t kk = 0; kk < hd2; ++kk) std::memset(qp + (kk * QD + l) * 2, 0, 4);
     }
   }
-  const int64_t n2 = (n + 1) / 2;
-  s.resize(2 * n2 * QD);
-  pp.resize(2 * n2 * QD);
+  s.resize(n * QD);
   int64_t j = 0;
   for (; j + 12 <= n; j += 12)
     dp_tile_scores<12>(qp, kg, st, j, hd2, scale, s.data(), std::make_index_sequence<12>{});
   for (; j < n; ++j) dp_tile_scores<1>(qp, kg, st, j, hd2, scale, s.data(), std::make_index_sequence<1>{});
-  // softmax down the lanes; keys past a lane's position (and the pad key n) are exactly 0
+  // softmax down the lanes in float32; keys past a lane's position are exactly 0
   const __m512i lastv = _mm512_load_si512(last);
   __m512 m = _mm512_set1_ps(-INFINITY);
   for (j = 0; j < n; ++j) {
@@ -1164,27 +1128,21 @@ SCRATCHCHAT_AVX512 void dp_prefix_tile(const bf16* qd, int64_t qb, int64_t qh, i
     m = _mm512_mask_max_ps(m, keep, m, _mm512_loadu_ps(s.data() + j * QD));
   }
   __m512 sum = _mm512_setzero_ps();
-  for (int64_t jj = 0; jj < n2; ++jj) {
-    __m512i half[2];
-    for (int e = 0; e < 2; ++e) {
-      const int64_t jk = 2 * jj + e;
-      const __mmask16 keep = jk < n ? _mm512_cmple_epi32_mask(_mm512_set1_epi32(static_cast<int32_t>(jk)), lastv)
-                                    : __mmask16(0);
-      const __m512 x = _mm512_maskz_sub_ps(keep, _mm512_loadu_ps(s.data() + jk * QD), m);
-      const __m512 ex = _mm512_maskz_mov_ps(keep, exp16_bf(x));
-      half[e] = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(ex));  // rounded to bf16, in 32-bit lanes
-      sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(half[e], 16)));
-    }
-    _mm512_storeu_si512(pp.data() + jj * 2 * QD, _mm512_or_si512(half[0], _mm512_slli_epi32(half[1], 16)));
+  for (j = 0; j < n; ++j) {
+    const __mmask16 keep = _mm512_cmple_epi32_mask(_mm512_set1_epi32(static_cast<int32_t>(j)), lastv);
+    const __m512 x = _mm512_maskz_sub_ps(keep, _mm512_loadu_ps(s.data() + j * QD), m);
+    const __m512 ex = _mm512_maskz_mov_ps(keep, exp16(x));
+    _mm512_storeu_ps(s.data() + j * QD, ex);
+    sum = _mm512_add_ps(sum, ex);
   }
   alignas(64) float inv[QD];
   _mm512_store_ps(inv, _mm512_div_ps(_mm512_set1_ps(1.0f), sum));
   for (int64_t d0 = 0; d0 < hd; d0 += 16) {
     const int nf = hd - d0 >= 16 ? 16 : 8;
     if (nf == 16)
-      dp_tile_values<16>(pp.data(), vg, hd, n2, d0, buf, std::make_index_sequence<16>{});
+      tile_values16<16>(s.data(), vf, hd, n, d0, buf, std::make_index_sequence<16>{});
     else
-      dp_tile_values<8>(pp.data(), vg, hd, n2, d0, buf, std::make_index_sequence<8>{});
+      tile_values16<8>(s.data(), vf, hd, n, d0, buf, std::make_index_sequence<8>{});
     for (int l = 0; l < rows; ++l)
       for (int f = 0; f < nf; ++f) o[l][d0 + f] = buf[f * QD + l] * inv[l];
   }
@@ -1198,38 +1156,31 @@ void prefix_attention_dp(const at::Tensor& q, const at::Tensor& kc, const at::Te
   const bf16* kd = kc.data_ptr<bf16>();
   const bf16* vd = vc.data_ptr<bf16>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  // each batch row's keys: up to its furthest query, rounded up to a pair; its values packed (keys / 2, hd, 2) per
-  // kv head, the odd last key's partner zero
-  std::vector<int64_t> nk(B), n2s(B), at(B + 1, 0);
+  // each batch row's keys: up to its furthest query; its values widened to float32 once per kv head, (keys, hd)
+  std::vector<int64_t> nk(B), at(B + 1, 0);
   for (int64_t b = 0; b < B; ++b) {
     nk[b] = 0;
     for (int64_t t = 0; t < T; ++t) nk[b] = std::max<int64_t>(nk[b], pos[b * T + t] + 1);
-    n2s[b] = (nk[b] + 1) / 2;
-    at[b + 1] = at[b] + Hkv * n2s[b] * hd * 2;
+    at[b + 1] = at[b] + Hkv * nk[b] * hd;
   }
-  std::vector<bf16> vpack(at[B]);
+  std::vector<float> vwide(at[B]);
   at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / Hkv, g = i % Hkv;
       const bf16* src = vd + b * vb + g * vh;
-      bf16* dst = vpack.data() + at[b] + g * n2s[b] * hd * 2;
-      std::vector<bf16> zeros(hd, bf16(0.f));
-      for (int64_t jj = 0; jj < n2s[b]; ++jj) {
-        const bf16* v0 = src + 2 * jj * vt;
-        const bf16* v1 = 2 * jj + 1 < nk[b] ? v0 + vt : zeros.data();  // the pair's second key, or zeros
-        interleave_pairs(v0, v1, hd, dst + jj * hd * 2);
-      }
+      float* dst = vwide.data() + at[b] + g * nk[b] * hd;
+      for (int64_t j = 0; j < nk[b]; ++j)
+        for (int64_t d = 0; d < hd; d += 8) _mm256_storeu_ps(dst + j * hd + d, load8(src + j * vt + d));
     }
   });
   float* out = y.data_ptr<float>();  // (B, T, H * hd)
   at::parallel_for(0, B * Hkv * tiles, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> s;
-    std::vector<bf16> pp;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (Hkv * tiles), g = i / tiles % Hkv, r0 = i % tiles * QD;
       dp_prefix_tile(q.data_ptr<bf16>(), q.stride(0), q.stride(1), q.stride(2),
-                     kd + b * kc.stride(0) + g * kc.stride(1), kc.stride(2), vpack.data() + at[b] + g * n2s[b] * hd * 2,
-                     pos, b, g, r0, R, T, H, rep, hd, scale, out, s, pp);
+                     kd + b * kc.stride(0) + g * kc.stride(1), kc.stride(2), vwide.data() + at[b] + g * nk[b] * hd,
+                     pos, b, g, r0, R, T, H, rep, hd, scale, out, s);
     }
   });
 }
