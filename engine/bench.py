@@ -240,7 +240,7 @@ def serving_figures(root: Path, name: str, dtype: torch.dtype, tmp: Path, n_new:
         out["adapter_load_ms"] = 1e3 * (time.perf_counter() - t)
 
         # TTFT: turn 1 vs turn 10 (~1000 tokens of history), after a throwaway turn that allocates the KV pool;
-        # medians over ROUNDS conversations (one turn is a single ~0.2 s sample on a noisy machine)
+        # TTFT_ROUNDS conversations (one turn is a single ~50 ms sample on a noisy machine)
         engine.new_session(name, system_prompt="").complete("Hello", GenerationConfig(max_new_tokens=2))
         msg = "Tell me more about the history of the old city by the river, and about its people. " * 2
         # answers of 60 tokens make ~1050 tokens of history at turn 10, more than GPT-2's 1024 positions hold with

@@ -90,9 +90,9 @@ class LoraAdapter:
     a_flat: torch.Tensor
     b_flat: torch.Tensor
     offsets: dict[tuple[int, str], tuple[int, int]]
-    a_decode: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # the decode op's copies, see below
-    b_decode: torch.Tensor = field(default_factory=lambda: torch.empty(0))
-    decode_offsets: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict)
+    a_decode: torch.Tensor  # the decode op's copies, see above
+    b_decode: torch.Tensor
+    decode_offsets: dict[tuple[int, str], tuple[int, int]]
     config: dict = field(default_factory=dict)  # adapter_config.json as read
     meta: dict = field(default_factory=dict)  # scratchchat.json as read ({} when absent)
     path: Path | None = None

@@ -207,7 +207,7 @@ class Attention(nn.Module):
             # new tokens over a cached prefix (a chat's next turn, a prefill chunk): engine.kernels takes the
             # query heads that share a key/value head together; SmolLM2's 54 queries over 1094 keys ran 1.17-1.19x
             # SDPA's speed in float32 and 1.26x in bf16, 8 queries 1.5-2x, the last block's one query ~1.7x (2-core
-            # Zen4 EPYC, interleaved runs); bf16 with vdpbf16ps 2.8x SDPA (0.39 vs 1.1 ms a layer, 2-core Zen5 EPYC)
+            # Zen4 EPYC, interleaved runs); bf16 scores by vdpbf16ps ~2.5x SDPA (2-core Zen5 EPYC)
             y = torch.ops.scratchchat.prefix_attention(q, k, v, plan.positions[:, -T:])  # (B, T, n_heads * hd)
         else:
             y = F.scaled_dot_product_attention(

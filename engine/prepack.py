@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import kernels
+from engine.quant import int8_linear
 
 logger = logging.getLogger(__name__)
 
@@ -262,21 +263,19 @@ def _pack_int8(targets: list[Target], mode: str) -> tuple[str, bool]:
     panels). Returns (the copy's label, whether it serves one row too)."""
     dp = mode != "panel" and kernels.has_avx512_bf16() and all(t.weight.dtype == torch.bfloat16 for t in targets)
     name = "dpi8" if dp else "panel"
-    packs = [(kernels.pack_dpi8 if dp else kernels.pack_panels)(t.int8[0]) for t in targets]
-    scales = [t.int8[1].float() for t in targets]
-    single = True
+    pws = [PackedWeight(name, (kernels.pack_dpi8 if dp else kernels.pack_panels)(t.int8[0]), t.int8[0],
+                        source_key(t.sources), True, PANEL_ROWS, scale=t.int8[1].float()) for t in targets]
     if mode == "auto":
         gen = torch.Generator().manual_seed(0)  # never the global RNG: loading a model must not move seeded sampling
         x1 = torch.randn(1, targets[0].int8[0].shape[1], generator=gen).to(targets[0].weight.dtype)
-        op = torch.ops.scratchchat.linear_dpi8 if dp else torch.ops.scratchchat.linear_panel
-        times = _seconds({"packed": lambda i: op(x1, packs[i], targets[i].int8[0].shape[0], scales[i], targets[i].bias),
-                          "rows": lambda i: torch.ops.scratchchat.linear_i8(x1, *targets[i].int8, targets[i].bias)},
-                         len(targets))
-        single = times["packed"] <= times["rows"]
+        times = _seconds({"packed": lambda i: packed_linear(x1, pws[i], targets[i].bias),
+                          "rows": lambda i: int8_linear(x1, targets[i].int8, targets[i].bias)}, len(targets))
         logger.debug("int8 %s at one row %.2f ms, row-form %.2f ms", name, 1e3 * times["packed"], 1e3 * times["rows"])
-    for t, packed, scale in zip(targets, packs, scales, strict=True):
-        t.put(PackedWeight(name, packed, t.int8[0], source_key(t.sources), single, PANEL_ROWS, scale=scale))
-    return ("dp panel" if dp else "panel"), single
+        if times["packed"] > times["rows"]:
+            pws = [replace(p, single=False) for p in pws]
+    for t, pw in zip(targets, pws, strict=True):
+        t.put(pw)
+    return ("dp panel" if dp else "panel"), pws[0].single
 
 
 def _pick(candidates: dict[str, list[PackedWeight]], times: dict[str, float]) -> list[PackedWeight] | None:

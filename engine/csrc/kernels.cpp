@@ -22,8 +22,8 @@
 //       position, causal attention over the row's cached keys (grouped-query heads), softmax in float32
 //   scratchchat::prefix_attention(q, k, v, positions) -> (B, T, H * hd)
 //       a prefill chunk's queries over the keys/values cached before and with them (query t of row b sees keys
-//       0 .. positions[b, t]), grouped-query heads taken together; float32 math, or for bf16 inputs on CPUs with
-//       AVX512-BF16 both products by vdpbf16ps (float32 sums, the softmax in float32)
+//       0 .. positions[b, t]), grouped-query heads taken together; float32 math (for bf16 inputs on CPUs with
+//       AVX512-BF16 the scores by vdpbf16ps: exact products, float32 sums)
 //   scratchchat::rms_norm(x, weight, eps) -> x / sqrt(mean(x^2) + eps) * weight, in the weight's dtype
 //   scratchchat::silu_mul(gate_up) -> silu(gate) * up for the fused (..., 2F) gate/up output
 //
@@ -585,9 +585,7 @@ SCRATCHCHAT_AVX512 void run_dp_with(const bf16* x, int64_t R, int64_t ldx, int64
 template <typename WT>
 void run_dp(const bf16* x, int64_t R, int64_t ldx, int64_t K2, const WT* wp, int64_t N, const Epilogue& ep,
             float* y) {
-  if (R == 1 && std::is_same_v<WT, int8_t>)
-    run_dp_with<WT, 1, 8>(x, R, ldx, K2, wp, N, ep, y);
-  else if (R == 1)
+  if (R == 1)
     run_dp_with<WT, 1, 4>(x, R, ldx, K2, wp, N, ep, y);
   else if (R < 4)
     run_dp_with<WT, 2, 4>(x, R, ldx, K2, wp, N, ep, y);
@@ -1306,7 +1304,6 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 template <typename T>
 void silu_mul_impl(const T* in, int64_t R, int64_t F, T* out) {
   at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
-    float s[8];
     for (int64_t r = r0; r < r1; ++r) {
       const T* g = in + r * 2 * F;
       const T* u = g + F;
@@ -1316,13 +1313,7 @@ void silu_mul_impl(const T* in, int64_t R, int64_t F, T* out) {
         const __m256 x = load8(g + i);
         const __m256 one = _mm256_set1_ps(1.0f);
         const __m256 silu = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
-        if constexpr (std::is_same_v<T, bf16>) {  // the loop below, 8 at a time (the same roundings)
-          const __m256 prod = _mm256_mul_ps(widen_bf16x8(round_bf16x8(silu)), load8(u + i));
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(o + i), round_bf16x8(prod));
-        } else {
-          _mm256_storeu_ps(s, silu);
-          for (int j = 0; j < 8; ++j) o[i + j] = T(widen(T(s[j])) * widen(u[i + j]));
-        }
+        store8(o + i, _mm256_mul_ps(round_to(silu, o), load8(u + i)));  // the loop below's roundings, 8 at a time
       }
       for (; i < F; ++i) {
         const float x = widen(g[i]);
