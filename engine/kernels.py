@@ -103,7 +103,7 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(p, PANEL, k).transpose(1, 2).contiguous()
 
 
-DP_PANEL = 16  # output features per panel of a bf16 dot-product panel copy (one AVX-512 register of float32)
+DP_GROUP = 64  # output features per group of a dot-product panel copy (four panels of 16, one AVX-512 register each)
 
 
 def has_avx512_bf16() -> bool:
@@ -112,9 +112,10 @@ def has_avx512_bf16() -> bool:
 
 
 def pack_dpbf16(weight: torch.Tensor) -> torch.Tensor:
-    """The (P, K2, 16, 2) bf16 copy of an (N, K) bf16 weight for :func:`linear_dpbf16`: panel p holds output
-    features 16p..16p+15, and for each pair of k the two weights of every feature side by side (what one
-    ``vdpbf16ps`` multiplies by a row's broadcast x pair); zeros past N and, for an odd K, past K."""
+    """The (G, K2, 64, 2) bf16 copy of an (N, K) bf16 weight for :func:`linear_dpbf16`: group g holds output
+    features 64g..64g+63, and for each pair of k the two weights of every feature side by side (16 features are
+    what one ``vdpbf16ps`` multiplies by a row's broadcast x pair), so the kernel reads a group as one sequential
+    stream; zeros past N and, for an odd K, past K."""
     if weight.dtype != torch.bfloat16:
         raise ValueError(f"bf16 dot-product panels are for bfloat16 weights, not {weight.dtype}")
     return _pack_pairs(weight)
@@ -129,10 +130,10 @@ def pack_dpi8(q: torch.Tensor) -> torch.Tensor:
 
 def _pack_pairs(weight: torch.Tensor) -> torch.Tensor:
     n, k = weight.shape
-    p, k2 = -(-n // DP_PANEL), -(-k // 2)
-    padded = weight.detach().new_zeros(p * DP_PANEL, 2 * k2)
+    g, k2 = -(-n // DP_GROUP), -(-k // 2)
+    padded = weight.detach().new_zeros(g * DP_GROUP, 2 * k2)
     padded[:n, :k] = weight.detach()
-    return padded.view(p, DP_PANEL, k2, 2).transpose(1, 2).contiguous()
+    return padded.view(g, DP_GROUP, k2, 2).transpose(1, 2).contiguous()
 
 
 def linear_dpbf16(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None = None,

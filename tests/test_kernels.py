@@ -210,7 +210,7 @@ def test_linear_dpbf16_matches_float64_reference_over_rows_and_ragged_shapes(wit
         for N in NS:
             w = torch.randn(N, K, generator=g).bfloat16()
             panels = kernels.pack_dpbf16(w)
-            assert panels.shape == (-(-N // 16), -(-K // 2), 16, 2) and panels.dtype == torch.bfloat16
+            assert panels.shape == (-(-N // 64), -(-K // 2), 64, 2) and panels.dtype == torch.bfloat16
             b = torch.randn(N, generator=g) if with_bias else None
             for R in ROWS:
                 x = torch.randn(R, K, generator=g).bfloat16()
@@ -233,8 +233,8 @@ def test_linear_dpbf16_rows_do_not_depend_on_the_other_rows_and_residual_adds_th
     torch.testing.assert_close(got, res + alone.float(), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="x must be a bfloat16"):
         ops.linear_dpbf16(x.float(), panels, 45, None, None)
-    with pytest.raises(RuntimeError, match="do not fill 3 panels"):
-        ops.linear_dpbf16(x, panels, 49, None, None)
+    with pytest.raises(RuntimeError, match="do not fill 1 panel groups of 64"):
+        ops.linear_dpbf16(x, panels, 65, None, None)
     with pytest.raises(RuntimeError, match="x has 94 features but the panels take 96"):
         ops.linear_dpbf16(x[:, :94], panels, 45, None, None)
     with pytest.raises(ValueError, match="for bfloat16 weights"):
@@ -251,7 +251,7 @@ def test_linear_dpi8_matches_dequantized_float64_reference(with_bias) -> None:
         for N in NS:
             q, scale = quantize_rows(torch.randn(N, K, generator=g))
             panels = kernels.pack_dpi8(q)
-            assert panels.shape == (-(-N // 16), -(-K // 2), 16, 2) and panels.dtype == torch.int8
+            assert panels.shape == (-(-N // 64), -(-K // 2), 64, 2) and panels.dtype == torch.int8
             w64 = q.double() * scale.double()[:, None]
             b = torch.randn(N, generator=g) if with_bias else None
             for R in ROWS:

@@ -334,7 +334,7 @@ def test_bf16_dot_product_panels_give_the_plain_bf16_logits(family):
     plain = decode_logits(model, [5, 17, 42], 6).float()
     chosen = prepack.prepack_(model, "dpbf16")
     assert set(chosen.values()) == {f"dpbf16[1-{prepack.BATCH_ROWS} rows]"}
-    assert model.blocks[0].attn._qkv.packed.packed.shape[-2:] == (16, 2)
+    assert model.blocks[0].attn._qkv.packed.packed.shape[-2:] == (64, 2)
     torch.testing.assert_close(decode_logits(model, [5, 17, 42], 6).float(), plain, rtol=0.02, atol=0.05)
     fp32 = frozen_tiny(family)
     assert set(prepack.prepack_(fp32, "dpbf16").values()) == {"plain"}
@@ -364,7 +364,7 @@ def test_int8_bf16_models_decode_through_int8_dot_product_panels(family, one_row
     want = "int8 dp panel" if one_row == "dp" else f"int8 rows[1 row]+dp panel[2-{prepack.PANEL_ROWS} rows]"
     assert set(chosen.values()) == {want}, chosen
     pw = model.blocks[0].mlp.down_proj.packed
-    assert pw.kernel == "dpi8" and pw.packed.dtype == torch.int8 and pw.packed.shape[-2:] == (16, 2)
+    assert pw.kernel == "dpi8" and pw.packed.dtype == torch.int8 and pw.packed.shape[-2:] == (64, 2)
     assert pw.serves(prepack.PANEL_ROWS) and (pw.for_rows(1) is pw) == (one_row == "dp")
     torch.testing.assert_close(decode_logits(model, [5, 17, 42], 6).float(),
                                decode_logits(rows_form, [5, 17, 42], 6).float(), rtol=0.02, atol=0.05)
