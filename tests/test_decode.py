@@ -131,6 +131,45 @@ def test_an_in_place_change_rebuilds_the_runner(monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_the_per_step_check_catches_changes_without_rereading_every_slot(monkeypatch):
+    """While nothing registers a parameter, buffer or submodule, valid() reads the tensors' data pointers and
+    versions in C++ and never looks the slots up again (key() is not called); an in-place change or a ``.data``
+    swap still fails it, and any registration (a replaced parameter, a module built elsewhere) sends it through
+    the full check once."""
+    model = frozen(LLAMA)
+    prepack.prepack_(model, "auto")
+    steps(model)
+    runner = model._decode_runners[1]
+    assert runner._watch is not None and runner.valid(model)
+    full = decode._Keys.key
+    calls = []
+    monkeypatch.setattr(decode._Keys, "key", lambda self: calls.append(1) or full(self))
+    assert runner.valid(model) and calls == []  # the fast form
+    torch.nn.Linear(2, 2)  # registers two parameters somewhere else: one full check, then fast again
+    assert runner.valid(model) and calls == [1]
+    assert runner.valid(model) and calls == [1]
+    with torch.no_grad():
+        model.blocks[0].mlp.down_proj.weight.add_(0.5)  # in place: no registration
+    assert not runner.valid(model) and calls == [1]
+    steps(model)
+    runner = model._decode_runners[1]
+    norm = model.blocks[1].attn_norm
+    norm.weight.data = norm.weight.data.clone()  # new storage, same Parameter object
+    calls.clear()
+    assert not runner.valid(model) and calls == []
+    steps(model)
+    runner = model._decode_runners[1]
+    norm.weight = torch.nn.Parameter(norm.weight.detach().clone())  # a new Parameter: registered
+    calls.clear()
+    assert not runner.valid(model) and calls == [1]
+    steps(model)
+    runner = model._decode_runners[1]
+    assert runner.valid(model)
+    monkeypatch.setattr(torch.__future__, "get_overwrite_module_params_on_conversion", lambda: True)
+    calls.clear()
+    assert runner.valid(model) and calls == [1]  # model.to() would replace parameters unregistered: full check
+
+
 def test_requantizing_or_repacking_rebuilds_the_runner():
     model = frozen(LLAMA)
     steps(model)
