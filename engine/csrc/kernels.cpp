@@ -532,13 +532,13 @@ SCRATCHCHAT_AVX512 inline __m512bh dp_load(const int8_t* p) {
   return _mm512_cvtne2ps_pbh(hi, lo);
 }
 
-constexpr int64_t DP_GROUP = 4;  // panels of 16 features per group (one tile's worth of weight streams)
+constexpr int64_t DP_PANELS = 4;  // panels of 16 features per group (engine.kernels.DP_GROUP = 64 features)
 
 // rows NR (stride ldx) times one group's four panels over every k pair; out[(i * 4 + j) * 16 ...]
 template <typename WT, int NR, size_t... I>
 SCRATCHCHAT_AVX512 inline void dp_tile_impl(const bf16* x, int64_t ldx, int64_t K2, const WT* wg, float* out,
                                             std::index_sequence<I...>) {
-  constexpr int NP = DP_GROUP;
+  constexpr int NP = DP_PANELS;
   __m512 acc[sizeof...(I)];
   ((acc[I] = _mm512_setzero_ps()), ...);
   for (int64_t kk = 0; kk < K2; ++kk) {
@@ -558,7 +558,7 @@ SCRATCHCHAT_AVX512 inline void dp_tile_impl(const bf16* x, int64_t ldx, int64_t 
 template <typename WT, int NR>
 SCRATCHCHAT_AVX512 void dp_block(const bf16* x, int64_t R, int64_t ldx, int64_t K2, const WT* wp, int64_t g,
                                  int64_t N, const Epilogue& ep, float* y) {
-  constexpr int NP = DP_GROUP;
+  constexpr int NP = DP_PANELS;
   alignas(64) float acc[NR * NP * 16];
   const WT* w = wp + g * K2 * NP * 32;
   auto put = [&](int64_t r, int rows) {
@@ -582,7 +582,7 @@ template <typename WT, int NR>
 SCRATCHCHAT_AVX512 void run_dp_with(const bf16* x, int64_t R, int64_t ldx, int64_t K2, const WT* wp, int64_t N,
                                     const Epilogue& ep, float* y) {
   const int64_t groups = (N + 63) / 64;
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, DP_GROUP * 64 * K2));
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, DP_PANELS * 64 * K2));
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) dp_block<WT, NR>(x, R, ldx, K2, wp, g, N, ep, y);
   });
@@ -1648,17 +1648,19 @@ struct Watch : torch::CustomClassHolder {
   std::vector<at::Tensor> tensors;
   std::vector<std::pair<const void*, uint32_t>> seen;  // (data pointer, version) when made
 
+  static std::pair<const void*, uint32_t> state(const at::Tensor& t) {
+    const c10::TensorImpl* p = t.unsafeGetTensorImpl();
+    return {p->data(), p->version_counter().current_version()};
+  }
+
   explicit Watch(std::vector<at::Tensor> ts) : tensors(std::move(ts)) {
-    for (const at::Tensor& t : tensors) seen.emplace_back(t.unsafeGetTensorImpl()->data(), t._version());
+    for (const at::Tensor& t : tensors) seen.push_back(state(t));
   }
 
   bool unchanged() const {
     bool same = true;
-    for (size_t i = 0; i < tensors.size(); ++i) {  // no early exit: the loads of every tensor can be in flight
-      const c10::TensorImpl* p = tensors[i].unsafeGetTensorImpl();
-      same &= p->data() == seen[i].first && p->version_counter().current_version() == seen[i].second;
-    }
-    return same;
+    for (size_t i = 0; i < tensors.size(); ++i) same &= state(tensors[i]) == seen[i];  // no early exit: the loads
+    return same;                                                                       // of every tensor in flight
   }
 };
 
