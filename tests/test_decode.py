@@ -207,11 +207,22 @@ def test_inference_tensors_and_deep_copies():
     torch.testing.assert_close(steps(twin)[0], steps(model)[0], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("pack", ["off", "panel"])
-@pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama", "gpt2"])
-def test_adapted_rows_equal_the_modules_exactly(cfg, pack, tmp_path, monkeypatch):
-    """Rows with different adapters and none in one decode step: the runner applies the hook where the modules do,
-    in its Python loop (PyTorch's kernels) or inside decode_blocks (panels)."""
+# odd widths: products whose outputs end in a partial panel / panel group / tile, and an odd input width
+LLAMA_ODD = ModelConfig(vocab_size=300, context_length=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                        ffn_dim=99, norm="rmsnorm", mlp="swiglu", pos_emb="rope", bias=False, qkv_bias=False)
+DP = pytest.mark.skipif(not (kernels.available() and kernels.has_avx512_bf16()),
+                        reason="bf16 dot-product panels run on AVX512-BF16 CPUs only")
+
+
+@pytest.mark.parametrize("dtype, pack", [
+    (torch.float32, "off"), (torch.float32, "panel"), (torch.float32, "scratch"), (torch.bfloat16, "panel"),
+    (torch.bfloat16, "scratch"), pytest.param(torch.bfloat16, "dpbf16", marks=DP)],
+    ids=["fp32-off", "fp32-panel", "fp32-scratch", "bf16-panel", "bf16-scratch", "bf16-dpbf16"])
+@pytest.mark.parametrize("cfg", [LLAMA, GPT2, LLAMA_ODD], ids=["llama", "gpt2", "llama-odd"])
+def test_adapted_rows_equal_the_modules_exactly(cfg, dtype, pack, tmp_path, monkeypatch):
+    """Rows with different adapters and none in one decode step, three rows and one: the runner applies the hook
+    where the modules do, in its Python loop (PyTorch's kernels) or inside decode_blocks (our kernels, each
+    product's delta added by the threads that computed its outputs), bit for bit."""
     import json
 
     peft = pytest.importorskip("peft")
@@ -226,24 +237,31 @@ def test_adapted_rows_equal_the_modules_exactly(cfg, pack, tmp_path, monkeypatch
                                  peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
         pm.save_pretrained(str(folder))
         (folder / "scratchchat.json").write_text(json.dumps({"base": "tiny", "base_sha256": "abc"}))
-        adapters.append(load_adapter(folder, cfg, base_name="tiny", base_sha256="abc"))
-    hook = BatchLora([adapters[0], None, adapters[1]])
+        adapters.append(load_adapter(folder, cfg, base_name="tiny", base_sha256="abc", dtype=dtype))
+    model = model.to(dtype)
+    if cfg.pos_emb == "rope":
+        model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
+    hook, one = BatchLora([adapters[0], None, adapters[1]]), BatchLora([adapters[0]])
     prepack.prepack_(model, pack)
 
     def run() -> torch.Tensor:
-        cache = KVCache.build(cfg, 3, 32)
+        cache, single = KVCache.build(cfg, 3, 32, dtype=dtype), KVCache.build(cfg, 1, 32, dtype=dtype)
         with torch.inference_mode():
             model(torch.tensor([[5, 17, 42], [9, 8, 1], [1, 2, 3]]), cache=cache, lora=hook)
-            return torch.cat([model(torch.tensor([[7 + t], [8 + t], [9 + t]]), cache=cache, lora=hook)
+            model(torch.tensor([[5, 17, 42]]), cache=single, lora=one)
+            return torch.cat([torch.cat([model(torch.tensor([[7 + t], [8 + t], [9 + t]]), cache=cache, lora=hook),
+                                         model(torch.tensor([[7 + t]]), cache=single, lora=one)])
                               for t in range(4)], dim=1)
 
     got = run()
-    assert 3 in used_runner(model)
-    assert (model._decode_runners[3].meta is not None) == (pack == "panel")
+    assert {1, 3} <= used_runner(model)
+    assert all((r.meta is not None) == (pack != "off") for r in model._decode_runners.values())
     with monkeypatch.context() as m:
         m.setattr(engine.model, "runner_for", lambda model, rows: None)
         want = run()
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if pack in ("panel", "dpbf16"):  # batch-invariant kernels: the adapted row alone == in the mixed batch
+        torch.testing.assert_close(got[3], got[0], rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not (kernels.available() and kernels.has_avx512_bf16()),

@@ -42,6 +42,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -116,11 +117,22 @@ inline void tile(const float* x, int64_t ldx, const WT* w, int64_t K, float* dot
 // What happens to a dot product on its way out: per-feature int8 scale, bias, and optionally the residual add of the
 // layer (y = residual + out, float32, with out rounded to bf16 first when the activations are bf16, as the PyTorch
 // path rounds the projection's output before adding it to the float32 residual stream).
+//
+// ``tail``, when set, runs on each thread's share of the outputs once the thread has written them: tail(y, n0, n1)
+// for output features [n0, n1) of every row of y (the float32 output), in the same parallel region (a LoRA delta added there costs no fork of its
+// own; see lora_product below).
+using Tail = std::function<void(const float* y, int64_t n0, int64_t n1)>;
+
 struct Epilogue {
   const float* scale = nullptr;
   const float* bias = nullptr;
   const float* residual = nullptr;  // (R, N) float32
   bool round_bf16 = false;
+  const Tail* tail = nullptr;
+
+  void finish(const float* y, int64_t n0, int64_t n1) const {
+    if (tail && n0 < n1) (*tail)(y, n0, n1);
+  }
 
   inline float operator()(float v, int64_t row, int64_t n, int64_t N) const {
     if (scale) v *= scale[n];
@@ -175,8 +187,10 @@ void run_tiles(const float* x, int64_t R, int64_t K, const WT* w, int64_t N, con
       std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, NW * K * static_cast<int64_t>(sizeof(WT))));
   at::parallel_for(0, full, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) block<WT, NW, NX>(x, R, K, w, b * NW, N, ep, y);
+    ep.finish(y, b0 * NW, b1 * NW);
   });
   for (int64_t n = full * NW; n < N; ++n) block<WT, 1, NX>(x, R, K, w, n, N, ep, y);
+  ep.finish(y, full * NW, N);
 }
 
 // One row: the weight is read strictly in order, one row after the next (what the hardware prefetchers follow
@@ -200,6 +214,7 @@ void gemv(const float* x, int64_t K, const WT* w, int64_t N, const Epilogue& ep,
       for (; k < K; ++k) v += x[k] * widen(wr[k]);
       y[n] = ep(v, 0, n, N);
     }
+    ep.finish(y, n0, n1);
   });
 }
 
@@ -236,6 +251,7 @@ void gemv<bf16>(const float* x, int64_t K, const bf16* w, int64_t N, const Epilo
       for (; k < K; ++k) v += x[k] * widen(wr[k]);
       y[n] = ep(v, 0, n, N);
     }
+    ep.finish(y, n0, n1);
   });
 }
 
@@ -287,8 +303,10 @@ struct Output {
   at::Tensor y, bias, residual;
   Epilogue ep;
 
-  Output(const at::Tensor& x, int64_t N, const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& res) {
+  Output(const at::Tensor& x, int64_t N, const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& res,
+         const Tail* tail) {
     const int64_t R = x.size(0);
+    ep.tail = tail;
     y = at::empty({R, N}, x.options().dtype(at::kFloat));
     if (b) {
       bias = as_float(*b);
@@ -303,20 +321,21 @@ struct Output {
     }
   }
 
+  // (with a tail, y as computed: the tail has taken the values from there)
   at::Tensor result(const at::Tensor& x) const {
-    if (residual.defined() || x.scalar_type() == at::kFloat) return y;
+    if (residual.defined() || x.scalar_type() == at::kFloat || ep.tail) return y;
     return x.scalar_type() == at::kBFloat16 ? to_bf16(y) : y.to(x.scalar_type());
   }
 };
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                  const std::optional<at::Tensor>& residual) {
+                  const std::optional<at::Tensor>& residual, const Tail* tail) {
   check_inputs(x, w, bias);
   TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16,
               "the weight must be float32 or bfloat16, not ", w.scalar_type());
   const at::Tensor xf = as_float(x), wc = w.contiguous();
   const int64_t R = x.size(0), K = x.size(1), N = w.size(0);
-  Output out(x, N, bias, residual);
+  Output out(x, N, bias, residual, tail);
   if (wc.scalar_type() == at::kFloat)
     run(xf.data_ptr<float>(), R, K, wc.data_ptr<float>(), N, out.ep, out.y.data_ptr<float>());
   else
@@ -325,13 +344,14 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
 }
 
 at::Tensor linear_i8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
-                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
+                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                     const Tail* tail) {
   check_inputs(x, q, bias);
   TORCH_CHECK(q.scalar_type() == at::kChar, "q must be int8, not ", q.scalar_type());
   TORCH_CHECK(scale.numel() == q.size(0), "scale has ", scale.numel(), " entries, not ", q.size(0));
   const at::Tensor xf = as_float(x), qc = q.contiguous(), sf = as_float(scale);
   const int64_t R = x.size(0), K = x.size(1), N = q.size(0);
-  Output out(x, N, bias, residual);
+  Output out(x, N, bias, residual, tail);
   out.ep.scale = sf.data_ptr<float>();
   run(xf.data_ptr<float>(), R, K, qc.data_ptr<int8_t>(), N, out.ep, out.y.data_ptr<float>());
   return out.result(x);
@@ -453,8 +473,10 @@ void run_panels_with(const float* x, int64_t R, int64_t K, const WT* wp, int64_t
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, NP * 8 * K * int64_t(sizeof(WT))));
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) panel_block<WT, NR, NP>(x, R, K, wp, g * NP, g1 * NP, N, ep, y);
+    ep.finish(y, g0 * NP * 8, std::min(N, g1 * NP * 8));
   });
   for (int64_t p = groups * NP; p < P; ++p) panel_block<WT, NR, 1>(x, R, K, wp, p, P, N, ep, y);
+  ep.finish(y, groups * NP * 8, N);
 }
 
 template <typename WT>
@@ -470,7 +492,8 @@ void run_panels(const float* x, int64_t R, int64_t K, const WT* wp, int64_t N, c
 }
 
 at::Tensor linear_panel(const at::Tensor& x, const at::Tensor& wp, int64_t N, const std::optional<at::Tensor>& scale,
-                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
+                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                        const Tail* tail) {
   TORCH_CHECK(x.device().is_cpu() && wp.device().is_cpu(), "scratchchat kernels run on the CPU");
   TORCH_CHECK(x.dim() == 2, "x must be (R, K)");
   TORCH_CHECK(wp.dim() == 3 && wp.size(2) == 8 && wp.is_contiguous(), "the panels must be a contiguous (P, K, 8) tensor");
@@ -481,7 +504,7 @@ at::Tensor linear_panel(const at::Tensor& x, const at::Tensor& wp, int64_t N, co
   if (bias) TORCH_CHECK(bias->numel() == N, "bias has ", bias->numel(), " entries, not ", N);
   const at::Tensor xf = as_float(x);
   const int64_t R = x.size(0), K = x.size(1);
-  Output out(x, N, bias, residual);
+  Output out(x, N, bias, residual, tail);
   at::Tensor sf;
   if (scale) {
     TORCH_CHECK(scale->numel() == N, "scale has ", scale->numel(), " entries, not ", N);
@@ -585,6 +608,7 @@ SCRATCHCHAT_AVX512 void run_dp_with(const bf16* x, int64_t R, int64_t ldx, int64
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, DP_PANELS * 64 * K2));
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) dp_block<WT, NR>(x, R, ldx, K2, wp, g, N, ep, y);
+    ep.finish(y, g0 * 64, std::min(N, g1 * 64));
   });
 }
 
@@ -603,7 +627,7 @@ void run_dp(const bf16* x, int64_t R, int64_t ldx, int64_t K2, const WT* wp, int
 // x @ w.T through dot-product panel groups (G, K2, 64, 2) of bf16 or, with their per-feature scale, int8 weights
 at::Tensor linear_dp(const char* op, const at::Tensor& x, const at::Tensor& wp, int64_t N,
                      const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
-                     const std::optional<at::Tensor>& residual) {
+                     const std::optional<at::Tensor>& residual, const Tail* tail) {
   TORCH_CHECK(cpu_has_avx512_bf16(), op, " needs a CPU with AVX512-BF16");
   TORCH_CHECK(x.device().is_cpu() && wp.device().is_cpu(), "scratchchat kernels run on the CPU");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x must be a bfloat16 (R, K) tensor");
@@ -616,7 +640,7 @@ at::Tensor linear_dp(const char* op, const at::Tensor& x, const at::Tensor& wp, 
   if (bias) TORCH_CHECK(bias->numel() == N, "bias has ", bias->numel(), " entries, not ", N);
   at::Tensor xe = x.contiguous();
   if (K % 2) xe = at::constant_pad_nd(xe, {0, 1});  // an odd K: a zero pairs with the panels' zero
-  Output out(x, N, bias, residual);
+  Output out(x, N, bias, residual, tail);
   at::Tensor sf;
   if (scale) {
     TORCH_CHECK(scale->numel() == N, "scale has ", scale->numel(), " entries, not ", N);
@@ -634,17 +658,18 @@ at::Tensor linear_dp(const char* op, const at::Tensor& x, const at::Tensor& wp, 
 }
 
 at::Tensor linear_dpbf16(const at::Tensor& x, const at::Tensor& wp, int64_t N, const std::optional<at::Tensor>& bias,
-                         const std::optional<at::Tensor>& residual) {
+                         const std::optional<at::Tensor>& residual, const Tail* tail) {
   TORCH_CHECK(wp.scalar_type() == at::kBFloat16, "linear_dpbf16 takes bfloat16 panels, not ", wp.scalar_type());
-  return linear_dp("linear_dpbf16", x, wp, N, std::nullopt, bias, residual);
+  return linear_dp("linear_dpbf16", x, wp, N, std::nullopt, bias, residual, tail);
 }
 
 // int8 weights (engine.quant's, per-feature scale) in the dot-product panel layout, each converted to bf16 exactly
 // in registers: bf16 x times the int8 weight, float32 sums, then the scale (as linear_i8 and the int8 panels)
 at::Tensor linear_dpi8(const at::Tensor& x, const at::Tensor& wp, int64_t N, const at::Tensor& scale,
-                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
+                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                       const Tail* tail) {
   TORCH_CHECK(wp.scalar_type() == at::kChar, "linear_dpi8 takes int8 panels, not ", wp.scalar_type());
-  return linear_dp("linear_dpi8", x, wp, N, scale, bias, residual);
+  return linear_dp("linear_dpi8", x, wp, N, scale, bias, residual, tail);
 }
 
 // ---- the small steps of a decode layer ----
@@ -1392,58 +1417,56 @@ inline __m256 panel_delta(const float* t, const WT* panel, int64_t rp) {
   return _mm256_add_ps(s0, s1);
 }
 
-constexpr int64_t LORA_TASK = 32 << 10;  // multiply-adds per task
+constexpr int64_t LORA_TASK = 32 << 10;  // multiply-adds per task of the standalone op
+constexpr int64_t LORA_BLK = 64;         // outputs whose delta is summed at once
 
-template <typename XT, typename YT, typename WT>
-void lora_impl(const XT* x, const YT* y, const std::vector<const WT*>& a, const std::vector<const WT*>& b,
-               const int64_t* pc, int64_t P, const float* coef, int64_t C, int64_t R, int64_t K, int64_t N,
-               int64_t Rt, const float* residual, void* out_ptr) {
-  // piece p's (padded) ranks sit at [rank_at[p], rank_at[p] + ceil8(rank)) of a row's t
-  std::vector<int64_t> rank_at(P);
-  for (int64_t p = 0, off = 0; p < P; ++p) rank_at[p] = std::exchange(off, off + ceil8(pc[p * 6 + 1]));
-  std::vector<float> t(R * Rt, 0.f), xf(R * K);
-  for (int64_t i = 0; i < R * K; ++i) xf[i] = widen(x[i]);
-  // the work of step 1: (row, piece, chunk of 8 ranks) for each piece a row uses
-  std::vector<std::array<int64_t, 3>> units;
-  for (int64_t i = 0; i < R; ++i)
-    for (int64_t p = 0; p < P; ++p)
-      if (coef[i * C + pc[p * 6 + 5]] != 0.f)
-        for (int64_t c = 0; c < ceil8(pc[p * 6 + 1]) / 8; ++c) units.push_back({i, p, c});
-  const int64_t U = static_cast<int64_t>(units.size());
-  constexpr int64_t BLK = 64;
-  const int64_t blocks = (N + BLK - 1) / BLK;
-  // Both steps split over the threads in tasks of LORA_TASK multiply-adds (a call reads 0.1-0.8 MB of adapter
-  // weights, ~120 calls a decode step). With a second OpenMP team in the process (libgomp then stops spinning and
-  // every fork sleeps and wakes) one thread was faster: +9 ms per GPT-2 4-row step parallel vs +3 ms serial, +20 vs
-  // +7 ms for SmolLM2. The engine keeps one team (engine.threads), and there the split wins: SmolLM2 bf16, a 4-row
-  // step with none + 3 rank-16 adapters, +4.7-6.0 ms over the base step split vs +6.5-7.6 ms on one thread (2-core
-  // Zen4 EPYC, three interleaved runs; the row-major layout of then).
+// A batch's LoRA deltas for any range [n0, n1) of a (fused) output's features: each row's t = coef * A x for the
+// pieces it uses that touch the range, then d = sum of B t 64 outputs at a time, then out = (y + d, rounded into
+// YT) [+ residual]. Every thread that covers part of a piece computes that piece's t itself (identical values; at
+// rank 16 a few thousand to 25 K multiply-adds a row, against a fork and join per product for a separate pass).
+// y is the (R, N) YT tensor, or (``yf``) a product's float32 output, first rounded into YT as the product would
+// have returned it.
+template <typename WT, typename YT>
+struct LoraDelta {
+  const float* x;  // (R, K) float32
+  const std::vector<const WT*>& a;
+  const std::vector<const WT*>& b;
+  const int64_t* pc;
+  int64_t P;
+  const float* coef;
+  int64_t C, R, K, N;
+  const YT* y;
+  const float* residual;
+  void* out;
 
-  // 1. t[i, ranks of piece p] = coef[i, j_p] * A_p x_i, for the rows that use piece p
-  const int64_t grain1 = std::max<int64_t>(1, LORA_TASK / std::max<int64_t>(1, 8 * K));
-  at::parallel_for(0, U, grain1, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      const auto [i, p, c] = units[u];
-      const int64_t* pe = pc + p * 6;
-      const __m256 v = chunk_dot(xf.data() + i * K, a[pe[5]] + pe[0] + c * 8 * K, K);
-      _mm256_storeu_ps(t.data() + i * Rt + rank_at[p] + 8 * c, _mm256_mul_ps(_mm256_set1_ps(coef[i * C + pe[5]]), v));
-    }
-  });
-  // 2. delta = sum over the row's pieces of B t, block by block of 64 outputs; out = y + delta
-  const int64_t grain2 = std::max<int64_t>(1, LORA_TASK / std::max<int64_t>(1, BLK * Rt * R));
-  at::parallel_for(0, blocks, grain2, [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q) {
-      alignas(32) float d[BLK];
-      alignas(32) float lanes[8];
-      const int64_t c0 = q * BLK, c1 = std::min(N, c0 + BLK);
-      for (int64_t i = 0; i < R; ++i) {
-        std::fill(d, d + BLK, 0.f);
+  void operator()(int64_t n0, int64_t n1, const float* yf = nullptr) const {
+    std::vector<int64_t> rank_at(P);  // piece p's (padded) ranks sit at [rank_at[p], + ceil8(rank)) of t
+    int64_t Rt = 0;
+    for (int64_t p = 0; p < P; ++p) rank_at[p] = std::exchange(Rt, Rt + ceil8(pc[p * 6 + 1]));
+    std::vector<float> t(Rt);
+    auto touches = [&](int64_t i, const int64_t* pe, int64_t lo, int64_t hi) {
+      return coef[i * C + pe[5]] != 0.f && std::max(lo, pe[2]) < std::min(hi, pe[2] + pe[3]);
+    };
+    for (int64_t i = 0; i < R; ++i) {
+      for (int64_t p = 0; p < P; ++p) {  // 1. t for the pieces of this row that reach into [n0, n1)
+        const int64_t* pe = pc + p * 6;
+        if (!touches(i, pe, n0, n1)) continue;
+        const __m256 c = _mm256_set1_ps(coef[i * C + pe[5]]);
+        for (int64_t q = 0; q < ceil8(pe[1]) / 8; ++q)
+          _mm256_storeu_ps(t.data() + rank_at[p] + 8 * q,
+                           _mm256_mul_ps(c, chunk_dot(x + i * K, a[pe[5]] + pe[0] + q * 8 * K, K)));
+      }
+      for (int64_t c0 = n0; c0 < n1; c0 += LORA_BLK) {  // 2. delta = sum over the pieces of B t; out = y + delta
+        alignas(32) float d[LORA_BLK];
+        alignas(32) float lanes[8];
+        const int64_t c1 = std::min(n1, c0 + LORA_BLK);
+        std::fill(d, d + LORA_BLK, 0.f);
         for (int64_t p = 0; p < P; ++p) {
           const int64_t* pe = pc + p * 6;
+          if (!touches(i, pe, c0, c1)) continue;
           const int64_t out0 = pe[2], n = pe[3], rp = ceil8(pe[1]);
           const int64_t lo = std::max(c0, out0), hi = std::min(c1, out0 + n);
-          if (lo >= hi || coef[i * C + pe[5]] == 0.f) continue;
-          const float* tk = t.data() + i * Rt + rank_at[p];
+          const float* tk = t.data() + rank_at[p];
           const WT* bp = b[pe[5]] + pe[4];
           for (int64_t pq = (lo - out0) / 8; pq * 8 + out0 < hi; ++pq) {  // the piece's panels over [lo, hi)
             const __m256 v = panel_delta(tk, bp + pq * rp * 8, rp);
@@ -1457,40 +1480,51 @@ void lora_impl(const XT* x, const YT* y, const std::vector<const WT*>& a, const 
             }
           }
         }
-        int64_t n = c0;
-        for (; n + 8 <= c1; n += 8) {  // the scalar loop below, 8 at a time (the same float sums and roundings)
-          const __m256 v = _mm256_add_ps(load8(y + i * N + n), _mm256_loadu_ps(d + n - c0));
-          if constexpr (std::is_same_v<YT, bf16>) {
-            const __m128i h = round_bf16x8(v);
-            if (residual)
-              _mm256_storeu_ps(static_cast<float*>(out_ptr) + i * N + n,
-                               _mm256_add_ps(_mm256_loadu_ps(residual + i * N + n), widen_bf16x8(h)));
-            else
-              _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<YT*>(out_ptr) + i * N + n), h);
-          } else if (residual) {
-            _mm256_storeu_ps(static_cast<float*>(out_ptr) + i * N + n,
-                             _mm256_add_ps(_mm256_loadu_ps(residual + i * N + n), v));
-          } else {
-            _mm256_storeu_ps(reinterpret_cast<float*>(static_cast<YT*>(out_ptr) + i * N + n), v);
-          }
-        }
-        for (; n < c1; ++n) {
-          const YT v = YT(widen(y[i * N + n]) + d[n - c0]);
-          if (residual)
-            static_cast<float*>(out_ptr)[i * N + n] = residual[i * N + n] + widen(v);
-          else
-            static_cast<YT*>(out_ptr)[i * N + n] = v;
-        }
+        write(i, c0, c1, d, yf);
       }
     }
-  });
-}
+  }
 
-at::Tensor lora(const at::Tensor& x, const at::Tensor& y, const std::vector<at::Tensor>& a,
-                const std::vector<at::Tensor>& b, const at::Tensor& pieces, const at::Tensor& coef,
-                const std::optional<at::Tensor>& residual) {
-  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0), "x (R, in) and y (R, out) must share R");
-  TORCH_CHECK(coef.scalar_type() == at::kFloat && coef.dim() == 2 && coef.size(0) == x.size(0),
+  // y's values (as YT) at row i, outputs [n, n + 8)
+  __m256 y8(int64_t i, int64_t n, const float* yf) const {
+    if (!yf) return load8(y + i * N + n);
+    const __m256 v = _mm256_loadu_ps(yf + i * N + n);
+    if constexpr (std::is_same_v<YT, bf16>) return widen_bf16x8(round_bf16x8(v));
+    return v;
+  }
+  float y1(int64_t i, int64_t n, const float* yf) const { return yf ? widen(YT(yf[i * N + n])) : widen(y[i * N + n]); }
+
+  void write(int64_t i, int64_t c0, int64_t c1, const float* d, const float* yf) const {
+    int64_t n = c0;
+    for (; n + 8 <= c1; n += 8) {  // the scalar loop below, 8 at a time (the same float sums and roundings)
+      const __m256 v = _mm256_add_ps(y8(i, n, yf), _mm256_loadu_ps(d + n - c0));
+      if constexpr (std::is_same_v<YT, bf16>) {
+        const __m128i h = round_bf16x8(v);
+        if (residual)
+          _mm256_storeu_ps(static_cast<float*>(out) + i * N + n,
+                           _mm256_add_ps(_mm256_loadu_ps(residual + i * N + n), widen_bf16x8(h)));
+        else
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<YT*>(out) + i * N + n), h);
+      } else if (residual) {
+        _mm256_storeu_ps(static_cast<float*>(out) + i * N + n, _mm256_add_ps(_mm256_loadu_ps(residual + i * N + n), v));
+      } else {
+        _mm256_storeu_ps(reinterpret_cast<float*>(static_cast<YT*>(out) + i * N + n), v);
+      }
+    }
+    for (; n < c1; ++n) {
+      const YT v = YT(y1(i, n, yf) + d[n - c0]);
+      if (residual)
+        static_cast<float*>(out)[i * N + n] = residual[i * N + n] + widen(v);
+      else
+        static_cast<YT*>(out)[i * N + n] = v;
+    }
+  }
+};
+
+// The op's checks (shared with the fused form in decode_blocks); returns the pieces' total padded rank
+int64_t check_lora(int64_t R, int64_t K, int64_t N, const std::vector<at::Tensor>& a,
+                   const std::vector<at::Tensor>& b, const at::Tensor& pieces, const at::Tensor& coef) {
+  TORCH_CHECK(coef.scalar_type() == at::kFloat && coef.dim() == 2 && coef.size(0) == R,
               "coef must be float32 (R, contributions)");
   const int64_t C = coef.size(1);
   TORCH_CHECK(static_cast<int64_t>(a.size()) == C && static_cast<int64_t>(b.size()) == C, "coef has ", C,
@@ -1500,14 +1534,11 @@ at::Tensor lora(const at::Tensor& x, const at::Tensor& y, const std::vector<at::
   for (int64_t j = 0; j < C; ++j)
     TORCH_CHECK(a[j].scalar_type() == wt && b[j].scalar_type() == wt && a[j].is_contiguous() && b[j].is_contiguous(),
                 "LoRA weights must be contiguous buffers of one dtype (float32 or bfloat16)");
-  TORCH_CHECK(pieces.scalar_type() == at::kLong && pieces.dim() == 2 && pieces.size(1) == 6, "pieces must be (P, 6) int64");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
-  TORCH_CHECK(y.scalar_type() == at::kFloat || y.scalar_type() == at::kBFloat16, "y must be float32 or bfloat16");
-  const at::Tensor xc = x.contiguous(), yc = y.contiguous(), pcc = pieces.contiguous(), cc = coef.contiguous();
-  const int64_t R = x.size(0), K = x.size(1), N = y.size(1), P = pieces.size(0);
-  const int64_t* pc = pcc.data_ptr<int64_t>();
+  TORCH_CHECK(pieces.scalar_type() == at::kLong && pieces.dim() == 2 && pieces.size(1) == 6 && pieces.is_contiguous(),
+              "pieces must be a contiguous (P, 6) int64 tensor");
+  const int64_t* pc = pieces.data_ptr<int64_t>();
   int64_t Rt = 0;
-  for (int64_t p = 0; p < P; ++p) {
+  for (int64_t p = 0; p < pieces.size(0); ++p) {
     const int64_t* pe = pc + p * 6;
     TORCH_CHECK(pe[5] >= 0 && pe[5] < C, "piece ", p, " names contribution ", pe[5], " of ", C);
     TORCH_CHECK(pe[0] >= 0 && pe[1] >= 0 && pe[0] + ceil8(pe[1]) * K <= a[pe[5]].numel(), "piece ", p,
@@ -1517,33 +1548,67 @@ at::Tensor lora(const at::Tensor& x, const at::Tensor& y, const std::vector<at::
                 " reaches past b[", pe[5], "]'s ", b[pe[5]].numel(), " values");
     Rt += ceil8(pe[1]);
   }
-  at::Tensor res, out;
-  if (residual) {
-    TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->sizes() == y.sizes(),
-                "the residual must be float32 and shaped like y");
-    res = residual->contiguous();
-    out = at::empty(y.sizes(), y.options().dtype(at::kFloat));
-  } else {
-    out = at::empty(y.sizes(), y.options());
-  }
-  const float* rp = residual ? res.data_ptr<float>() : nullptr;
-  auto go = [&](auto* xp, auto* yp) {
-    auto with = [&](auto* tag) {
-      using WT = std::remove_pointer_t<decltype(tag)>;
-      std::vector<const WT*> ap(C), bp(C);
-      for (int64_t j = 0; j < C; ++j) {
-        ap[j] = a[j].data_ptr<WT>();
-        bp[j] = b[j].data_ptr<WT>();
-      }
-      lora_impl(xp, yp, ap, bp, pc, P, cc.data_ptr<float>(), C, R, K, N, Rt, rp, out.data_ptr());
-    };
-    if (wt == at::kBFloat16) with(static_cast<bf16*>(nullptr)); else with(static_cast<float*>(nullptr));
+  return Rt;
+}
+
+// The output of y + delta: float32 with a residual (the residual stream), else y's dtype
+at::Tensor lora_output(int64_t R, int64_t N, at::ScalarType y_dtype, const std::optional<at::Tensor>& residual,
+                       at::Tensor& res) {
+  if (!residual) return at::empty({R, N}, at::TensorOptions().dtype(y_dtype));
+  TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->dim() == 2 && residual->size(0) == R &&
+                  residual->size(1) == N,
+              "the residual must be float32 and shaped like y");
+  res = residual->contiguous();
+  return at::empty({R, N}, at::TensorOptions().dtype(at::kFloat));
+}
+
+// f(LoraDelta<WT, YT>&) for the dtypes of the adapters' buffers and of y
+template <typename F>
+void with_lora_delta(const at::Tensor& xf, const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b,
+                     const at::Tensor& pieces, const at::Tensor& coef, int64_t N, at::ScalarType y_dtype,
+                     const void* y, const at::Tensor& res, at::Tensor& out, F&& f) {
+  const int64_t C = coef.size(1);
+  auto typed = [&](auto* wtag, auto* ytag) {
+    using WT = std::remove_pointer_t<decltype(wtag)>;
+    using YT = std::remove_pointer_t<decltype(ytag)>;
+    std::vector<const WT*> ap(C), bp(C);
+    for (int64_t j = 0; j < C; ++j) {
+      ap[j] = a[j].data_ptr<WT>();
+      bp[j] = b[j].data_ptr<WT>();
+    }
+    LoraDelta<WT, YT> ld{xf.data_ptr<float>(), ap, bp, pieces.data_ptr<int64_t>(), pieces.size(0),
+                         coef.data_ptr<float>(), C, xf.size(0), xf.size(1), N, static_cast<const YT*>(y),
+                         res.defined() ? res.data_ptr<float>() : nullptr, out.data_ptr()};
+    f(ld);
   };
-  const bool xb = x.scalar_type() == at::kBFloat16, yb = y.scalar_type() == at::kBFloat16;
-  if (!xb && !yb) go(xc.data_ptr<float>(), yc.data_ptr<float>());
-  else if (!xb && yb) go(xc.data_ptr<float>(), yc.data_ptr<bf16>());
-  else if (xb && !yb) go(xc.data_ptr<bf16>(), yc.data_ptr<float>());
-  else go(xc.data_ptr<bf16>(), yc.data_ptr<bf16>());
+  const bool wb = C && a[0].scalar_type() == at::kBFloat16, yb = y_dtype == at::kBFloat16;
+  if (wb && yb) typed(static_cast<bf16*>(nullptr), static_cast<bf16*>(nullptr));
+  else if (wb) typed(static_cast<bf16*>(nullptr), static_cast<float*>(nullptr));
+  else if (yb) typed(static_cast<float*>(nullptr), static_cast<bf16*>(nullptr));
+  else typed(static_cast<float*>(nullptr), static_cast<float*>(nullptr));
+}
+
+at::Tensor lora(const at::Tensor& x, const at::Tensor& y, const std::vector<at::Tensor>& a,
+                const std::vector<at::Tensor>& b, const at::Tensor& pieces, const at::Tensor& coef,
+                const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0), "x (R, in) and y (R, out) must share R");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  TORCH_CHECK(y.scalar_type() == at::kFloat || y.scalar_type() == at::kBFloat16, "y must be float32 or bfloat16");
+  const int64_t R = x.size(0), K = x.size(1), N = y.size(1);
+  const at::Tensor pcc = pieces.contiguous(), cc = coef.contiguous();
+  const int64_t Rt = check_lora(R, K, N, a, b, pcc, cc);
+  const at::Tensor xf = as_float(x.contiguous()), yc = y.contiguous();
+  at::Tensor res;
+  at::Tensor out = lora_output(R, N, y.scalar_type(), residual, res);
+  // one parallel region over blocks of outputs, each task computing the t it needs (a call reads 0.1-0.8 MB of
+  // adapter weights; a decode step makes ~120 of them when it runs the Python layer loop)
+  const int64_t blocks = (N + LORA_BLK - 1) / LORA_BLK;
+  const int64_t grain = std::max<int64_t>(1, LORA_TASK / std::max<int64_t>(1, LORA_BLK * Rt * R));
+  with_lora_delta(xf, a, b, pcc, cc, N, y.scalar_type(), yc.data_ptr(), res, out, [&](const auto& ld) {
+    at::parallel_for(0, blocks, grain, [&](int64_t q0, int64_t q1) {
+      ld(q0 * LORA_BLK, std::min(N, q1 * LORA_BLK));
+    });
+  });
   return out;
 }
 
@@ -1563,13 +1628,13 @@ constexpr int64_t LAYER_SLOTS = 32, LAYER_META = 12;
 enum Kind : int64_t { ROWS = 0, PANEL = 1, INT8 = 2, DPBF16 = 3, DPI8 = 4 };
 
 at::Tensor product(const std::vector<std::optional<at::Tensor>>& t, int64_t slot, int64_t kind, int64_t n,
-                   const at::Tensor& x, const std::optional<at::Tensor>& residual) {
+                   const at::Tensor& x, const std::optional<at::Tensor>& residual, const Tail* tail = nullptr) {
   const at::Tensor& w = *t[slot];
-  if (kind == PANEL) return linear_panel(x, w, n, t[slot + 2], t[slot + 1], residual);
-  if (kind == INT8) return linear_i8(x, w, *t[slot + 2], t[slot + 1], residual);
-  if (kind == DPBF16) return linear_dpbf16(x, w, n, t[slot + 1], residual);
-  if (kind == DPI8) return linear_dpi8(x, w, n, *t[slot + 2], t[slot + 1], residual);
-  return linear(x, w, t[slot + 1], residual);
+  if (kind == PANEL) return linear_panel(x, w, n, t[slot + 2], t[slot + 1], residual, tail);
+  if (kind == INT8) return linear_i8(x, w, *t[slot + 2], t[slot + 1], residual, tail);
+  if (kind == DPBF16) return linear_dpbf16(x, w, n, t[slot + 1], residual, tail);
+  if (kind == DPI8) return linear_dpi8(x, w, n, *t[slot + 2], t[slot + 1], residual, tail);
+  return linear(x, w, t[slot + 1], residual, tail);
 }
 
 // A batch's LoRA: each row's coefficients and each contribution's flat A and B buffers (see lora above)
@@ -1579,19 +1644,25 @@ struct Lora {
   const std::vector<at::Tensor>& b;
 };
 
-// y plus the batch's LoRA delta of the pieces table in slot ``slot``, if any
-at::Tensor adapted(const std::vector<std::optional<at::Tensor>>& t, int64_t slot, const Lora& ad, const at::Tensor& x,
-                   const at::Tensor& y) {
-  if (!ad.coef || !t[slot]) return y;
-  return lora(x, y, ad.a, ad.b, *t[slot], *ad.coef, std::nullopt);
-}
-
-// residual + (the product of x (+ its LoRA delta)), the add in the product's epilogue or in the lora op's, as the
-// Python loop adds it
-at::Tensor add_projection(const std::vector<std::optional<at::Tensor>>& t, int64_t slot, int64_t lora_slot,
-                          int64_t kind, int64_t n, const Lora& ad, const at::Tensor& x, const at::Tensor& residual) {
+// [residual +] the product of x plus the batch's LoRA delta of the pieces table in slot ``lora_slot`` (if any), as
+// the Python loop computes it (the product rounded into x's dtype, the delta added and rounded again, then the
+// residual add). The delta is the product's tail: each thread adds it to the outputs it has just computed, in the
+// product's parallel region (a separate op cost two forks and a pass over y per projection, ~120 a SmolLM2 step).
+at::Tensor projection(const std::vector<std::optional<at::Tensor>>& t, int64_t slot, int64_t lora_slot, int64_t kind,
+                      int64_t n, const Lora& ad, const at::Tensor& x, const std::optional<at::Tensor>& residual) {
   if (!ad.coef || !t[lora_slot]) return product(t, slot, kind, n, x, residual);
-  return lora(x, product(t, slot, kind, n, x, std::nullopt), ad.a, ad.b, *t[lora_slot], *ad.coef, residual);
+  const at::Tensor& pieces = *t[lora_slot];
+  const int64_t R = x.size(0), K = x.size(1);
+  const at::Tensor cc = ad.coef->contiguous();
+  check_lora(R, K, n, ad.a, ad.b, pieces, cc);
+  const at::Tensor xf = as_float(x.contiguous());
+  at::Tensor res;
+  at::Tensor out = lora_output(R, n, x.scalar_type(), residual, res);
+  with_lora_delta(xf, ad.a, ad.b, pieces, cc, n, x.scalar_type(), nullptr, res, out, [&](const auto& ld) {
+    const Tail tail = [&](const float* y, int64_t n0, int64_t n1) { ld(n0, n1, y); };
+    product(t, slot, kind, n, x, std::nullopt, &tail);
+  });
+  return out;
 }
 
 at::Tensor norm(const std::vector<std::optional<at::Tensor>>& t, int64_t slot, int64_t kind, double eps,
@@ -1621,13 +1692,13 @@ at::Tensor decode_blocks(const at::Tensor& x0, const std::vector<std::optional<a
     // qkv, o, up, down; slots: norm1 (2), qkv (3), o (3), norm2 (2), up (3), down (3), then the LoRA pieces tables
     // of qkv, o, up, down (4), 12 spare
     at::Tensor h = norm(t, b + 0, m[1], eps, x);
-    at::Tensor q = adapted(t, b + 16, ad, h, product(t, b + 2, m[3], m[4], h, std::nullopt));
+    at::Tensor q = projection(t, b + 2, b + 16, m[3], m[4], ad, h, std::nullopt);
     at::Tensor y = decode_attention(q, kcs[i], vcs[i], positions, cos, sin, m[0]);
-    x = add_projection(t, b + 5, b + 17, m[5], m[6], ad, y, x);
+    x = projection(t, b + 5, b + 17, m[5], m[6], ad, y, x);
     h = norm(t, b + 8, m[1], eps, x);
-    at::Tensor u = adapted(t, b + 18, ad, h, product(t, b + 10, m[7], m[8], h, std::nullopt));
+    at::Tensor u = projection(t, b + 10, b + 18, m[7], m[8], ad, h, std::nullopt);
     at::Tensor a = m[2] ? silu_mul(u) : at::gelu(u, "tanh");
-    x = add_projection(t, b + 13, b + 19, m[9], m[10], ad, a, x);
+    x = projection(t, b + 13, b + 19, m[9], m[10], ad, a, x);
   }
   return x;
 }
@@ -1689,14 +1760,24 @@ TORCH_LIBRARY(scratchchat, m) {
 }
 
 TORCH_LIBRARY_IMPL(scratchchat, CPU, m) {
-  m.impl("linear", &linear);
-  m.impl("linear_i8", &linear_i8);
-  m.impl("linear_panel", &linear_panel);
+  using T = const at::Tensor&;
+  using OT = const std::optional<at::Tensor>&;
+  m.impl("linear", [](T x, T w, OT bias, OT residual) { return linear(x, w, bias, residual, nullptr); });
+  m.impl("linear_i8", [](T x, T q, T scale, OT bias, OT residual) {
+    return linear_i8(x, q, scale, bias, residual, nullptr);
+  });
+  m.impl("linear_panel", [](T x, T panels, int64_t n, OT scale, OT bias, OT residual) {
+    return linear_panel(x, panels, n, scale, bias, residual, nullptr);
+  });
   m.impl("lora", &lora);
   m.impl("decode_blocks", &decode_blocks);
   m.impl("decode_attention", &decode_attention);
-  m.impl("linear_dpbf16", &linear_dpbf16);
-  m.impl("linear_dpi8", &linear_dpi8);
+  m.impl("linear_dpbf16", [](T x, T panels, int64_t n, OT bias, OT residual) {
+    return linear_dpbf16(x, panels, n, bias, residual, nullptr);
+  });
+  m.impl("linear_dpi8", [](T x, T panels, int64_t n, T scale, OT bias, OT residual) {
+    return linear_dpi8(x, panels, n, scale, bias, residual, nullptr);
+  });
   m.impl("refine_top", &refine_top);
   m.impl("prefix_attention", &prefix_attention);
   m.impl("rms_norm", &rms_norm);
