@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from engine import bench
@@ -34,6 +35,12 @@ def test_bench_runs_every_figure_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     row = res["models"]["tiny"]
     assert res["models"]["missing"] == {"skipped": f"not in the store {root}"}
     assert row["fp32"]["ours_tok_s"] > 0 and 0 < row["fp32"]["roofline_fraction"]
+    # the roofline side by side: the round's tokens/s against the bandwidth read next to that run (one round here)
+    (bw,) = row["fp32"]["read_bandwidth_gb_s"]
+    nbytes = row["fp32"]["weight_bytes_per_token"]
+    assert row["fp32"]["roofline_fraction"] == pytest.approx(row["fp32"]["ours_tok_s"] / (bw * 1e9 / nbytes))
+    assert bw <= res["read_bandwidth_gb_s"]  # the run's best reading, for the harsher figure next to it
+    assert row["fp32"]["roofline_fraction_vs_run_max"] <= row["fp32"]["roofline_fraction"] * (1 + 1e-9)
     # the transformers peer ran on the same weights, side by side (one round here: the ratio is that round's)
     assert row["fp32"]["hf_tok_s"] > 0 and "hf_error" not in row["fp32"]
     assert row["fp32"]["vs_hf"] == row["fp32"]["ours_tok_s"] / row["fp32"]["hf_tok_s"]
