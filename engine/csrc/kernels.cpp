@@ -1103,27 +1103,28 @@ SCRATCHCHAT_AVX512 inline void dp_tile_scores(const bf16* qp, const bf16* k, int
   ((_mm512_storeu_ps(s + (j0 + I) * QD, _mm512_mul_ps(acc[I], sc))), ...);
 }
 
-// buf[f * 16 + lane] = sum over keys j < n of row lane's numerator e[j] times value feature d0 + f of key j (float32:
-// the value cache's bf16 widened once per head; the numerators are not rounded)
+// buf[f * 16 + lane] = sum over the key pairs jj < n2 of row lane's two numerators (e[2jj], e[2jj + 1]) times value
+// feature d0 + f of keys 2jj and 2jj + 1: one vdpbf16ps per feature and key pair. ep holds the numerators as bf16
+// pairs per lane, (n2, 16, 2); vp the head's values as bf16 pairs per feature, (n2, hd, 2).
 template <int NF, size_t... I>
-SCRATCHCHAT_AVX512 inline void tile_values16(const float* e, const float* vf, int64_t hd, int64_t n, int64_t d0,
-                                             float* buf, std::index_sequence<I...>) {
+SCRATCHCHAT_AVX512 inline void dp_tile_values(const bf16* ep, const bf16* vp, int64_t hd, int64_t n2, int64_t d0,
+                                              float* buf, std::index_sequence<I...>) {
   __m512 acc[NF];
   ((acc[I] = _mm512_setzero_ps()), ...);
-  for (int64_t j = 0; j < n; ++j) {
-    const __m512 ev = _mm512_loadu_ps(e + j * QD);
-    const float* vj = vf + j * hd + d0;
-    ((acc[I] = _mm512_fmadd_ps(ev, _mm512_set1_ps(vj[I]), acc[I])), ...);
+  for (int64_t jj = 0; jj < n2; ++jj) {
+    const __m512bh ev = (__m512bh)_mm512_loadu_si512(ep + jj * 2 * QD);
+    const bf16* vj = vp + (jj * hd + d0) * 2;
+    ((acc[I] = _mm512_dpbf16_ps(acc[I], ev, bcast_pair(vj + 2 * I))), ...);
   }
   ((_mm512_storeu_ps(buf + I * QD, acc[I])), ...);
 }
 
-// one tile: rows r0 .. r0 + 16 of kv head g of batch row b (rows past R are zeros, kept finite and dropped); s is the
-// caller's scratch, vf the head's values widened to float32
+// one tile: rows r0 .. r0 + 16 of kv head g of batch row b (rows past R are zeros, kept finite and dropped); s and
+// ep are the caller's scratch, vp the head's values in pairs of keys (see dp_tile_values)
 SCRATCHCHAT_AVX512 void dp_prefix_tile(const bf16* qd, int64_t qb, int64_t qh, int64_t qs, const bf16* kg, int64_t st,
-                                       const float* vf, const int64_t* pos, int64_t b, int64_t g, int64_t r0, int64_t R,
+                                       const bf16* vp, const int64_t* pos, int64_t b, int64_t g, int64_t r0, int64_t R,
                                        int64_t T, int64_t H, int64_t rep, int64_t hd, float scale, float* out,
-                                       std::vector<float>& s) {
+                                       std::vector<float>& s, std::vector<bf16>& ep) {
   const int64_t hd2 = hd / 2;
   alignas(64) bf16 qp[256 * 2 * QD];  // the tile's queries, (hd / 2, 16, 2), hd up to 512
   alignas(64) float buf[QD * QD];
@@ -1158,24 +1159,59 @@ SCRATCHCHAT_AVX512 void dp_prefix_tile(const bf16* qd, int64_t qb, int64_t qh, i
     const __mmask16 keep = _mm512_cmple_epi32_mask(_mm512_set1_epi32(static_cast<int32_t>(j)), lastv);
     m = _mm512_mask_max_ps(m, keep, m, _mm512_loadu_ps(s.data() + j * QD));
   }
+  // the numerators summed in float32, and rounded to bf16 for the values' product (as PyTorch's SDPA rounds its
+  // probabilities for that product in bf16), in pairs of keys per lane (a zero past an odd n)
+  const int64_t n2 = (n + 1) / 2;
+  ep.resize(n2 * 2 * QD);
+  __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5,
+                                   20, 4, 19, 3, 18, 2, 17, 1, 16, 0);  // lane l: (key 2jj, key 2jj + 1)
   __m512 sum = _mm512_setzero_ps();
-  for (j = 0; j < n; ++j) {
-    const __mmask16 keep = _mm512_cmple_epi32_mask(_mm512_set1_epi32(static_cast<int32_t>(j)), lastv);
-    const __m512 x = _mm512_maskz_sub_ps(keep, _mm512_loadu_ps(s.data() + j * QD), m);
-    const __m512 ex = _mm512_maskz_mov_ps(keep, exp16(x));
-    _mm512_storeu_ps(s.data() + j * QD, ex);
-    sum = _mm512_add_ps(sum, ex);
+  for (int64_t jj = 0; jj < n2; ++jj) {
+    __m512 ex[2];
+    for (int h = 0; h < 2; ++h) {
+      j = 2 * jj + h;
+      const __mmask16 keep = j < n ? _mm512_cmple_epi32_mask(_mm512_set1_epi32(static_cast<int32_t>(j)), lastv) : 0;
+      const __m512 x = _mm512_maskz_sub_ps(keep, _mm512_loadu_ps(s.data() + std::min(j, n - 1) * QD), m);
+      ex[h] = _mm512_maskz_mov_ps(keep, exp16(x));
+      sum = _mm512_add_ps(sum, ex[h]);
+    }
+    const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(ex[1], ex[0]);  // key 2jj's 16 lanes, then key 2jj + 1's
+    _mm512_storeu_si512(ep.data() + jj * 2 * QD, _mm512_permutexvar_epi16(pairs, both));
   }
   alignas(64) float inv[QD];
   _mm512_store_ps(inv, _mm512_div_ps(_mm512_set1_ps(1.0f), sum));
   for (int64_t d0 = 0; d0 < hd; d0 += 16) {
     const int nf = hd - d0 >= 16 ? 16 : 8;
     if (nf == 16)
-      tile_values16<16>(s.data(), vf, hd, n, d0, buf, std::make_index_sequence<16>{});
+      dp_tile_values<16>(ep.data(), vp, hd, n2, d0, buf, std::make_index_sequence<16>{});
     else
-      tile_values16<8>(s.data(), vf, hd, n, d0, buf, std::make_index_sequence<8>{});
+      dp_tile_values<8>(ep.data(), vp, hd, n2, d0, buf, std::make_index_sequence<8>{});
     for (int l = 0; l < rows; ++l)
       for (int f = 0; f < nf; ++f) o[l][d0 + f] = buf[f * QD + l] * inv[l];
+  }
+}
+
+// dst (ceil(n / 2), hd, 2) = the n value rows of src (row stride vt) in pairs: (v[2jj][d], v[2jj + 1][d]) side by
+// side, zeros for the missing row of an odd n
+SCRATCHCHAT_AVX512 void pair_values(const bf16* src, int64_t vt, int64_t n, int64_t hd, bf16* dst) {
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5,
+                                      36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int64_t j = 0; j < n; j += 2) {
+    const bf16* r0 = src + j * vt;
+    const bf16* r1 = j + 1 < n ? r0 + vt : nullptr;
+    bf16* o = dst + j * hd;  // pair j / 2: (j / 2) * hd * 2
+    int64_t d = 0;
+    for (; d + 32 <= hd; d += 32) {
+      const __m512i a = _mm512_loadu_si512(r0 + d);
+      const __m512i b = r1 ? _mm512_loadu_si512(r1 + d) : _mm512_setzero_si512();
+      _mm512_storeu_si512(o + 2 * d, _mm512_permutex2var_epi16(a, lo, b));
+      _mm512_storeu_si512(o + 2 * d + 32, _mm512_permutex2var_epi16(a, hi, b));
+    }
+    for (; d < hd; ++d) {
+      o[2 * d] = r0[d];
+      o[2 * d + 1] = r1 ? r1[d] : bf16(0.f);
+    }
   }
 }
 
@@ -1187,31 +1223,31 @@ void prefix_attention_dp(const at::Tensor& q, const at::Tensor& kc, const at::Te
   const bf16* kd = kc.data_ptr<bf16>();
   const bf16* vd = vc.data_ptr<bf16>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  // each batch row's keys: up to its furthest query; its values widened to float32 once per kv head, (keys, hd)
+  // each batch row's keys: up to its furthest query, rounded up to a pair; its values in pairs of keys once per kv
+  // head, (keys / 2, hd, 2), zeros past the last key
   std::vector<int64_t> nk(B), at(B + 1, 0);
   for (int64_t b = 0; b < B; ++b) {
     nk[b] = 0;
     for (int64_t t = 0; t < T; ++t) nk[b] = std::max<int64_t>(nk[b], pos[b * T + t] + 1);
-    at[b + 1] = at[b] + Hkv * nk[b] * hd;
+    at[b + 1] = at[b] + Hkv * ((nk[b] + 1) / 2) * 2 * hd;
   }
-  std::vector<float> vwide(at[B]);
+  std::vector<bf16> vpairs(at[B]);
   at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / Hkv, g = i % Hkv;
-      const bf16* src = vd + b * vb + g * vh;
-      float* dst = vwide.data() + at[b] + g * nk[b] * hd;
-      for (int64_t j = 0; j < nk[b]; ++j)
-        for (int64_t d = 0; d < hd; d += 8) _mm256_storeu_ps(dst + j * hd + d, load8(src + j * vt + d));
+      const int64_t b = i / Hkv, g = i % Hkv, n2 = (nk[b] + 1) / 2;
+      pair_values(vd + b * vb + g * vh, vt, nk[b], hd, vpairs.data() + at[b] + g * n2 * 2 * hd);
     }
   });
   float* out = y.data_ptr<float>();  // (B, T, H * hd)
   at::parallel_for(0, B * Hkv * tiles, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> s;
+    std::vector<bf16> ep;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (Hkv * tiles), g = i / tiles % Hkv, r0 = i % tiles * QD;
       dp_prefix_tile(q.data_ptr<bf16>(), q.stride(0), q.stride(1), q.stride(2),
-                     kd + b * kc.stride(0) + g * kc.stride(1), kc.stride(2), vwide.data() + at[b] + g * nk[b] * hd,
-                     pos, b, g, r0, R, T, H, rep, hd, scale, out, s);
+                     kd + b * kc.stride(0) + g * kc.stride(1), kc.stride(2),
+                     vpairs.data() + at[b] + g * ((nk[b] + 1) / 2) * 2 * hd, pos, b, g, r0, R, T, H, rep, hd, scale, out,
+                     s, ep);
     }
   });
 }
