@@ -51,6 +51,7 @@ Masking for finetuning uses the *encoded* prompt length: :meth:`PromptFormat.enc
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -66,12 +67,6 @@ Segment = tuple[str, bool]  # (text, is_template_marker)
 
 def _text(segments: Sequence[Segment]) -> str:
     return "".join(text for text, _ in segments)
-
-
-def _char_start(text: str, offset: int) -> bool:
-    """Whether byte ``offset`` of ``text``'s UTF-8 starts a character (or is its end)."""
-    data = text.encode("utf-8")
-    return offset >= len(data) or data[offset] & 0xC0 != 0x80
 
 
 def _split_system(messages: Sequence[dict]) -> tuple[str | None, list[dict]]:
@@ -197,16 +192,19 @@ class PromptFormat:
         A chat session passes the ids its KV cache holds: the last prompt and the answer's tokens as the model
         sampled them. Re-encoding the answer's text can split it differently (BPE has one canonical split, a sampled
         answer need not follow it), and every token after the first difference would be prefilled again. Kept ids
-        must match the history unit for unit: a special id only where the template puts that marker, a text
-        token only where its bytes continue the text (so user text that spells ``<|im_end|>`` never matches the
-        special id); the split falls on a character boundary. With nothing reusable this is :meth:`encode_chat`.
+        must match the history unit for unit: a special id only where the template puts that marker, text tokens
+        only where they decode to the text that follows (so user text that spells ``<|im_end|>`` never matches the
+        special id). Text is compared as :class:`engine.tokenizer.StreamDecoder` renders the tokens, which is how
+        the answer's text was made: bytes that are not UTF-8 (a sampled model can emit them) read as U+FFFD there
+        and here alike, and the ids that spelled them are kept. The split falls on a character boundary (a kept
+        prefix never ends inside a character's bytes). With nothing reusable this is :meth:`encode_chat`.
         """
         system, turns = _split_system(messages)
         units = self._units(self._chat_segments(system, turns, add_generation_prompt), tokenizer)
         specials = {tokenizer.special_id(t) for t in tokenizer.special_tokens}
-        marks = [(0, 0)]  # (unit, byte offset in it) after each kept token
-        i, j = 0, 0
-        blob = b""  # the current text unit's bytes
+        marks = [(0, 0, False)]  # (unit, character offset in it, bytes held back undecoded) after each kept token
+        i, j, held = 0, 0, False
+        utf8 = None  # the current text unit's incremental decoder
         for tid in reuse:
             if i >= len(units):
                 break
@@ -218,25 +216,27 @@ class PromptFormat:
             else:
                 if tid in specials:
                     break
-                if j == 0:
-                    blob = u.encode("utf-8")
+                if j == 0 and not held:
+                    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
                 try:
                     piece = tokenizer.token_bytes(tid)
                 except (KeyError, ValueError):  # an id past the tokenizer's vocabulary (a padded embedding)
                     break
-                if not piece or blob[j : j + len(piece)] != piece:
+                text = utf8.decode(piece) if piece else None
+                if text is None or u[j : j + len(text)] != text:
                     break
-                j += len(piece)
-                if j == len(blob):
+                j += len(text)
+                held = bool(utf8.getstate()[0])
+                if j == len(u) and not held:
                     i, j = i + 1, 0
-            marks.append((i, j))
+            marks.append((i, j, held))
         n = len(marks) - 1
-        while n > 0 and marks[n][1] and not _char_start(units[marks[n][0]], marks[n][1]):
-            n -= 1  # the kept tokens end inside a multi-byte character: give those bytes back
-        i, j = marks[n]
+        while n > 0 and marks[n][2]:
+            n -= 1  # the kept tokens end inside a character's bytes: give those bytes back
+        i, j, _ = marks[n]
         rest: list[int | str] = list(units[i:])
         if j:
-            rest[0] = units[i].encode("utf-8")[j:].decode("utf-8")
+            rest[0] = units[i][j:]
         return list(reuse[:n]) + self._encode_units(rest, tokenizer), n
 
     def encode_prompt(self, instruction: str, tokenizer: Tokenizer, input: str = "", system: str | None = None,

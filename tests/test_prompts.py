@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine.prompts import ALPACA_PREAMBLE, PROMPT_FORMATS, get_prompt_format
-from engine.tokenizer import HFTokenizer, load_gpt2_tokenizer
+from engine.tokenizer import HFTokenizer, StreamDecoder, load_gpt2_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATA_50 = {"instruction": "Identify the correct spelling of the following word.", "input": "Ocassion",
@@ -263,6 +263,29 @@ def test_reusing_never_splits_a_character(gpt2):
     assert len(gpt2.token_bytes(part[0])) < len("🦙".encode())
     ids, kept = fmt.encode_chat_reusing(history, gpt2, head + part)
     assert kept == len(head) and ids[:kept] == head and gpt2.decode(ids) == text
+
+
+@pytest.mark.parametrize("name", ["alpaca", "chatml"])
+def test_reusing_keeps_sampled_ids_that_are_not_utf8(name, gpt2):
+    """A sampled answer may hold bytes that are not UTF-8 (a random model's do): its text then has U+FFFD where the
+    stream decoder met them, the ids still spell that text as it was streamed, and they are kept."""
+    fmt = get_prompt_format(name)
+    turn1 = [{"role": "user", "content": "Say something."}]
+    prompt = fmt.encode_chat(turn1, gpt2)
+    lead = gpt2.encode("🦙")[:1]  # an emoji's first bytes: a character begun and never finished
+    stray = [i for i in range(256) if gpt2.token_bytes(i) == b"\x80"]  # a lone continuation byte
+    sampled = gpt2.encode("Hi ") + lead + gpt2.encode(" there") + stray + gpt2.encode("!")
+    stream = StreamDecoder(gpt2)
+    answer = "".join(stream.push(i) for i in sampled) + stream.flush()
+    assert answer.count("\ufffd") == 2 and gpt2.encode(answer) != sampled  # re-encoding would differ
+    history = turn1 + [{"role": "assistant", "content": answer}, {"role": "user", "content": "More."}]
+    ids, kept = fmt.encode_chat_reusing(history, gpt2, prompt + sampled)
+    assert kept == len(prompt) + len(sampled) and ids[:kept] == prompt + sampled
+    rest = fmt.encode_chat_reusing(history, gpt2, [])[0]
+    assert gpt2.decode(rest) == fmt.render(history)
+    # ids that end on a begun character hold those bytes back: the character is encoded from the text
+    ids, kept = fmt.encode_chat_reusing(history, gpt2, prompt + gpt2.encode("Hi ") + lead)
+    assert kept == len(prompt) + len(gpt2.encode("Hi "))
 
 
 # ---------------------------------------------------------------- stop strings and extraction
