@@ -266,7 +266,8 @@ def test_last_only_and_positions():
     idx = torch.randint(0, 257, (2, 12))
     with torch.no_grad():
         full = model(idx)
-        torch.testing.assert_close(model(idx, last_only=True), full[:, -1:], atol=1e-6, rtol=0)
+        # float32 noise only: the last block's matmuls run 1 row instead of 12 (another blocking)
+        torch.testing.assert_close(model(idx, last_only=True), full[:, -1:], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(model(idx, positions=torch.arange(12)), full, atol=0, rtol=0)
     with pytest.raises(ValueError, match="exceeds context_length=64"):
         model(torch.zeros(1, 65, dtype=torch.long))
