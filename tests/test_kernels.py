@@ -447,10 +447,11 @@ def test_decode_attention_matches_reference_and_writes_only_each_rows_position(d
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("H,Hkv,hd", [(9, 3, 64), (4, 2, 128), (2, 1, 72)], ids=["smollm2", "hd128", "hd72"])
 def test_decode_attention_over_long_contexts_matches_reference(dtype, H, Hkv, hd) -> None:
-    """Contexts of whole and partial eight-key blocks, head sizes of one or two 64-feature register chunks and a
-    remainder: each row's attention is the reference's, and a row's output does not depend on the other rows."""
-    g, S = _gen(6), 90
-    positions = torch.tensor([0, 7, 63, 84])
+    """Contexts of whole and partial eight-key blocks (up to 291 keys), head sizes of one or two 64-feature register
+    chunks and a remainder: each row's attention is the reference's, and a row's output does not depend on the other
+    rows."""
+    g, S = _gen(6), 300
+    positions = torch.tensor([0, 7, 63, 64, 84, 290])
     config = ModelConfig(vocab_size=16, context_length=S, d_model=H * hd, n_layers=1, n_heads=H, n_kv_heads=Hkv,
                          ffn_dim=8, norm="rmsnorm", mlp="swiglu", pos_emb="rope", bias=False, qkv_bias=False)
     tables = build_rope_cache(config)
