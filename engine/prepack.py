@@ -34,6 +34,7 @@ is ignored until the registry packs again, so a stale copy can cost speed but ne
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -58,6 +59,12 @@ PANEL_ROWS = 128
 # Where panels win one row (their copy is made anyway), they also take 2-8 rows unless another kernel is more than
 # this much faster there: the 8-row figure alone misses that panels serve the prefill chunks too (above).
 PREFILL_SHARE = 1.10
+# Where the batches run our panels or dot-product panels (every output one chain over k whatever the row count), one
+# row takes that kernel too unless our row-form kernel (``scratch``) is more than this much faster there: a request
+# then computes the same bits alone and in a batch, and the choice does not flip from load to load where the two
+# measure alike (SmolLM2 bf16 on a Zen4 EPYC: within ~2% in paired runs, and which one a load picked decided a greedy
+# answer at a near-tie: logits 22.36 vs 22.30 at its second token).
+SAME_KERNEL_SHARE = 1.10
 
 
 def default_pack() -> str:
@@ -280,7 +287,9 @@ def _pack_int8(targets: list[Target], mode: str) -> tuple[str, bool]:
 
 def _pick(candidates: dict[str, list[PackedWeight]], times: dict[str, float]) -> list[PackedWeight] | None:
     """The fastest kernel for 2+ rows and for one row, with at most one packed copy per weight: a kernel that makes
-    a copy must beat the plain one by :data:`MIN_GAIN`, and of two copying winners only the batched one is kept."""
+    a copy must beat the plain one by :data:`MIN_GAIN`, and of two copying winners only the batched one is kept.
+    Where the batches run our panels, one row does too unless ``scratch`` is clearly faster
+    (:data:`SAME_KERNEL_SHARE`)."""
     def best(rows: int, names: Sequence[str]) -> str:
         def cost(name: str) -> float:
             copies = name != "scratch"  # our kernels read the weight itself
@@ -292,6 +301,9 @@ def _pick(candidates: dict[str, list[PackedWeight]], times: dict[str, float]) ->
     batch = f" x{BATCH_ROWS}"
     if one == "panel" and many != "panel" and times["panel" + batch] <= PREFILL_SHARE * times[many + batch]:
         many = "panel"  # its copy is made anyway, and it also serves prefill chunks up to PANEL_ROWS rows
+    if one == "scratch" and many in ("panel", "dpbf16") \
+            and times.get(f"{many} x1", math.inf) <= SAME_KERNEL_SHARE * times["scratch x1"]:
+        one = many  # the batches' kernel for one row too (see SAME_KERNEL_SHARE)
     if many == "plain" and one == "plain":
         return None
     if many == "plain":

@@ -324,6 +324,19 @@ def test_panels_that_win_one_row_also_take_batches_unless_clearly_slower(scratch
     assert prepack._pick(pws, times)[0].label == want
 
 
+@pytest.mark.parametrize("batch", ["panel", "dpbf16"])
+@pytest.mark.parametrize("scratch_x1_ms, want_one", [(1.9, "batch"), (1.7, "scratch")])
+def test_one_row_takes_the_batches_kernel_unless_row_form_is_clearly_faster(batch, scratch_x1_ms, want_one):
+    """Our batch kernel within SAME_KERNEL_SHARE of the row-form one at one row serves one row too (the same bits
+    alone and in a batch, and no flip from load to load); clearly slower, the row-form kernel keeps one row."""
+    pws = {name: [prepack.PackedWeight(name, torch.zeros(1), torch.ones(1), ())] for name in ("scratch", batch)}
+    times = {"plain x1": 5.0, "plain x8": 9.0, "scratch x1": scratch_x1_ms, f"{batch} x1": 2.0, f"{batch} x8": 2.0,
+             "scratch x8": 4.0}
+    rows = prepack.PANEL_ROWS if batch == "panel" else prepack.BATCH_ROWS
+    want = f"{batch}[1-{rows} rows]" if want_one == "batch" else f"scratch[1 row]+{batch}[2-{rows} rows]"
+    assert prepack._pick(pws, times)[0].label == want
+
+
 @pytest.mark.skipif(not (kernels.available() and kernels.has_avx512_bf16()),
                     reason="bf16 dot-product panels run on AVX512-BF16 CPUs only")
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
