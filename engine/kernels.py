@@ -11,8 +11,9 @@ runtime:
   with AVX512-BF16, ``linear_dpbf16`` (bf16 x and a :func:`pack_dpbf16` copy: pairs of bf16 products per
   ``vdpbf16ps``, compiled per function for AVX-512 and checked for at run time) and ``linear_dpi8`` (the same for
   an int8 weight, :func:`pack_dpi8`, each int8 widened to bf16 exactly in registers, its scale in the epilogue);
-- ``prefix_attention``: a prefill chunk's queries over the cached keys before and with them (float32 math; a bf16
-  chunk's scores through ``vdpbf16ps`` on AVX512-BF16 CPUs);
+- ``prefix_attention``: a prefill chunk's queries over the cached keys before and with them (float32 math; for a
+  bf16 chunk on AVX512-BF16 CPUs both products through ``vdpbf16ps``, the softmax weights rounded to bf16 for the
+  values' product as PyTorch's SDPA rounds them);
 - the small steps of a decode layer: ``decode_attention`` (RoPE, cache write, grouped-query attention),
   ``rms_norm``, ``silu_mul``;
 - ``lora``: a decode step's per-row LoRA deltas, each row computing only its own adapter's pieces;

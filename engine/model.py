@@ -113,7 +113,7 @@ def _apply_rope_rolled(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Ten
 
 
 def _prefix_kernel_for(dtype: torch.dtype) -> bool:
-    """Whether attention over a cached prefix runs engine.kernels' ``prefix_attention`` (float32 math) for this
+    """Whether attention over a cached prefix runs engine.kernels' ``prefix_attention`` (float32 sums) for this
     dtype: float32 wherever our kernels run; bf16 too, except on CPUs with AMX, where PyTorch's SDPA multiplies bf16
     on the AMX tiles (not measured against ours: no such machine at hand when this was written)."""
     if dtype == torch.float32:

@@ -23,7 +23,8 @@
 //   scratchchat::prefix_attention(q, k, v, positions) -> (B, T, H * hd)
 //       a prefill chunk's queries over the keys/values cached before and with them (query t of row b sees keys
 //       0 .. positions[b, t]), grouped-query heads taken together; float32 math (for bf16 inputs on CPUs with
-//       AVX512-BF16 the scores by vdpbf16ps: exact products, float32 sums)
+//       AVX512-BF16 both products by vdpbf16ps: exact products, float32 sums, the softmax weights rounded to bf16
+//       for the values' product as PyTorch's SDPA rounds them)
 //   scratchchat::rms_norm(x, weight, eps) -> x / sqrt(mean(x^2) + eps) * weight, in the weight's dtype
 //   scratchchat::silu_mul(gate_up) -> silu(gate) * up for the fused (..., 2F) gate/up output
 //
@@ -1432,8 +1433,8 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 //   scratchchat::lora(x, y, a[], b[], pieces, coef, residual?) -> y + delta  (or residual + (y + delta))
 //
 // A batch mixes adapters: row i adds sum_j coef[i, j] * B_j A_j x_i over the contributions j it uses (an adapter,
-// or a merged one subtracted). Contribution j's weights stay where its adapter keeps them, in two flat float32
-// buffers a[j] and b[j] (no copy per batch composition, as Punica's and S-LoRA's kernels read each adapter in place),
+// or a merged one subtracted). Contribution j's weights stay where its adapter keeps them, in two flat float32 (or,
+// for a bf16 base, bf16) buffers a[j] and b[j] (no copy per batch composition, as Punica's and S-LoRA's kernels read each adapter in place),
 // packed for these loops by engine.lora.pack_decode_piece: each piece's A as (ceil(r / 8), in, 8) (chunk c, input k,
 // lane l = A[8c + l, k]) and its scaled B as panels (ceil(n / 8), ceil8(r), 8) (panel q, rank k, lane l =
 // B[8q + l, k]), zeros past r and n, so both steps read each piece as one contiguous stream in broadcast form (no
@@ -1442,7 +1443,9 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 // ``pieces`` (P, 6) int64 lists every (projection, contribution) low-rank piece of one fused output: [offset of its
 // packed A in a[j], rank, output offset, output size, offset of its B panels in b[j], j]. Each row computes only its
 // own pieces (no block-diagonal zeros, no masked-out rows): t = coef * A x, then delta = B t, summed in float32 and
-// added to y once (rounded into y's dtype, as the module path adds the float32 product).
+// added to y once (rounded into y's dtype, as the module path adds the float32 product). Any range of the outputs
+// can be done on its own (LoraDelta): inside decode_blocks each product's threads add the delta to the outputs they
+// have just computed (the product's tail), and the op alone is one parallel region over blocks of outputs.
 
 inline int64_t ceil8(int64_t v) { return (v + 7) / 8 * 8; }
 
