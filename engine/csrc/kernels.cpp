@@ -120,8 +120,8 @@ inline void tile(const float* x, int64_t ldx, const WT* w, int64_t K, float* dot
 // path rounds the projection's output before adding it to the float32 residual stream).
 //
 // ``tail``, when set, runs on each thread's share of the outputs once the thread has written them: tail(y, n0, n1)
-// for output features [n0, n1) of every row of y (the float32 output), in the same parallel region (a LoRA delta added there costs no fork of its
-// own; see lora_product below).
+// for output features [n0, n1) of every row of y (the float32 output), in the same parallel region (a LoRA delta
+// added there costs no fork of its own; see projection() below).
 using Tail = std::function<void(const float* y, int64_t n0, int64_t n1)>;
 
 struct Epilogue {
@@ -1167,8 +1167,8 @@ SCRATCHCHAT_AVX512 void dp_prefix_tile(const bf16* qd, int64_t qb, int64_t qh, i
   // probabilities for that product in bf16), in pairs of keys per lane (a zero past an odd n)
   const int64_t n2 = (n + 1) / 2;
   ep.resize(n2 * 2 * QD);
-  __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5,
-                                   20, 4, 19, 3, 18, 2, 17, 1, 16, 0);  // lane l: (key 2jj, key 2jj + 1)
+  const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);  // lane l: (key 2jj, key 2jj + 1)
   __m512 sum = _mm512_setzero_ps();
   for (int64_t jj = 0; jj < n2; ++jj) {
     __m512 ex[2];
@@ -1236,10 +1236,11 @@ void prefix_attention_dp(const at::Tensor& q, const at::Tensor& kc, const at::Te
     at[b + 1] = at[b] + Hkv * ((nk[b] + 1) / 2) * 2 * hd;
   }
   std::vector<bf16> vpairs(at[B]);
+  auto head_values = [&](int64_t b, int64_t g) { return vpairs.data() + at[b] + g * ((nk[b] + 1) / 2) * 2 * hd; };
   at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / Hkv, g = i % Hkv, n2 = (nk[b] + 1) / 2;
-      pair_values(vd + b * vb + g * vh, vt, nk[b], hd, vpairs.data() + at[b] + g * n2 * 2 * hd);
+      const int64_t b = i / Hkv, g = i % Hkv;
+      pair_values(vd + b * vb + g * vh, vt, nk[b], hd, head_values(b, g));
     }
   });
   float* out = y.data_ptr<float>();  // (B, T, H * hd)
@@ -1249,9 +1250,8 @@ void prefix_attention_dp(const at::Tensor& q, const at::Tensor& kc, const at::Te
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (Hkv * tiles), g = i / tiles % Hkv, r0 = i % tiles * QD;
       dp_prefix_tile(q.data_ptr<bf16>(), q.stride(0), q.stride(1), q.stride(2),
-                     kd + b * kc.stride(0) + g * kc.stride(1), kc.stride(2),
-                     vpairs.data() + at[b] + g * ((nk[b] + 1) / 2) * 2 * hd, pos, b, g, r0, R, T, H, rep, hd, scale, out,
-                     s, ep);
+                     kd + b * kc.stride(0) + g * kc.stride(1), kc.stride(2), head_values(b, g), pos, b, g, r0, R, T,
+                     H, rep, hd, scale, out, s, ep);
     }
   });
 }
@@ -1433,7 +1433,8 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 //
 // A batch mixes adapters: row i adds sum_j coef[i, j] * B_j A_j x_i over the contributions j it uses (an adapter,
 // or a merged one subtracted). Contribution j's weights stay where its adapter keeps them, in two flat float32 (or,
-// for a bf16 base, bf16) buffers a[j] and b[j] (no copy per batch composition, as Punica's and S-LoRA's kernels read each adapter in place),
+// for a bf16 base, bf16) buffers a[j] and b[j] (no copy per batch composition, as Punica's and S-LoRA's kernels
+// read each adapter in place),
 // packed for these loops by engine.lora.pack_decode_piece: each piece's A as (ceil(r / 8), in, 8) (chunk c, input k,
 // lane l = A[8c + l, k]) and its scaled B as panels (ceil(n / 8), ceil8(r), 8) (panel q, rank k, lane l =
 // B[8q + l, k]), zeros past r and n, so both steps read each piece as one contiguous stream in broadcast form (no
