@@ -107,19 +107,24 @@ class LoraAdapter:
         return sum(t.numel() * t.element_size() for t in (self.a_flat, self.b_flat, self.a_decode, self.b_decode))
 
 
-def pack_decode_piece(a: torch.Tensor, bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_decode_piece(a: torch.Tensor, bt: torch.Tensor, *, pairs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One piece's A (r, in) and scaled B^T (r, n) packed for the ``scratchchat::lora`` op, flat float32: A as
     (ceil(r / 8), in, 8) (8 ranks side by side per input feature) and B as (ceil(n / 8), ceil8(r), 8) panels (8
-    outputs side by side per rank), zeros past r and n: each step then reads one contiguous stream per piece."""
+    outputs side by side per rank), zeros past r and n: each step then reads one contiguous stream per piece.
+
+    ``pairs`` (the layout of bf16 buffers): A as (ceil(r / 8), ceil(in / 2), 8, 2), each rank's weights for inputs
+    (2i, 2i + 1) side by side (a zero past an odd ``in``), what vdpbf16ps multiplies with a pair of bf16 inputs."""
     r, k = a.shape
     n = bt.shape[1]
     rp, np_ = -(-r // 8) * 8, -(-n // 8) * 8
-    ap = a.new_zeros(rp, k, dtype=torch.float32)
-    ap[:r] = a
+    kp = -(-k // 2) * 2 if pairs else k
+    ap = a.new_zeros(rp, kp, dtype=torch.float32)
+    ap[:r, :k] = a
     bp = bt.new_zeros(rp, np_, dtype=torch.float32)
     bp[:r, :n] = bt
-    return (ap.view(rp // 8, 8, k).transpose(1, 2).reshape(-1),
-            bp.view(rp, np_ // 8, 8).transpose(0, 1).reshape(-1))
+    a_flat = (ap.view(rp // 8, 8, kp // 2, 2).permute(0, 2, 1, 3) if pairs
+              else ap.view(rp // 8, 8, kp).transpose(1, 2)).reshape(-1)
+    return a_flat, bp.view(rp, np_ // 8, 8).transpose(0, 1).reshape(-1)
 
 
 def load_adapter(
@@ -235,7 +240,8 @@ def load_adapter(
             bv.copy_(bv.bfloat16())
         weights[key], offsets[key] = (av.t(), bv), (a_at, b_at)
         a_at, b_at = a_at + av.numel(), b_at + bv.numel()
-    decode = {key: pack_decode_piece(weights[key][0].t(), weights[key][1]) for key in order}
+    decode = {key: pack_decode_piece(weights[key][0].t(), weights[key][1], pairs=dtype == torch.bfloat16)
+              for key in order}
     a_decode, b_decode = torch.cat([decode[key][0] for key in order]), torch.cat([decode[key][1] for key in order])
     if dtype == torch.bfloat16:  # exact: the values are bf16 already
         a_decode, b_decode = a_decode.bfloat16(), b_decode.bfloat16()
@@ -420,9 +426,10 @@ class BatchLora:
         if pk is None:
             return y
         B, T, n_in = x.shape
-        if T == 1 and B <= DECODE_ROWS and not torch.is_grad_enabled() and kernels.available():
-            out = torch.ops.scratchchat.lora(x.reshape(B, n_in), y.reshape(B, -1), self.a, self.b, pk.table,
-                                             self.coef_for(B))
+        if not torch.is_grad_enabled() and kernels.available():
+            coef = self.coef_for(B) if T == 1 else self.coef_for(B).repeat_interleave(T, dim=0)
+            out = torch.ops.scratchchat.lora(x.reshape(B * T, n_in), y.reshape(B * T, -1), self.a, self.b, pk.table,
+                                             coef)
             return out.view(y.shape)
         h = x.reshape(B * T, n_in).float()
         d = y.new_zeros((B * T, y.shape[-1]), dtype=torch.float32)

@@ -312,7 +312,7 @@ def _lora_args(pieces_list, contributions, dtype=torch.float32):
         r, n = bt.shape
         a_at, b_at = sum(t.numel() for t in a[j]), sum(t.numel() for t in b[j])
         table.append([a_at, r, off, n, b_at, j])
-        ap, bp = pack_decode_piece(at, bt)
+        ap, bp = pack_decode_piece(at, bt, pairs=dtype == torch.bfloat16)
         a[j] += [ap, torch.randn(7)]
         b[j] += [bp, torch.randn(2)]
     return ([torch.cat(t).to(dtype) for t in a], [torch.cat(t).to(dtype) for t in b],
@@ -323,10 +323,12 @@ def _lora_args(pieces_list, contributions, dtype=torch.float32):
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("y_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_lora_op_adds_each_rows_own_pieces(x_dtype, y_dtype, with_residual, w_dtype) -> None:
+@pytest.mark.parametrize("copies", [1, 4], ids=["decode-rows", "prompt-rows"])
+def test_lora_op_adds_each_rows_own_pieces(x_dtype, y_dtype, with_residual, w_dtype, copies) -> None:
     """A fused output (sizes 40 | 13 | 13) with three contributions of ranks 4, 8, 2 on different slices; rows use
     none, one, or one plus a negative (merged) one; coef 0 rows get exactly y back. Adapter weights in float32 or
-    (a bf16 base's) bf16, widened exactly."""
+    (a bf16 base's) bf16, widened exactly. Five rows (a decode step's: the op shares out blocks of outputs) or 20
+    (a prompt's: it shares out rows)."""
     g = _gen(30)
     K = 37
     sizes = [(0, 40), (40, 13), (53, 13)]
@@ -335,7 +337,7 @@ def test_lora_op_adds_each_rows_own_pieces(x_dtype, y_dtype, with_residual, w_dt
         for off, n in sizes[: 3 - j]:
             a_, b_ = torch.randn(r, K, generator=g), torch.randn(r, n, generator=g)
             pieces_list.append((a_.to(w_dtype).float(), b_.to(w_dtype).float(), off, j))
-    coef = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, -1]])
+    coef = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, -1]]).repeat(copies, 1)
     R = coef.shape[0]
     x = torch.randn(R, K, generator=g).to(x_dtype)
     y = torch.randn(R, 66, generator=g).to(y_dtype)

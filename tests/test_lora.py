@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from engine import kernels
 from engine.config import ModelConfig
 from engine.errors import AdapterMismatch
 from engine.kv_cache import KVCache
@@ -45,9 +46,22 @@ def _served(base: GPT) -> GPT:
     return copy.deepcopy(base).requires_grad_(False)
 
 
+@pytest.fixture(params=["kernels", "matmuls"])
+def lora_path(request, monkeypatch):
+    """Our kernels (the lora op, also for prompts), or PyTorch's matmuls (training, or a CPU without the kernels)."""
+    if request.param == "matmuls":
+        monkeypatch.setenv("SCRATCHCHAT_KERNELS", "off")
+        kernels.available.cache_clear()
+    else:
+        assert kernels.available()
+    yield request.param
+    monkeypatch.delenv("SCRATCHCHAT_KERNELS", raising=False)
+    kernels.available.cache_clear()
+
+
 @pytest.mark.parametrize("frozen", [False, True], ids=["per-projection", "fused-groups"])
 @pytest.mark.parametrize("config", [LLAMA, GPT2], ids=["llama", "gpt2"])
-def test_mixed_batch_matches_peft(tmp_path, config, frozen):
+def test_mixed_batch_matches_peft(tmp_path, config, frozen, lora_path):
     base = _base(config)
     pa = _make_adapter(base, tmp_path / "a", seed=1)
     pb = _make_adapter(base, tmp_path / "b", seed=2, r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"],
@@ -183,7 +197,7 @@ def test_bf16_base_with_fp32_lora_matches_fp32_reference(tmp_path):
             torch.testing.assert_close(got[rows], ref[rows], rtol=0.05, atol=0.05)
 
 
-def test_bf16_base_serves_bf16_adapter_weights_like_peft_in_bf16(tmp_path):
+def test_bf16_base_serves_bf16_adapter_weights_like_peft_in_bf16(tmp_path, lora_path):
     """For a bf16 base, A and scale * B are rounded to bf16 once at load (the decode op reads bf16 copies, prefill
     the same values in float32) as PEFT keeps them with ``autocast_adapter_dtype=False``: the mixed batch equals
     that PeftModel's rows within bf16 steps, and decode steps through the cache give the prefill's logits."""

@@ -1436,7 +1436,8 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 // for a bf16 base, bf16) buffers a[j] and b[j] (no copy per batch composition, as Punica's and S-LoRA's kernels
 // read each adapter in place),
 // packed for these loops by engine.lora.pack_decode_piece: each piece's A as (ceil(r / 8), in, 8) (chunk c, input k,
-// lane l = A[8c + l, k]) and its scaled B as panels (ceil(n / 8), ceil8(r), 8) (panel q, rank k, lane l =
+// lane l = A[8c + l, k]; bf16 buffers hold input pairs, (ceil(r / 8), ceil(in / 2), 8, 2), the layout of vdpbf16ps
+// and of one 32-bit lane per rank and pair) and its scaled B as panels (ceil(n / 8), ceil8(r), 8) (panel q, rank k, lane l =
 // B[8q + l, k]), zeros past r and n, so both steps read each piece as one contiguous stream in broadcast form (no
 // horizontal sums): a first version read A (r, in) and B^T (r, n) row-major, 8 rows of A and 16 strided 256-byte
 // runs of B^T at a time, and streamed SmolLM2's three rank-16 adapters at ~13 GB/s on the Zen5 EPYC.
@@ -1464,6 +1465,65 @@ inline __m256 chunk_dot(const float* x, const WT* ac, int64_t K) {
   return _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
 }
 
+// A's values per 8-rank chunk: K per rank, or for bf16 buffers K rounded up to pairs
+template <typename WT>
+inline int64_t chunk_inputs(int64_t K) {
+  return std::is_same_v<WT, bf16> ? (K + 1) / 2 * 2 : K;
+}
+
+// chunk_dot on the pairs layout with float32 x: a 32-bit lane holds a rank's two weights (k, k + 1), widened by a
+// shift and a mask
+inline __m256 chunk_dot_pairs(const float* x, const bf16* ac, int64_t K) {
+  const __m256i hi = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+  const int64_t K2 = K / 2;
+  int64_t kk = 0;
+  for (; kk + 2 <= K2; kk += 2) {
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ac + 16 * kk));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ac + 16 * kk + 16));
+    s0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + 2 * kk), _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16)), s0);
+    s1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + 2 * kk + 1), _mm256_castsi256_ps(_mm256_and_si256(w0, hi)), s1);
+    s2 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + 2 * kk + 2), _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16)), s2);
+    s3 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + 2 * kk + 3), _mm256_castsi256_ps(_mm256_and_si256(w1, hi)), s3);
+  }
+  for (; kk < K2; ++kk) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ac + 16 * kk));
+    s0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + 2 * kk), _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), s0);
+    s1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + 2 * kk + 1), _mm256_castsi256_ps(_mm256_and_si256(w, hi)), s1);
+  }
+  if (K % 2) {  // the last input's partner is the packing's zero
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ac + 16 * K2));
+    s0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + K - 1), _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), s0);
+  }
+  return _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
+}
+
+// the same for bf16 x by vdpbf16ps: both products of a pair in one instruction (exact, float32 sums)
+SCRATCHCHAT_AVX512 inline __m256 chunk_dot_dp(const bf16* x, const bf16* ac, int64_t K) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+  auto pair = [&](int64_t kk) {
+    int32_t v;
+    std::memcpy(&v, x + 2 * kk, 4);
+    return (__m256bh)_mm256_set1_epi32(v);
+  };
+  auto w = [&](int64_t kk) { return (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ac + 16 * kk)); };
+  const int64_t K2 = K / 2;
+  int64_t kk = 0;
+  for (; kk + 4 <= K2; kk += 4) {
+    s0 = _mm256_dpbf16_ps(s0, w(kk), pair(kk));
+    s1 = _mm256_dpbf16_ps(s1, w(kk + 1), pair(kk + 1));
+    s2 = _mm256_dpbf16_ps(s2, w(kk + 2), pair(kk + 2));
+    s3 = _mm256_dpbf16_ps(s3, w(kk + 3), pair(kk + 3));
+  }
+  for (; kk < K2; ++kk) s0 = _mm256_dpbf16_ps(s0, w(kk), pair(kk));
+  if (K % 2) {  // the last input paired with a zero
+    uint16_t last;
+    std::memcpy(&last, x + K - 1, 2);
+    s0 = _mm256_dpbf16_ps(s0, w(K2), (__m256bh)_mm256_set1_epi32(last));
+  }
+  return _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
+}
+
 // the 8 outputs of one B panel: sum over the rp ranks of t[k] * panel[8k .. 8k + 8)
 template <typename WT>
 inline __m256 panel_delta(const float* t, const WT* panel, int64_t rp) {
@@ -1477,6 +1537,7 @@ inline __m256 panel_delta(const float* t, const WT* panel, int64_t rp) {
 
 constexpr int64_t LORA_TASK = 32 << 10;  // multiply-adds per task of the standalone op
 constexpr int64_t LORA_BLK = 64;         // outputs whose delta is summed at once
+constexpr int64_t LORA_ROWS_BY_BLOCKS = 8;  // up to this many rows the standalone op shares out blocks of outputs
 
 // A batch's LoRA deltas for any range [n0, n1) of a (fused) output's features: each row's t = coef * A x for the
 // pieces it uses that touch the range, then d = sum of B t 64 outputs at a time, then out = (y + d, rounded into
@@ -1487,6 +1548,7 @@ constexpr int64_t LORA_BLK = 64;         // outputs whose delta is summed at onc
 template <typename WT, typename YT>
 struct LoraDelta {
   const float* x;  // (R, K) float32
+  const bf16* xb;  // the same as bf16 where x is bf16 and the CPU has AVX512-BF16 (then A x by vdpbf16ps), else null
   const std::vector<const WT*>& a;
   const std::vector<const WT*>& b;
   const int64_t* pc;
@@ -1497,7 +1559,10 @@ struct LoraDelta {
   const float* residual;
   void* out;
 
-  void operator()(int64_t n0, int64_t n1, const float* yf = nullptr) const {
+  void operator()(int64_t n0, int64_t n1, const float* yf = nullptr) const { rows(0, R, n0, n1, yf); }
+
+  // rows [r0, r1) only (a prompt's many rows: each row's t once, for all of its outputs)
+  void rows(int64_t r0, int64_t r1, int64_t n0, int64_t n1, const float* yf = nullptr) const {
     std::vector<int64_t> rank_at(P);  // piece p's (padded) ranks sit at [rank_at[p], + ceil8(rank)) of t
     int64_t Rt = 0;
     for (int64_t p = 0; p < P; ++p) rank_at[p] = std::exchange(Rt, Rt + ceil8(pc[p * 6 + 1]));
@@ -1505,14 +1570,20 @@ struct LoraDelta {
     auto touches = [&](int64_t i, const int64_t* pe, int64_t lo, int64_t hi) {
       return coef[i * C + pe[5]] != 0.f && std::max(lo, pe[2]) < std::min(hi, pe[2] + pe[3]);
     };
-    for (int64_t i = 0; i < R; ++i) {
+    for (int64_t i = r0; i < r1; ++i) {
       for (int64_t p = 0; p < P; ++p) {  // 1. t for the pieces of this row that reach into [n0, n1)
         const int64_t* pe = pc + p * 6;
         if (!touches(i, pe, n0, n1)) continue;
         const __m256 c = _mm256_set1_ps(coef[i * C + pe[5]]);
-        for (int64_t q = 0; q < ceil8(pe[1]) / 8; ++q)
-          _mm256_storeu_ps(t.data() + rank_at[p] + 8 * q,
-                           _mm256_mul_ps(c, chunk_dot(x + i * K, a[pe[5]] + pe[0] + q * 8 * K, K)));
+        for (int64_t q = 0; q < ceil8(pe[1]) / 8; ++q) {
+          const WT* ac = a[pe[5]] + pe[0] + q * 8 * chunk_inputs<WT>(K);
+          __m256 v;
+          if constexpr (std::is_same_v<WT, bf16>)
+            v = xb ? chunk_dot_dp(xb + i * K, ac, K) : chunk_dot_pairs(x + i * K, ac, K);
+          else
+            v = chunk_dot(x + i * K, ac, K);
+          _mm256_storeu_ps(t.data() + rank_at[p] + 8 * q, _mm256_mul_ps(c, v));
+        }
       }
       for (int64_t c0 = n0; c0 < n1; c0 += LORA_BLK) {  // 2. delta = sum over the pieces of B t; out = y + delta
         alignas(32) float d[LORA_BLK];
@@ -1599,7 +1670,8 @@ int64_t check_lora(int64_t R, int64_t K, int64_t N, const std::vector<at::Tensor
   for (int64_t p = 0; p < pieces.size(0); ++p) {
     const int64_t* pe = pc + p * 6;
     TORCH_CHECK(pe[5] >= 0 && pe[5] < C, "piece ", p, " names contribution ", pe[5], " of ", C);
-    TORCH_CHECK(pe[0] >= 0 && pe[1] >= 0 && pe[0] + ceil8(pe[1]) * K <= a[pe[5]].numel(), "piece ", p,
+    const int64_t per_rank = wt == at::kBFloat16 ? chunk_inputs<bf16>(K) : K;
+    TORCH_CHECK(pe[0] >= 0 && pe[1] >= 0 && pe[0] + ceil8(pe[1]) * per_rank <= a[pe[5]].numel(), "piece ", p,
                 " reaches past a[", pe[5], "]'s ", a[pe[5]].numel(), " values");
     TORCH_CHECK(pe[2] >= 0 && pe[3] >= 0 && pe[2] + pe[3] <= N, "piece ", p, " reaches past y's ", N, " outputs");
     TORCH_CHECK(pe[4] >= 0 && pe[4] + ceil8(pe[1]) * ceil8(pe[3]) <= b[pe[5]].numel(), "piece ", p,
@@ -1622,10 +1694,14 @@ at::Tensor lora_output(int64_t R, int64_t N, at::ScalarType y_dtype, const std::
 
 // f(LoraDelta<WT, YT>&) for the dtypes of the adapters' buffers and of y
 template <typename F>
-void with_lora_delta(const at::Tensor& xf, const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b,
+void with_lora_delta(const at::Tensor& x, const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b,
                      const at::Tensor& pieces, const at::Tensor& coef, int64_t N, at::ScalarType y_dtype,
                      const void* y, const at::Tensor& res, at::Tensor& out, F&& f) {
   const int64_t C = coef.size(1);
+  const bool wb = C && a[0].scalar_type() == at::kBFloat16, yb = y_dtype == at::kBFloat16;
+  // x (contiguous): bf16 with bf16 adapters on an AVX512-BF16 CPU as it is, else as float32
+  const bool dp = wb && x.scalar_type() == at::kBFloat16 && cpu_has_avx512_bf16();
+  const at::Tensor xf = dp ? at::Tensor() : as_float(x);
   auto typed = [&](auto* wtag, auto* ytag) {
     using WT = std::remove_pointer_t<decltype(wtag)>;
     using YT = std::remove_pointer_t<decltype(ytag)>;
@@ -1634,12 +1710,12 @@ void with_lora_delta(const at::Tensor& xf, const std::vector<at::Tensor>& a, con
       ap[j] = a[j].data_ptr<WT>();
       bp[j] = b[j].data_ptr<WT>();
     }
-    LoraDelta<WT, YT> ld{xf.data_ptr<float>(), ap, bp, pieces.data_ptr<int64_t>(), pieces.size(0),
-                         coef.data_ptr<float>(), C, xf.size(0), xf.size(1), N, static_cast<const YT*>(y),
+    LoraDelta<WT, YT> ld{dp ? nullptr : xf.data_ptr<float>(), dp ? x.data_ptr<bf16>() : nullptr, ap, bp,
+                         pieces.data_ptr<int64_t>(), pieces.size(0), coef.data_ptr<float>(), C, x.size(0), x.size(1),
+                         N, static_cast<const YT*>(y),
                          res.defined() ? res.data_ptr<float>() : nullptr, out.data_ptr()};
     f(ld);
   };
-  const bool wb = C && a[0].scalar_type() == at::kBFloat16, yb = y_dtype == at::kBFloat16;
   if (wb && yb) typed(static_cast<bf16*>(nullptr), static_cast<bf16*>(nullptr));
   else if (wb) typed(static_cast<bf16*>(nullptr), static_cast<float*>(nullptr));
   else if (yb) typed(static_cast<float*>(nullptr), static_cast<bf16*>(nullptr));
@@ -1655,17 +1731,21 @@ at::Tensor lora(const at::Tensor& x, const at::Tensor& y, const std::vector<at::
   const int64_t R = x.size(0), K = x.size(1), N = y.size(1);
   const at::Tensor pcc = pieces.contiguous(), cc = coef.contiguous();
   const int64_t Rt = check_lora(R, K, N, a, b, pcc, cc);
-  const at::Tensor xf = as_float(x.contiguous()), yc = y.contiguous();
+  const at::Tensor xc = x.contiguous(), yc = y.contiguous();
   at::Tensor res;
   at::Tensor out = lora_output(R, N, y.scalar_type(), residual, res);
   // one parallel region over blocks of outputs, each task computing the t it needs (a call reads 0.1-0.8 MB of
-  // adapter weights; a decode step makes ~120 of them when it runs the Python layer loop)
+  // adapter weights; a decode step makes ~120 of them when it runs the Python layer loop); a prompt's rows (more
+  // than a decode batch) are shared out instead, each row's t computed once
   const int64_t blocks = (N + LORA_BLK - 1) / LORA_BLK;
   const int64_t grain = std::max<int64_t>(1, LORA_TASK / std::max<int64_t>(1, LORA_BLK * Rt * R));
-  with_lora_delta(xf, a, b, pcc, cc, N, y.scalar_type(), yc.data_ptr(), res, out, [&](const auto& ld) {
-    at::parallel_for(0, blocks, grain, [&](int64_t q0, int64_t q1) {
-      ld(q0 * LORA_BLK, std::min(N, q1 * LORA_BLK));
-    });
+  with_lora_delta(xc, a, b, pcc, cc, N, y.scalar_type(), yc.data_ptr(), res, out, [&](const auto& ld) {
+    if (R > LORA_ROWS_BY_BLOCKS)
+      at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) { ld.rows(r0, r1, 0, N); });
+    else
+      at::parallel_for(0, blocks, grain, [&](int64_t q0, int64_t q1) {
+        ld(q0 * LORA_BLK, std::min(N, q1 * LORA_BLK));
+      });
   });
   return out;
 }
@@ -1713,10 +1793,10 @@ at::Tensor projection(const std::vector<std::optional<at::Tensor>>& t, int64_t s
   const int64_t R = x.size(0), K = x.size(1);
   const at::Tensor cc = ad.coef->contiguous();
   check_lora(R, K, n, ad.a, ad.b, pieces, cc);
-  const at::Tensor xf = as_float(x.contiguous());
+  const at::Tensor xc = x.contiguous();
   at::Tensor res;
   at::Tensor out = lora_output(R, n, x.scalar_type(), residual, res);
-  with_lora_delta(xf, ad.a, ad.b, pieces, cc, n, x.scalar_type(), nullptr, res, out, [&](const auto& ld) {
+  with_lora_delta(xc, ad.a, ad.b, pieces, cc, n, x.scalar_type(), nullptr, res, out, [&](const auto& ld) {
     const Tail tail = [&](const float* y, int64_t n0, int64_t n1) { ld(n0, n1, y); };
     product(t, slot, kind, n, x, std::nullopt, &tail);
   });
