@@ -278,8 +278,6 @@ class Pieces:
     runs: tuple[tuple[int, torch.Tensor, tuple[tuple[int, torch.Tensor, int], ...]], ...]
 
 
-
-
 class BatchLora:
     """The ``lora`` hook for one batch composition: row ``i`` uses ``adapters[i]`` (None = base only).
 
