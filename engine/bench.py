@@ -49,8 +49,9 @@ def variant(name: str) -> tuple[torch.dtype, str]:
     return dtype, quant
 
 
-ROUNDS = 3  # rounds of each serving figure (medians): one run of each swings by +-15% on a shared 2-core VM
-TTFT_ROUNDS = 5  # a turn's TTFT is one ~50 ms sample: more rounds of it
+ROUNDS = 4  # rounds of each serving figure (medians; even: each pair runs in both orders equally often): one run
+# of each swings by +-15% on a shared 2-core VM
+TTFT_ROUNDS = 6  # a turn's TTFT is one ~50 ms sample: more rounds of it (even: see ROUNDS)
 
 
 def _median(xs: list[float]) -> float:
@@ -254,18 +255,19 @@ def serving_figures(root: Path, name: str, dtype: torch.dtype, tmp: Path, n_new:
         answer = 60 if engine.context_length(lm) >= 2048 else 40
         cfg_turn = GenerationConfig(max_new_tokens=answer)
         firsts, tenths, truncated = [], [], 0
-        for _ in range(TTFT_ROUNDS):
+        for r in range(TTFT_ROUNDS):
             s = engine.new_session(name, system_prompt="")
             for turn in range(9):
                 # a different message each turn: identical turns (with a random model's empty answers) would make
                 # a history that drops its oldest turn tokenize exactly like the last one, all of it cached
                 s.complete(f"({turn + 1}) {msg}", cfg_turn)
                 truncated += s.last_usage.truncated_turns
-            # turn 1 (a fresh session's) right before turn 10: side by side, as the VM's speed drifts by up to 2x
-            # between the seconds a round takes
+            # turn 1 (a fresh session's) next to turn 10: side by side, as the VM's speed drifts by up to 2x between
+            # the seconds a round takes, and before it in even rounds, after it in odd ones
             one = engine.new_session(name, system_prompt="")
-            one.complete(f"(1) {msg}", cfg_turn)
-            s.complete(f"(10) {msg}", cfg_turn)
+            turns = [lambda: one.complete(f"(1) {msg}", cfg_turn), lambda: s.complete(f"(10) {msg}", cfg_turn)]
+            for turn in turns if r % 2 == 0 else turns[::-1]:
+                turn()
             truncated += s.last_usage.truncated_turns
             firsts.append(one.last_usage.ttft_s)
             tenths.append(s.last_usage.ttft_s)
@@ -287,13 +289,18 @@ def serving_figures(root: Path, name: str, dtype: torch.dtype, tmp: Path, n_new:
         prompt = _prompt(lm)
         _aggregate(sched, [Request(lm, None, prompt, GenerationConfig(max_new_tokens=8))])  # warm up
         ads = [None] + [engine.adapter(lm, f"bench-{i}") for i in range(3)]
-        # ROUNDS rounds of each pair, side by side; the ratio is the median of the rounds' ratios
+        # ROUNDS rounds of each pair, side by side, the pair's order swapped every round (the VM's speed drifts
+        # over the seconds a round takes: one order would always give the drift to the same side); the ratio is
+        # the median of the rounds' ratios
         one, eight, base4, mixed4 = [], [], [], []
-        for _ in range(ROUNDS):
-            one.append(_aggregate(sched, [Request(lm, None, prompt, cfg)]))
-            eight.append(_aggregate(sched, [Request(lm, None, prompt, cfg) for _ in range(8)]))
-            base4.append(_aggregate(sched, [Request(lm, None, prompt, cfg) for _ in range(4)]))
-            mixed4.append(_aggregate(sched, [Request(lm, a, prompt, cfg) for a in ads]))
+        for r in range(ROUNDS):
+            pairs = [(one, [Request(lm, None, prompt, cfg)]),
+                     (eight, [Request(lm, None, prompt, cfg) for _ in range(8)]),
+                     (base4, [Request(lm, None, prompt, cfg) for _ in range(4)]),
+                     (mixed4, [Request(lm, a, prompt, cfg) for a in ads])]
+            for first, second in (pairs[0:2], pairs[2:4]):
+                for runs, reqs in (first, second) if r % 2 == 0 else (second, first):
+                    runs.append(_aggregate(sched, reqs))
         out.update(tok_s_1_session=_median(one), tok_s_8_sessions=_median(eight),
                    sessions_ratio=_median([e / o for e, o in zip(eight, one, strict=True)]),
                    tok_s_base_batch4=_median(base4), tok_s_mixed_adapters_batch4=_median(mixed4),
