@@ -355,6 +355,30 @@ def test_lora_op_adds_each_rows_own_pieces(x_dtype, y_dtype, with_residual, w_dt
         torch.testing.assert_close(got[0], y[0], rtol=0, atol=0)  # a row without an adapter: y untouched
 
 
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16], ids=["w-fp32", "w-bf16"])
+@pytest.mark.parametrize("rows", [6, 13])
+def test_lora_op_rows_alone_equal_rows_together(w_dtype, rows) -> None:
+    """Rows with one adapter are computed four at a time (each weight loaded once for them): every row's delta is
+    bit for bit what the row alone gets, for a decode step's row count (blocks of outputs) and a prompt's (rows),
+    an odd input width and a rank that is not a multiple of 8."""
+    g = _gen(32)
+    K, N = 29, 70
+    def w(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(w_dtype).float()
+
+    pieces_list = [(w(6, K), w(6, 50), 0, 0), (w(3, K), w(3, 20), 50, 0)]
+    a, flat, table = _lora_args(pieces_list, 1, w_dtype)
+    x = torch.randn(rows, K, generator=g).bfloat16()
+    y = torch.randn(rows, N, generator=g).bfloat16()
+    coef = torch.ones(rows, 1)
+    coef[rows - 1] = -1.0  # the last row alone in its group
+    together = ops.lora(x, y, a, flat, table, coef, None)
+    alone = torch.cat([ops.lora(x[i : i + 1], y[i : i + 1], a, flat, table, coef[i : i + 1], None)
+                       for i in range(rows)])
+    assert torch.equal(together.view(torch.int16), alone.view(torch.int16))
+    assert not torch.equal(together, y)
+
+
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_lora_op_rounds_y_plus_delta_exactly_as_pytorch_does(with_residual) -> None:
     """The output's float sum y + delta rounded to bf16 (vectorized 8 at a time, the tail one by one): ties to

@@ -1498,43 +1498,58 @@ inline __m256 chunk_dot_pairs(const float* x, const bf16* ac, int64_t K) {
   return _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
 }
 
-// the same for bf16 x by vdpbf16ps: both products of a pair in one instruction (exact, float32 sums)
-SCRATCHCHAT_AVX512 inline __m256 chunk_dot_dp(const bf16* x, const bf16* ac, int64_t K) {
-  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
-  auto pair = [&](int64_t kk) {
+// the same for G rows of bf16 x (stride ldx) by vdpbf16ps: both products of a pair in one instruction (exact,
+// float32 sums), each A pair loaded once for the G rows, each row's sums in the same order whatever G
+template <int G>
+SCRATCHCHAT_AVX512 void chunk_dot_dp_rows(const bf16* x, int64_t ldx, const bf16* ac, __m256* out) {
+  const int64_t K = ldx;
+  __m256 s[G][4];
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < 4; ++j) s[g][j] = _mm256_setzero_ps();
+  auto pair = [&](int g, int64_t kk) {
     int32_t v;
-    std::memcpy(&v, x + 2 * kk, 4);
-    return (__m256bh)_mm256_set1_epi32(v);
+    std::memcpy(&v, x + g * ldx + 2 * kk, 4);
+    return v;
   };
-  auto w = [&](int64_t kk) { return (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ac + 16 * kk)); };
   const int64_t K2 = K / 2;
   int64_t kk = 0;
-  for (; kk + 4 <= K2; kk += 4) {
-    s0 = _mm256_dpbf16_ps(s0, w(kk), pair(kk));
-    s1 = _mm256_dpbf16_ps(s1, w(kk + 1), pair(kk + 1));
-    s2 = _mm256_dpbf16_ps(s2, w(kk + 2), pair(kk + 2));
-    s3 = _mm256_dpbf16_ps(s3, w(kk + 3), pair(kk + 3));
+  for (; kk + 4 <= K2; kk += 4)
+    for (int j = 0; j < 4; ++j) {
+      const __m256bh w = (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ac + 16 * (kk + j)));
+      for (int g = 0; g < G; ++g) s[g][j] = _mm256_dpbf16_ps(s[g][j], w, (__m256bh)_mm256_set1_epi32(pair(g, kk + j)));
+    }
+  for (; kk < K2; ++kk) {
+    const __m256bh w = (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ac + 16 * kk));
+    for (int g = 0; g < G; ++g) s[g][0] = _mm256_dpbf16_ps(s[g][0], w, (__m256bh)_mm256_set1_epi32(pair(g, kk)));
   }
-  for (; kk < K2; ++kk) s0 = _mm256_dpbf16_ps(s0, w(kk), pair(kk));
   if (K % 2) {  // the last input paired with a zero
-    uint16_t last;
-    std::memcpy(&last, x + K - 1, 2);
-    s0 = _mm256_dpbf16_ps(s0, w(K2), (__m256bh)_mm256_set1_epi32(last));
+    const __m256bh w = (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ac + 16 * K2));
+    for (int g = 0; g < G; ++g) {
+      uint16_t last;
+      std::memcpy(&last, x + g * ldx + K - 1, 2);
+      s[g][0] = _mm256_dpbf16_ps(s[g][0], w, (__m256bh)_mm256_set1_epi32(last));
+    }
   }
-  return _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
+  for (int g = 0; g < G; ++g) out[g] = _mm256_add_ps(_mm256_add_ps(s[g][0], s[g][1]), _mm256_add_ps(s[g][2], s[g][3]));
 }
 
-// the 8 outputs of one B panel: sum over the rp ranks of t[k] * panel[8k .. 8k + 8)
-template <typename WT>
-inline __m256 panel_delta(const float* t, const WT* panel, int64_t rp) {
-  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-  for (int64_t k = 0; k < rp; k += 2) {  // rp is a multiple of 8
-    s0 = _mm256_fmadd_ps(_mm256_broadcast_ss(t + k), load8(panel + 8 * k), s0);
-    s1 = _mm256_fmadd_ps(_mm256_broadcast_ss(t + k + 1), load8(panel + 8 * k + 8), s1);
+// the 8 outputs of one B panel for G rows' t (stride ldt): sum over the rp ranks of t[k] * panel[8k .. 8k + 8),
+// each panel row loaded once for the G rows, each row's sums in the same order whatever G
+template <int G, typename WT>
+inline void panel_deltas(const float* t, int64_t ldt, const WT* panel, int64_t rp, __m256* out) {
+  __m256 s0[G], s1[G];
+  for (int g = 0; g < G; ++g) s0[g] = s1[g] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < rp; k += 2) {
+    const __m256 w0 = load8(panel + 8 * k), w1 = load8(panel + 8 * k + 8);
+    for (int g = 0; g < G; ++g) {
+      s0[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(t + g * ldt + k), w0, s0[g]);
+      s1[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(t + g * ldt + k + 1), w1, s1[g]);
+    }
   }
-  return _mm256_add_ps(s0, s1);
+  for (int g = 0; g < G; ++g) out[g] = _mm256_add_ps(s0[g], s1[g]);
 }
 
+constexpr int64_t LORA_GROUP = 4;  // rows with one adapter computed together
 constexpr int64_t LORA_TASK = 32 << 10;  // multiply-adds per task of the standalone op
 constexpr int64_t LORA_BLK = 64;         // outputs whose delta is summed at once
 constexpr int64_t LORA_ROWS_BY_BLOCKS = 8;  // up to this many rows the standalone op shares out blocks of outputs
@@ -1566,51 +1581,72 @@ struct LoraDelta {
     std::vector<int64_t> rank_at(P);  // piece p's (padded) ranks sit at [rank_at[p], + ceil8(rank)) of t
     int64_t Rt = 0;
     for (int64_t p = 0; p < P; ++p) rank_at[p] = std::exchange(Rt, Rt + ceil8(pc[p * 6 + 1]));
-    std::vector<float> t(Rt);
-    auto touches = [&](int64_t i, const int64_t* pe, int64_t lo, int64_t hi) {
+    std::vector<float> t(LORA_GROUP * Rt);
+    auto same = [&](int64_t i, int64_t j) { return std::equal(coef + i * C, coef + i * C + C, coef + j * C); };
+    for (int64_t i = r0; i < r1;) {  // four rows with one adapter (a prompt's tokens) at a time, else one
+      bool four = i + LORA_GROUP <= r1;
+      for (int64_t g = 1; four && g < LORA_GROUP; ++g) four = same(i, i + g);
+      if (four) {
+        group<LORA_GROUP>(i, n0, n1, yf, rank_at, Rt, t.data());
+        i += LORA_GROUP;
+      } else {
+        group<1>(i, n0, n1, yf, rank_at, Rt, t.data());
+        i += 1;
+      }
+    }
+  }
+
+  // rows [i, i + G) with the same coefficients: each weight vector loaded once for the G rows, every row's sums in
+  // the order one row alone makes them (the result does not depend on the grouping)
+  template <int G>
+  void group(int64_t i, int64_t n0, int64_t n1, const float* yf, const std::vector<int64_t>& rank_at, int64_t Rt,
+             float* t) const {
+    auto touches = [&](const int64_t* pe, int64_t lo, int64_t hi) {
       return coef[i * C + pe[5]] != 0.f && std::max(lo, pe[2]) < std::min(hi, pe[2] + pe[3]);
     };
-    for (int64_t i = r0; i < r1; ++i) {
-      for (int64_t p = 0; p < P; ++p) {  // 1. t for the pieces of this row that reach into [n0, n1)
-        const int64_t* pe = pc + p * 6;
-        if (!touches(i, pe, n0, n1)) continue;
-        const __m256 c = _mm256_set1_ps(coef[i * C + pe[5]]);
-        for (int64_t q = 0; q < ceil8(pe[1]) / 8; ++q) {
-          const WT* ac = a[pe[5]] + pe[0] + q * 8 * chunk_inputs<WT>(K);
-          __m256 v;
-          if constexpr (std::is_same_v<WT, bf16>)
-            v = xb ? chunk_dot_dp(xb + i * K, ac, K) : chunk_dot_pairs(x + i * K, ac, K);
-          else
-            v = chunk_dot(x + i * K, ac, K);
-          _mm256_storeu_ps(t.data() + rank_at[p] + 8 * q, _mm256_mul_ps(c, v));
+    for (int64_t p = 0; p < P; ++p) {  // 1. t for the pieces of these rows that reach into [n0, n1)
+      const int64_t* pe = pc + p * 6;
+      if (!touches(pe, n0, n1)) continue;
+      const __m256 c = _mm256_set1_ps(coef[i * C + pe[5]]);
+      for (int64_t q = 0; q < ceil8(pe[1]) / 8; ++q) {
+        const WT* ac = a[pe[5]] + pe[0] + q * 8 * chunk_inputs<WT>(K);
+        __m256 v[G];
+        if constexpr (std::is_same_v<WT, bf16>) {
+          if (xb) chunk_dot_dp_rows<G>(xb + i * K, K, ac, v);
+          else for (int g = 0; g < G; ++g) v[g] = chunk_dot_pairs(x + (i + g) * K, ac, K);
+        } else {
+          for (int g = 0; g < G; ++g) v[g] = chunk_dot(x + (i + g) * K, ac, K);
         }
+        for (int g = 0; g < G; ++g) _mm256_storeu_ps(t + g * Rt + rank_at[p] + 8 * q, _mm256_mul_ps(c, v[g]));
       }
-      for (int64_t c0 = n0; c0 < n1; c0 += LORA_BLK) {  // 2. delta = sum over the pieces of B t; out = y + delta
-        alignas(32) float d[LORA_BLK];
-        alignas(32) float lanes[8];
-        const int64_t c1 = std::min(n1, c0 + LORA_BLK);
-        std::fill(d, d + LORA_BLK, 0.f);
-        for (int64_t p = 0; p < P; ++p) {
-          const int64_t* pe = pc + p * 6;
-          if (!touches(i, pe, c0, c1)) continue;
-          const int64_t out0 = pe[2], n = pe[3], rp = ceil8(pe[1]);
-          const int64_t lo = std::max(c0, out0), hi = std::min(c1, out0 + n);
-          const float* tk = t.data() + rank_at[p];
-          const WT* bp = b[pe[5]] + pe[4];
-          for (int64_t pq = (lo - out0) / 8; pq * 8 + out0 < hi; ++pq) {  // the piece's panels over [lo, hi)
-            const __m256 v = panel_delta(tk, bp + pq * rp * 8, rp);
-            const int64_t g0 = out0 + pq * 8;  // the panel's first output
+    }
+    for (int64_t c0 = n0; c0 < n1; c0 += LORA_BLK) {  // 2. delta = sum over the pieces of B t; out = y + delta
+      alignas(32) float d[G][LORA_BLK];
+      alignas(32) float lanes[8];
+      const int64_t c1 = std::min(n1, c0 + LORA_BLK);
+      std::fill(&d[0][0], &d[0][0] + G * LORA_BLK, 0.f);
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t* pe = pc + p * 6;
+        if (!touches(pe, c0, c1)) continue;
+        const int64_t out0 = pe[2], n = pe[3], rp = ceil8(pe[1]);
+        const int64_t lo = std::max(c0, out0), hi = std::min(c1, out0 + n);
+        const WT* bp = b[pe[5]] + pe[4];
+        for (int64_t pq = (lo - out0) / 8; pq * 8 + out0 < hi; ++pq) {  // the piece's panels over [lo, hi)
+          __m256 v[G];
+          panel_deltas<G>(t + rank_at[p], Rt, bp + pq * rp * 8, rp, v);
+          const int64_t g0 = out0 + pq * 8;  // the panel's first output
+          for (int g = 0; g < G; ++g) {
             if (g0 >= lo && g0 + 8 <= hi) {  // all 8 lanes in this block and in the piece
-              _mm256_storeu_ps(d + g0 - c0, _mm256_add_ps(_mm256_loadu_ps(d + g0 - c0), v));
+              _mm256_storeu_ps(d[g] + g0 - c0, _mm256_add_ps(_mm256_loadu_ps(d[g] + g0 - c0), v[g]));
             } else {
-              _mm256_storeu_ps(lanes, v);
+              _mm256_storeu_ps(lanes, v[g]);
               for (int64_t l = 0; l < 8; ++l)
-                if (g0 + l >= lo && g0 + l < hi) d[g0 + l - c0] += lanes[l];
+                if (g0 + l >= lo && g0 + l < hi) d[g][g0 + l - c0] += lanes[l];
             }
           }
         }
-        write(i, c0, c1, d, yf);
       }
+      for (int g = 0; g < G; ++g) write(i + g, c0, c1, d[g], yf);
     }
   }
 
