@@ -1437,10 +1437,10 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 // read each adapter in place),
 // packed for these loops by engine.lora.pack_decode_piece: each piece's A as (ceil(r / 8), in, 8) (chunk c, input k,
 // lane l = A[8c + l, k]; bf16 buffers hold input pairs, (ceil(r / 8), ceil(in / 2), 8, 2), the layout of vdpbf16ps
-// and of one 32-bit lane per rank and pair) and its scaled B as panels (ceil(n / 8), ceil8(r), 8) (panel q, rank k, lane l =
-// B[8q + l, k]), zeros past r and n, so both steps read each piece as one contiguous stream in broadcast form (no
-// horizontal sums): a first version read A (r, in) and B^T (r, n) row-major, 8 rows of A and 16 strided 256-byte
-// runs of B^T at a time, and streamed SmolLM2's three rank-16 adapters at ~13 GB/s on the Zen5 EPYC.
+// and of one 32-bit lane per rank and pair) and its scaled B as panels (ceil(n / 8), ceil8(r), 8) (panel q, rank k,
+// lane l = B[8q + l, k]), zeros past r and n, so both steps read each piece as one contiguous stream in broadcast
+// form (no horizontal sums): a first version read A (r, in) and B^T (r, n) row-major, 8 rows of A and 16 strided
+// 256-byte runs of B^T at a time, and streamed SmolLM2's three rank-16 adapters at ~13 GB/s on the Zen5 EPYC.
 // ``pieces`` (P, 6) int64 lists every (projection, contribution) low-rank piece of one fused output: [offset of its
 // packed A in a[j], rank, output offset, output size, offset of its B panels in b[j], j]. Each row computes only its
 // own pieces (no block-diagonal zeros, no masked-out rows): t = coef * A x, then delta = B t, summed in float32 and
@@ -1498,17 +1498,16 @@ inline __m256 chunk_dot_pairs(const float* x, const bf16* ac, int64_t K) {
   return _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
 }
 
-// the same for G rows of bf16 x (stride ldx) by vdpbf16ps: both products of a pair in one instruction (exact,
+// the same for G rows of bf16 x (R, K) by vdpbf16ps: both products of a pair in one instruction (exact,
 // float32 sums), each A pair loaded once for the G rows, each row's sums in the same order whatever G
 template <int G>
-SCRATCHCHAT_AVX512 void chunk_dot_dp_rows(const bf16* x, int64_t ldx, const bf16* ac, __m256* out) {
-  const int64_t K = ldx;
+SCRATCHCHAT_AVX512 void chunk_dot_dp_rows(const bf16* x, int64_t K, const bf16* ac, __m256* out) {
   __m256 s[G][4];
   for (int g = 0; g < G; ++g)
     for (int j = 0; j < 4; ++j) s[g][j] = _mm256_setzero_ps();
   auto pair = [&](int g, int64_t kk) {
     int32_t v;
-    std::memcpy(&v, x + g * ldx + 2 * kk, 4);
+    std::memcpy(&v, x + g * K + 2 * kk, 4);
     return v;
   };
   const int64_t K2 = K / 2;
@@ -1526,7 +1525,7 @@ SCRATCHCHAT_AVX512 void chunk_dot_dp_rows(const bf16* x, int64_t ldx, const bf16
     const __m256bh w = (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ac + 16 * K2));
     for (int g = 0; g < G; ++g) {
       uint16_t last;
-      std::memcpy(&last, x + g * ldx + K - 1, 2);
+      std::memcpy(&last, x + g * K + K - 1, 2);
       s[g][0] = _mm256_dpbf16_ps(s[g][0], w, (__m256bh)_mm256_set1_epi32(last));
     }
   }
@@ -1562,8 +1561,8 @@ constexpr int64_t LORA_ROWS_BY_BLOCKS = 8;  // up to this many rows the standalo
 // have returned it.
 template <typename WT, typename YT>
 struct LoraDelta {
-  const float* x;  // (R, K) float32
-  const bf16* xb;  // the same as bf16 where x is bf16 and the CPU has AVX512-BF16 (then A x by vdpbf16ps), else null
+  const float* x;  // (R, K) float32, or null when xb is set
+  const bf16* xb;  // x as it came, bf16, with bf16 adapters on a CPU with AVX512-BF16 (A x by vdpbf16ps), else null
   const std::vector<const WT*>& a;
   const std::vector<const WT*>& b;
   const int64_t* pc;
@@ -1748,8 +1747,7 @@ void with_lora_delta(const at::Tensor& x, const std::vector<at::Tensor>& a, cons
     }
     LoraDelta<WT, YT> ld{dp ? nullptr : xf.data_ptr<float>(), dp ? x.data_ptr<bf16>() : nullptr, ap, bp,
                          pieces.data_ptr<int64_t>(), pieces.size(0), coef.data_ptr<float>(), C, x.size(0), x.size(1),
-                         N, static_cast<const YT*>(y),
-                         res.defined() ? res.data_ptr<float>() : nullptr, out.data_ptr()};
+                         N, static_cast<const YT*>(y), res.defined() ? res.data_ptr<float>() : nullptr, out.data_ptr()};
     f(ld);
   };
   if (wb && yb) typed(static_cast<bf16*>(nullptr), static_cast<bf16*>(nullptr));
