@@ -383,3 +383,65 @@ def test_int8_bf16_models_decode_through_int8_dot_product_panels(family, one_row
                                decode_logits(rows_form, [5, 17, 42], 6).float(), rtol=0.02, atol=0.05)
     cfg = GenerationConfig(max_new_tokens=8, temperature=0.0)
     assert list(generate_tokens(model, [3, 9, 27], cfg)) == list(generate_uncached(model, [3, 9, 27], cfg))
+
+
+def _advised_for_huge_pages(address: int) -> bool:
+    """Whether the mapping holding ``address`` carries MADV_HUGEPAGE (``hg`` in its smaps VmFlags)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return "hg" in line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_huge_page_buffer_is_aligned_zeroed_and_advised():
+    buf = prepack.huge_page_buffer(3 * prepack.HUGE_PAGE + 100)
+    assert buf.dtype == torch.uint8 and buf.numel() == 3 * prepack.HUGE_PAGE + 100
+    assert buf.data_ptr() % prepack.HUGE_PAGE == 0
+    assert not buf.any()
+    assert _advised_for_huge_pages(buf.data_ptr()) and _advised_for_huge_pages(buf.data_ptr() + buf.numel() - 1)
+    view = buf[64:128].view(torch.float32)
+    del buf
+    view.fill_(2.0)  # a view keeps the mapping alive
+    assert view.sum().item() == 32.0
+
+
+def _our_copies(model: GPT) -> list[torch.Tensor]:
+    with torch.no_grad():  # as prepack_ walks them (the fused q/k/v and gate/up weights are for frozen inference)
+        return [t.put.get().packed for t in prepack.decode_weights(model) if t.put.get() is not None]
+
+
+@pytest.mark.parametrize("kernel,dtype", [("panel", torch.float32), ("dpbf16", torch.bfloat16), ("int8", None)])
+def test_our_packed_copies_share_one_huge_page_buffer_and_decode_the_same(kernel, dtype, monkeypatch):
+    """Every copy our kernels stream sits in one buffer advised for huge pages (a model's copies under 2 MB stay
+    where packing put them: here the threshold is lowered to the tiny model's size); the copies are the packer's
+    bytes, and the logits are bit for bit those of the same copies in ordinary memory."""
+    if not kernels.available() or (kernel != "panel" and not kernels.has_avx512_bf16()):
+        pytest.skip("our dot-product kernels need AVX512-BF16")  # the panel case runs everywhere with our kernels
+    from engine.quant import quantize_int8_
+
+    def packed_model() -> GPT:
+        model = frozen_tiny("llama").to(dtype or torch.bfloat16)
+        if kernel == "int8":
+            quantize_int8_(model)
+        prepack.prepack_(model, "dpbf16" if kernel == "int8" else kernel)
+        return model
+
+    ordinary = packed_model()  # 2 MB threshold: this model's ~0.1 MB of copies stay in ordinary memory
+    assert len({c.untyped_storage().data_ptr() for c in _our_copies(ordinary)}) > 1
+    monkeypatch.setattr(prepack, "HUGE_PAGE", 4096)
+    model = packed_model()
+    copies = _our_copies(model)
+    assert len(copies) == 2 * 4 + 1  # 2 layers x (qkv, o, gate/up, down) + the tied head
+    assert len({c.untyped_storage().data_ptr() for c in copies}) == 1
+    spans = sorted((c.data_ptr(), c.data_ptr() + c.numel() * c.element_size()) for c in copies)
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:], strict=False))  # no overlap
+    assert _advised_for_huge_pages(copies[0].data_ptr())
+    for a, b in zip(_our_copies(ordinary), copies, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(decode_logits(model, [5, 17, 42], 6), decode_logits(ordinary, [5, 17, 42], 6))
