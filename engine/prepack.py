@@ -439,7 +439,10 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor:
     m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     whole = torch.frombuffer(m, dtype=torch.uint8)  # holds a reference to the mapping (unmapped when freed)
     start = -whole.data_ptr() % HUGE_PAGE
-    m.madvise(mmap.MADV_HUGEPAGE, start, nbytes)  # before the first touch: the pages are faulted in as huge ones
+    try:
+        m.madvise(mmap.MADV_HUGEPAGE, start, nbytes)  # before the first touch: pages are faulted in as huge ones
+    except OSError as e:  # a kernel built without transparent huge pages (EINVAL): ordinary pages, same memory
+        logger.debug("no transparent huge pages for packed copies: %s", e)
     return whole[start : start + nbytes]
 
 

@@ -411,6 +411,25 @@ def test_huge_page_buffer_is_aligned_zeroed_and_advised():
     assert view.sum().item() == 32.0
 
 
+def test_huge_page_buffer_without_transparent_huge_pages_is_ordinary_memory(monkeypatch):
+    """A kernel without THP refuses the advice (EINVAL): the buffer is still there, zeroed and usable."""
+    import mmap
+    import types
+
+    class NoHugePages(mmap.mmap):
+        def madvise(self, *args):
+            raise OSError(22, "Invalid argument")
+
+    fake = types.SimpleNamespace(**{n: getattr(mmap, n) for n in ("MADV_HUGEPAGE", "MAP_PRIVATE", "MAP_ANONYMOUS")},
+                                 mmap=NoHugePages)
+    monkeypatch.setattr(prepack, "mmap", fake)
+    buf = prepack.huge_page_buffer(prepack.HUGE_PAGE + 8)
+    assert buf.numel() == prepack.HUGE_PAGE + 8 and not buf.any()
+    assert not _advised_for_huge_pages(buf.data_ptr())
+    buf[-8:].view(torch.float64).fill_(3.0)
+    assert buf[-8:].view(torch.float64).item() == 3.0
+
+
 def _our_copies(model: GPT) -> list[torch.Tensor]:
     with torch.no_grad():  # as prepack_ walks them (the fused q/k/v and gate/up weights are for frozen inference)
         return [t.put.get().packed for t in prepack.decode_weights(model) if t.put.get() is not None]
