@@ -431,9 +431,9 @@ def _serving(pws: list[PackedWeight], single: bool, max_rows: int) -> list[Packe
 
 def huge_page_buffer(nbytes: int) -> torch.Tensor:
     """A zeroed uint8 tensor of ``nbytes`` in private anonymous memory advised for transparent huge pages
-    (``madvise(MADV_HUGEPAGE)``; this kernel's THP mode is usually ``madvise``, so plain allocations get 4 KB pages),
-    starting on a 2 MB boundary; a plain tensor where the platform has no such advice. Its memory lives as long as
-    any view of it."""
+    (``madvise(MADV_HUGEPAGE)``: where the system's THP mode is ``madvise``, as here, plain allocations get 4 KB
+    pages), starting on a 2 MB boundary; ordinary memory where the platform or kernel has no such advice. Its memory
+    lives as long as any view of it."""
     if not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.zeros(nbytes, dtype=torch.uint8)
     m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -450,7 +450,7 @@ def _onto_huge_pages(targets: list[Target]) -> None:
     """Move the copies our kernels stream (panels, dot-product panels, int8 panels) into one buffer on transparent
     huge pages. A decode step streams every weight once, and in this VM a TLB miss walks two page tables (guest and
     host): on 2 MB pages SmolLM2's bf16 step ran 4-13% faster (paired runs in one process; the most in the VM's
-    high-bandwidth phases), GPT-2's 5%."""
+    high-bandwidth phases), GPT-2's 3-5%."""
     def ours(pw: PackedWeight | None) -> bool:
         return pw is not None and pw.kernel in ("panel", "dpbf16", "dpi8") and pw.copies \
             and pw.packed.layout == torch.strided and pw.packed.is_contiguous()
