@@ -6,8 +6,8 @@ session vs eight; base vs mixed adapters; llama.cpp on SmolLM2's GGUF, run in it
 :mod:`engine.bench_llama`), all with the same dtype and thread count. ``transformers`` is imported lazily: peers are
 never engine dependencies. The output is a Markdown table (stdout) and a JSON file; decode timings are medians of
 ``--repeats`` rounds (ours and the peer side by side in each), serving figures medians of :data:`ROUNDS` rounds
-(TTFT: :data:`TTFT_ROUNDS`, each timing a fresh session's turn 1 right before a chat's turn 10); every ratio is the
-median of the rounds' ratios.
+(TTFT: :data:`TTFT_ROUNDS`, each timing a fresh session's turn 1 next to a chat's turn 10, in both orders); every
+ratio is the median of the rounds' ratios.
 """
 
 from __future__ import annotations
