@@ -110,21 +110,22 @@ def decode_hf(model: Any, prompt: list[int], n_new: int, repeats: int) -> float:
 
 
 def decode_side_by_side(lm: LoadedModel, hf_model: Any | None, n_new: int,
-                        rounds: int) -> tuple[list, list, list]:
+                        rounds: int) -> tuple[list, list, list, list]:
     """Decode tokens/s of ours and of the transformers peer (when given), one run of each per round, side by side,
-    and the read bandwidth right before and right after our run (the higher of the two: the roofline peer of that
-    run). This VM's speed drifts by up to 2x over tens of seconds (the bandwidth between ~30 and ~58 GB/s), so a
-    ratio of figures taken a minute apart says little; each ratio is the median of the rounds' ratios. Each side
-    warms up first."""
-    ours, theirs, bandwidths = [], [], []
-    prompt = _prompt(lm)
+    the read bandwidth right before and right after our run (the higher of the two: the roofline peer of that
+    run), and then the step's stream ceiling (:func:`stream_ceiling`). This VM's speed drifts by up to 2x over tens
+    of seconds (the bandwidth between ~30 and ~58 GB/s), so a ratio of figures taken a minute apart says little;
+    each ratio is the median of the rounds' ratios. Each side warms up first."""
+    ours, theirs, bandwidths, ceilings = [], [], [], []
+    prompt, pieces = _prompt(lm), step_pieces(lm)
     for _ in range(rounds):
         before = run_in_fresh_thread(read_bandwidth)
         ours.append(decode_ours(lm, n_new, 1))
         bandwidths.append(max(before, run_in_fresh_thread(read_bandwidth)))
+        ceilings.append(run_in_fresh_thread(lambda: stream_ceiling(pieces)))
         if hf_model is not None:
             theirs.append(run_in_fresh_thread(lambda: decode_hf(hf_model, prompt, n_new, 1)))
-    return ours, theirs, bandwidths
+    return ours, theirs, bandwidths, ceilings
 
 
 def read_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
@@ -140,6 +141,45 @@ def read_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
         x.sum()
         times.append(time.perf_counter() - t)
     return nbytes / min(times)
+
+
+def step_pieces(lm: LoadedModel) -> list[int]:
+    """The weight bytes of a decode step's products in the order it reads them (per block: q/k/v together, the
+    output projection, gate/up together, down; then the head), each rounded up to 128 bytes: what
+    :func:`stream_ceiling` streams."""
+    def nbytes(*modules: torch.nn.Module) -> int:
+        total = 0
+        for m in modules:
+            w8 = m.__dict__.get("int8")
+            total += sum(t.numel() * t.element_size() for t in w8) if w8 is not None else \
+                sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
+        return -(-total // 128) * 128
+
+    pieces = []
+    for block in lm.model.blocks:
+        a, m = block.attn, block.mlp
+        pieces += [nbytes(a.q_proj, a.k_proj, a.v_proj), nbytes(a.o_proj),
+                   nbytes(*([m.gate_proj] if m.swiglu else []), m.up_proj), nbytes(m.down_proj)]
+    head8 = lm.model.__dict__.get("head_int8")
+    head = lm.model.tok_emb.weight if lm.model.lm_head is None else lm.model.lm_head.weight
+    hb = sum(t.numel() * t.element_size() for t in head8) if head8 is not None else head.numel() * head.element_size()
+    return pieces + [-(-hb // 128) * 128]
+
+
+def stream_ceiling(pieces: list[int], repeats: int = 5) -> float:
+    """Bytes/s for reading ``pieces`` one after the other, each in one parallel region over the threads (the end of
+    each a barrier), no arithmetic: the most a decode step that reads its products one at a time can get from this
+    memory (``scratchchat::read_pieces``), on huge pages as the packed weights are."""
+    total = sum(pieces)
+    buf = huge_page_buffer(total)
+    buf.view(torch.float32).fill_(1.0)
+    torch.ops.scratchchat.read_pieces(buf, pieces)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.ops.scratchchat.read_pieces(buf, pieces)
+        times.append(time.perf_counter() - t)
+    return total / min(times)
 
 
 def weight_bytes_per_token(lm: LoadedModel) -> int:
@@ -325,10 +365,25 @@ def _llama_cpp_row(args: argparse.Namespace, ours_tok_s: float | None) -> dict[s
         gguf = get_smollm2_gguf()
     except Exception as e:  # offline without a cached GGUF: the other rows still count
         return {"skipped": f"no SmolLM2 GGUF: {e}"}
+    before = run_in_fresh_thread(read_bandwidth)
     out = llama_cpp_row(gguf, args.threads, args.new_tokens, args.llama_python, repeats=args.repeats)
+    if "llama_cpp_tok_s" in out:
+        # the peer against its own roofline: the GGUF's tensor bytes (all read each token; the tied embedding once,
+        # as the head) over the bandwidth read right before and right after its runs
+        bw = max(before, run_in_fresh_thread(read_bandwidth))
+        out["llama_cpp_weight_bytes_per_token"] = gguf_tensor_bytes(gguf)
+        out["llama_cpp_roofline_tok_s"] = bw / out["llama_cpp_weight_bytes_per_token"]
+        out["llama_cpp_roofline_fraction"] = out["llama_cpp_tok_s"] / out["llama_cpp_roofline_tok_s"]
     if "llama_cpp_tok_s" in out and ours_tok_s:
         out.update(ours_tok_s=ours_tok_s, ratio=ours_tok_s / out["llama_cpp_tok_s"])
     return out
+
+
+def gguf_tensor_bytes(path: Path) -> int:
+    """Bytes of every tensor in a GGUF file, as stored (quantized blocks included)."""
+    import gguf
+
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
 
 
 def cpu_summary() -> str:
@@ -369,7 +424,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         hf_models[dtype] = run_in_fresh_thread(lambda: _hf_model(lm, root, dtype, tmp))
                     except Exception as e:  # the peer failing must not hide our own figures
                         hf_error = f"{type(e).__name__}: {e}"
-                ours, hf_rates, bws = decode_side_by_side(lm, hf_models.get(dtype), args.new_tokens, args.repeats)
+                ours, hf_rates, bws, ceils = decode_side_by_side(lm, hf_models.get(dtype), args.new_tokens,
+                                                                 args.repeats)
                 r: dict[str, Any] = {"ours_tok_s": _median(ours),
                                      "decode_kernels": lm.model.__dict__.get("decode_kernels"),
                                      "activations": str(dtype).removeprefix("torch.")}
@@ -378,6 +434,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 r["read_bandwidth_gb_s"] = [b / 1e9 for b in bws]
                 r["roofline_tok_s"] = _median(bws) / nbytes
                 r["roofline_fraction"] = _median([o / (b / nbytes) for o, b in zip(ours, bws, strict=True)])
+                # the step's products read one at a time with no arithmetic: the most that structure allows
+                r["stream_ceiling_gb_s"] = [c / 1e9 for c in ceils]
+                r["stream_ceiling_fraction"] = _median([c / b for c, b in zip(ceils, bws, strict=True)])
+                r["stream_ceiling_tok_s"] = _median(ceils) / nbytes
+                r["step_products"] = len(step_pieces(lm))
                 bandwidths += bws
                 if hf_rates:
                     r["hf_tok_s"] = _median(hf_rates)
@@ -451,6 +512,11 @@ def to_markdown(res: dict[str, Any]) -> str:
                          f"run's best reading: {100 * r['roofline_fraction_vs_run_max']:.0f}%) | "
                          f"{r['ours_tok_s']:.1f} | {r['roofline_tok_s']:.1f} | {100 * r['roofline_fraction']:.0f}% | "
                          f"≥ 60% |")
+            if "stream_ceiling_fraction" in r:
+                lines.append(f"| {name} | ceiling: the step's {r['step_products']} weight matrices read one at a "
+                             f"time, no arithmetic, vs roofline | {r['stream_ceiling_tok_s']:.1f} | "
+                             f"{r['roofline_tok_s']:.1f} | {100 * r['stream_ceiling_fraction']:.0f}% | (the most "
+                             f"the row above can reach) |")
         for dname, nc in row["no_cache"].items():
             lines.append(f"| {name} | cache vs no cache, {nc['new_tokens']} tokens {dname} (s) | "
                          f"{nc['cached_s']:.2f} | {nc['uncached_s']:.2f} | {nc['speedup']:.1f}× | ≥ 10× |")
@@ -477,6 +543,10 @@ def to_markdown(res: dict[str, Any]) -> str:
                      "| | ≥ 0.75× |")
     else:
         lines.append(f"| llama.cpp | decode tok/s vs llama.cpp Q4_1 | | {lc.get('skipped', '')} | | ≥ 0.75× |")
+    if "llama_cpp_roofline_fraction" in lc:
+        lines.append(f"| llama.cpp | its decode tok/s (Q4_1, {lc['llama_cpp_weight_bytes_per_token'] / 1e6:.1f} MB a "
+                     f"token) vs its roofline | {lc['llama_cpp_tok_s']:.1f} | {lc['llama_cpp_roofline_tok_s']:.1f} | "
+                     f"{100 * lc['llama_cpp_roofline_fraction']:.0f}% | (the peer, for the roofline rows) |")
     return "\n".join(lines)
 
 

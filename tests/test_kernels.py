@@ -652,6 +652,32 @@ def test_clear_errors_for_bad_inputs() -> None:
     assert not kc.any() and not vc.any(), "a rejected call must not touch the caches"
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_read_pieces_reads_every_byte_of_each_piece_once(threads) -> None:
+    """The bench's stream ceiling: each piece's floats summed once whatever the thread split (pieces smaller than
+    a thread's share, and uneven ones), nothing past the pieces read; clear errors for what it cannot take."""
+    sizes = [128, 384, 4096, 131072 + 128, 256]
+    total = sum(sizes)
+    buf = torch.zeros(total + 1024, dtype=torch.uint8)
+    assert buf.data_ptr() % 32 == 0
+    values = buf.view(torch.float32)
+    values[: total // 4] = torch.arange(total // 4, dtype=torch.float32) % 7  # small integers: exact float32 sums
+    values[total // 4 :] = 1e30  # past the pieces: would show in the sum
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        assert ops.read_pieces(buf, sizes) == float(values[: total // 4].double().sum())
+        assert ops.read_pieces(buf, []) == 0.0
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(RuntimeError, match="multiples of 128 bytes"):
+        ops.read_pieces(buf, [100])
+    with pytest.raises(RuntimeError, match="the pieces need"):
+        ops.read_pieces(buf, [total + 2048])
+    with pytest.raises(RuntimeError, match="contiguous uint8"):
+        ops.read_pieces(values, [128])
+
+
 def test_available_is_false_with_kernels_off_and_true_again_after(monkeypatch) -> None:
     kernels.available.cache_clear()
     try:

@@ -44,6 +44,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <numeric>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -1063,10 +1064,11 @@ void prefix_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::
 // The same work as prefix_attention_impl, 16 query rows a tile (one per zmm lane). The scores take the head features
 // a pair at a time with vdpbf16ps (two exact bf16 products added into a float32 lane: 32 multiply-adds an
 // instruction where the float32 tile above does 8; the tile's queries packed (hd / 2, 16, 2), each key's feature pair
-// one broadcast), then scaled in float32; softmax and the weighted sum of values stay float32 (16 rows a FMA, the
-// values widened once per key/value head). Rounding the probabilities to bf16 to take the weighted sum by vdpbf16ps
-// too was 10-20% faster, but moved a chat turn's prefill far enough from the decode steps' float32 attention that
-// SmolLM2's 500 greedy tokens with the cache left those of the uncached path in one of four benchmark runs.
+// one broadcast), then scaled in float32; the softmax in float32; the weighted sum of values by vdpbf16ps too, the
+// numerators rounded to bf16 in pairs of keys (as PyTorch's SDPA rounds its probabilities for that product) and the
+// values paired once per key/value head (pair_values), the sums and the division by the denominator in float32.
+// On the 2-core Zen4 EPYC this tile runs at ~57% of vdpbf16ps's peak (one zmm instruction a cycle a core) for
+// SmolLM2's 55 queries over 1069 keys.
 constexpr int QD = 16;
 
 SCRATCHCHAT_AVX512 inline __m512 exp16(__m512 x) {  // exp8's Cephes expf, 16 lanes
@@ -1875,6 +1877,48 @@ at::Tensor decode_blocks(const at::Tensor& x0, const std::vector<std::optional<a
   return x;
 }
 
+// ---- a decode step's streaming ceiling (engine.bench) ----
+//
+//   scratchchat::read_pieces(buf, sizes) -> float: the float32 sum of buf's first sum(sizes) bytes, read piece by
+//   piece in the order given, each piece split evenly over the intra-op threads in one parallel region (its end a
+//   barrier), no other arithmetic
+//
+// A decode step reads its weights the same way, one product at a time, each product waiting for the one before. The
+// time this takes for a step's product sizes is the most any kernel with that structure can get from this memory:
+// the bench prints it next to the roofline (one sum over everything) and our decode.
+double read_pieces(const at::Tensor& buf, const std::vector<int64_t>& sizes) {
+  TORCH_CHECK(buf.is_contiguous() && buf.scalar_type() == at::kByte, "read_pieces takes a contiguous uint8 buffer");
+  int64_t total = 0;
+  for (const int64_t n : sizes) {
+    TORCH_CHECK(n >= 0 && n % 128 == 0, "piece sizes must be multiples of 128 bytes, not ", n);
+    total += n;
+  }
+  TORCH_CHECK(total <= buf.numel(), "the pieces need ", total, " bytes, the buffer holds ", buf.numel());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(buf.data_ptr()) % 32 == 0, "the buffer must be 32-byte aligned");
+  const float* p = reinterpret_cast<const float*>(buf.data_ptr<uint8_t>());
+  const int64_t threads = at::get_num_threads();
+  double sum = 0.0;
+  std::vector<float> part(threads);
+  for (const int64_t n : sizes) {
+    const int64_t floats = n / 4, share = (floats / threads + 31) / 32 * 32;  // 128-byte slices
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t a = std::min(floats, t * share), b = std::min(floats, a + share);
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t i = a; i < b; i += 32)
+          for (int j = 0; j < 4; ++j) acc[j] = _mm256_add_ps(acc[j], _mm256_load_ps(p + i + 8 * j));
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+        part[t] = std::accumulate(lanes, lanes + 8, 0.0f);
+      }
+    });
+    for (const float x : part) sum += x;
+    std::fill(part.begin(), part.end(), 0.0f);
+    p += floats;
+  }
+  return sum;
+}
+
 // ---- the tensors a resolved decode step reads, watched for changes ----
 //
 //   torch.classes.scratchchat.Watch(tensors).unchanged() -> bool: every tensor at the data pointer and version it had
@@ -1915,6 +1959,7 @@ TORCH_LIBRARY(scratchchat, m) {
   m.def("linear_panel(Tensor x, Tensor panels, int n, Tensor? scale=None, Tensor? bias=None, Tensor? residual=None) "
         "-> Tensor");
   m.def("lora(Tensor x, Tensor y, Tensor[] a, Tensor[] b, Tensor pieces, Tensor coef, Tensor? residual=None) -> Tensor");
+  m.def("read_pieces(Tensor buf, int[] sizes) -> float");
   m.def("decode_blocks(Tensor x, Tensor?[] tensors, int[] meta, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
         "Tensor positions, Tensor? cos, Tensor? sin, Tensor? coef, Tensor[] lora_a, Tensor[] lora_b, float eps) -> Tensor");
   m.def("decode_attention(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, Tensor? cos, "
@@ -1943,6 +1988,7 @@ TORCH_LIBRARY_IMPL(scratchchat, CPU, m) {
   });
   m.impl("lora", &lora);
   m.impl("decode_blocks", &decode_blocks);
+  m.impl("read_pieces", &read_pieces);
   m.impl("decode_attention", &decode_attention);
   m.impl("linear_dpbf16", [](T x, T panels, int64_t n, OT bias, OT residual) {
     return linear_dpbf16(x, panels, n, bias, residual, nullptr);
