@@ -112,6 +112,13 @@ def has_avx512_bf16() -> bool:
     return bool(torch.ops.scratchchat.has_avx512_bf16())
 
 
+@functools.cache
+def has_amx() -> bool:
+    """Whether this CPU has AMX tiles, on which PyTorch's bf16 GEMM and SDPA (oneDNN) multiply: where it does, our
+    AVX-512 kernels serve decode steps only, not prefill (not measured against AMX: no such machine at hand)."""
+    return bool(torch.cpu._is_amx_tile_supported())
+
+
 def pack_dpbf16(weight: torch.Tensor) -> torch.Tensor:
     """The (G, K2, 64, 2) bf16 copy of an (N, K) bf16 weight for :func:`linear_dpbf16`: group g holds output
     features 64g..64g+63, and for each pair of k the two weights of every feature side by side (16 features are

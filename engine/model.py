@@ -19,7 +19,6 @@ per-projection ``(x, y)`` contract are unchanged: the fused output is split back
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
@@ -118,12 +117,7 @@ def _prefix_kernel_for(dtype: torch.dtype) -> bool:
     on the AMX tiles (not measured against ours: no such machine at hand when this was written)."""
     if dtype == torch.float32:
         return kernels.available()
-    return dtype == torch.bfloat16 and not _has_amx() and kernels.available()
-
-
-@functools.cache
-def _has_amx() -> bool:
-    return bool(torch.cpu._is_amx_tile_supported())
+    return dtype == torch.bfloat16 and not kernels.has_amx() and kernels.available()
 
 
 class Attention(nn.Module):

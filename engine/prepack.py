@@ -1,4 +1,5 @@
-"""Prepacked weights for decode steps (1 to 8 rows), chosen per projection kind by measuring when a model loads.
+"""Prepacked weights for decode steps (1 to 8 rows) and short prefill chunks, chosen per projection kind by measuring
+when a model loads.
 
 At batch 1 a decode step is one GEMV per projection, and which library kernel streams a weight fastest depends on
 the CPU, the dtype and the shape. On a 2-core AMD EPYC (AVX2, no AVX-512) PyTorch's float32 ``addmv`` (MKL) ran
@@ -16,7 +17,7 @@ the broadcast-form GEMM micro-kernel): ~12% faster than ``scratch`` at one row t
 faster than MKL's GEMM for prefill chunks up to :data:`PANEL_ROWS` rows. Where the CPU has AVX512-BF16, bf16
 weights get a third, ``dpbf16`` (:func:`engine.kernels.pack_dpbf16`: ``vdpbf16ps`` on pairs of k, 32 multiply-adds
 an instruction; on a 2-core Zen4 EPYC at 8 rows 1.3-1.9x faster than our AVX2 panels and 2.0-2.7x faster than
-PyTorch's bf16 ``F.linear``). An int8 model (:mod:`engine.quant`) gets int8 panels (a quarter of the float copy's
+PyTorch's bf16 ``F.linear``; it serves prefill chunks up to :data:`DP_ROWS` rows too). An int8 model (:mod:`engine.quant`) gets int8 panels (a quarter of the float copy's
 bytes; int8 dot-product panels where the CPU has AVX512-BF16 and the activations are bf16) for 2 or more rows, and
 for one row where they beat the row-form int8 kernel at load (see :func:`_pack_int8`).
 
@@ -58,6 +59,10 @@ BATCH_ROWS = 8  # the batched decode size packed for and measured (the scheduler
 # they ran 72 / 108 / 114 GFLOPS at 16 / 48 / 128 rows where MKL's GEMM ran 38 / 70 / 94, and fell behind from about
 # 200 rows (256: 91 vs 112). Longer prompt chunks use the plain GEMM.
 PANEL_ROWS = 128
+# Dot-product panels (bf16, AVX512-BF16) serve prefill chunks up to this many rows too: SmolLM2's prefill of 51 /
+# 128 / 256 / 512 tokens ran 1.22 / 1.07 / 1.00 / 0.95x as fast as through PyTorch's bf16 F.linear (oneDNN) on the
+# 2-core Zen4 EPYC (a chat turn's new tokens are the 51-token case). Not where the CPU has AMX (see _prefill_rows).
+DP_ROWS = 128
 # Where panels win one row (their copy is made anyway), they also take 2-8 rows unless another kernel is more than
 # this much faster there: the 8-row figure alone misses that panels serve the prefill chunks too (above).
 PREFILL_SHARE = 1.10
@@ -327,7 +332,7 @@ def _pick(candidates: dict[str, list[PackedWeight]], times: dict[str, float]) ->
         return _serving(candidates[one], True, 1)
     if one in (many, "plain") or (one != "scratch" and many != "scratch"):
         return _serving(candidates[many], one == many, BATCH_ROWS)
-    rows = PANEL_ROWS if many == "panel" else BATCH_ROWS
+    rows = _prefill_rows(many)
     return [replace(m, single=False, max_rows=rows, single_kernel=replace(o, single=True, max_rows=1))
             for m, o in zip(candidates[many], candidates[one], strict=True)]
 
@@ -407,7 +412,7 @@ def _keep_one_op_batches(decided: dict[str, tuple[list[PackedWeight] | None, dic
     for kind, (name, _) in switch.items():
         packed, times, weights = decided[kind]
         one = packed[0].for_rows(1)
-        rows = PANEL_ROWS if name == "panel" else BATCH_ROWS
+        rows = _prefill_rows(name)
         if one.kernel == name:  # ours already serves one row with this copy: it takes the batches too
             new = [replace(p.for_rows(1), single=True, max_rows=rows, single_kernel=None) for p in packed]
         else:
@@ -423,9 +428,20 @@ def _copy_bytes(packed: list[PackedWeight] | None) -> int:
     return sum(p.weight.numel() * p.weight.element_size() for p in packed) if copies else 0
 
 
+def _prefill_rows(kernel: str) -> int:
+    """The most rows a copy for ``kernel`` serves when it serves batches: prefill chunks too for our panels
+    (:data:`PANEL_ROWS`) and dot-product panels (:data:`DP_ROWS`; not on AMX CPUs, where oneDNN's bf16 GEMM runs on
+    the tiles), decode batches only for the library kernels' copies."""
+    if kernel == "panel":
+        return PANEL_ROWS
+    if kernel == "dpbf16" and not kernels.has_amx():
+        return DP_ROWS
+    return BATCH_ROWS
+
+
 def _serving(pws: list[PackedWeight], single: bool, max_rows: int) -> list[PackedWeight]:
-    if pws and pws[0].kernel == "panel" and max_rows > 1:
-        max_rows = PANEL_ROWS  # prefill chunks too (see PANEL_ROWS)
+    if pws and max_rows > 1:
+        max_rows = max(max_rows, _prefill_rows(pws[0].kernel))  # prefill chunks too (see PANEL_ROWS, DP_ROWS)
     return [replace(p, single=single, max_rows=max_rows) for p in pws]
 
 

@@ -272,7 +272,7 @@ def test_bf16_dot_product_panels_in_one_op_equal_the_python_loop_and_the_modules
     modules run the same kernel on every projection, so they agree bit for bit at one row and at three."""
     model = frozen(cfg, torch.bfloat16)
     chosen = prepack.prepack_(model, "dpbf16")
-    assert set(chosen.values()) == {f"dpbf16[1-{prepack.BATCH_ROWS} rows]"}
+    assert set(chosen.values()) == {f"dpbf16[1-{prepack._prefill_rows('dpbf16')} rows]"}
     reference = through_modules(model, monkeypatch)
     got = steps(model)
     assert all(r.meta is not None for r in model._decode_runners.values())

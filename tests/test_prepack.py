@@ -57,6 +57,38 @@ def decode_logits(model: GPT, prompt: list[int], steps: int) -> torch.Tensor:
     return torch.cat(out, dim=1)
 
 
+def test_prefill_rows_per_kernel(monkeypatch):
+    """Copies of our panels serve prefill chunks (PANEL_ROWS); dot-product panels too (DP_ROWS) except on AMX CPUs,
+    where oneDNN multiplies bf16 on the tiles; the library kernels' copies serve decode batches only."""
+    for amx, dp_rows in ((False, prepack.DP_ROWS), (True, prepack.BATCH_ROWS)):
+        monkeypatch.setattr(kernels, "has_amx", lambda amx=amx: amx)
+        assert prepack._prefill_rows("dpbf16") == dp_rows
+        assert prepack._prefill_rows("panel") == prepack.PANEL_ROWS
+        assert prepack._prefill_rows("onednn") == prepack._prefill_rows("mkl") == prepack.BATCH_ROWS
+
+
+@pytest.mark.skipif(not (kernels.available() and kernels.has_avx512_bf16()) or kernels.has_amx(),
+                    reason="bf16 dot-product panels serve prefill on AVX512-BF16 CPUs without AMX")
+def test_dot_product_panels_serve_prefill_chunks_up_to_dp_rows():
+    """A chat turn's new tokens (up to DP_ROWS) go through the dot-product panels, bit for bit what the kernel gives
+    for those rows; longer chunks through PyTorch's GEMM on the weight; the model's tokens stay the plain model's."""
+    model = frozen_tiny("llama").to(torch.bfloat16)
+    cfg = GenerationConfig(max_new_tokens=12)
+    plain_tokens = list(generate_tokens(model, [5, 17, 42], cfg))
+    assert prepack.prepack_(model, "dpbf16")["qkv"] == f"dpbf16[1-{prepack.DP_ROWS} rows]"
+    fused = model.blocks[0].attn._qkv
+    weight, bias = fused.get()
+    n = weight.shape[0]
+    with torch.inference_mode():
+        for rows in (9, 40, prepack.DP_ROWS):
+            x = torch.randn(rows, 64).bfloat16()
+            assert torch.equal(fused.apply(x), kernels.linear_dpbf16(x, fused.packed.packed, n))
+        x = torch.randn(prepack.DP_ROWS + 1, 64).bfloat16()
+        assert torch.equal(fused.apply(x), torch.nn.functional.linear(x, weight, bias))
+    assert list(generate_tokens(model, [5, 17, 42], cfg)) == list(generate_uncached(model, [5, 17, 42], cfg))
+    assert list(generate_tokens(model, [5, 17, 42], cfg)) == plain_tokens
+
+
 def test_this_build_has_a_packed_kernel():
     assert KERNELS, "neither MKL nor oneDNN packed linear works in this torch build"
 
@@ -332,7 +364,7 @@ def test_one_row_takes_the_batches_kernel_unless_row_form_is_clearly_faster(batc
     pws = {name: [prepack.PackedWeight(name, torch.zeros(1), torch.ones(1), ())] for name in ("scratch", batch)}
     times = {"plain x1": 5.0, "plain x8": 9.0, "scratch x1": scratch_x1_ms, f"{batch} x1": 2.0, f"{batch} x8": 2.0,
              "scratch x8": 4.0}
-    rows = prepack.PANEL_ROWS if batch == "panel" else prepack.BATCH_ROWS
+    rows = prepack._prefill_rows(batch)  # prefill chunks too (see the test below)
     want = f"{batch}[1-{rows} rows]" if want_one == "batch" else f"scratch[1 row]+{batch}[2-{rows} rows]"
     assert prepack._pick(pws, times)[0].label == want
 
@@ -346,7 +378,7 @@ def test_bf16_dot_product_panels_give_the_plain_bf16_logits(family):
     model = frozen_tiny(family).to(torch.bfloat16)
     plain = decode_logits(model, [5, 17, 42], 6).float()
     chosen = prepack.prepack_(model, "dpbf16")
-    assert set(chosen.values()) == {f"dpbf16[1-{prepack.BATCH_ROWS} rows]"}
+    assert set(chosen.values()) == {f"dpbf16[1-{prepack._prefill_rows('dpbf16')} rows]"}
     assert model.blocks[0].attn._qkv.packed.packed.shape[-2:] == (64, 2)
     torch.testing.assert_close(decode_logits(model, [5, 17, 42], 6).float(), plain, rtol=0.02, atol=0.05)
     fp32 = frozen_tiny(family)
