@@ -60,7 +60,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() and kernels.available():  # one op instead of eight (engine.kernels)
+        if not torch.is_grad_enabled() and self.weight.dtype in (torch.float32, torch.bfloat16) \
+                and kernels.available():  # one op instead of eight (engine.kernels)
             return torch.ops.scratchchat.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -112,9 +113,10 @@ def _apply_rope_rolled(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Ten
 
 
 def _prefix_kernel_for(dtype: torch.dtype) -> bool:
-    """Whether attention over a cached prefix runs engine.kernels' ``prefix_attention`` (float32 sums) for this
-    dtype: float32 wherever our kernels run; bf16 too, except on CPUs with AMX, where PyTorch's SDPA multiplies bf16
-    on the AMX tiles (not measured against ours: no such machine at hand when this was written)."""
+    """Whether attention at inference (a prompt, a chat turn over its cached prefix, the no-cache path) runs
+    engine.kernels' ``prefix_attention`` (float32 sums) for this dtype: float32 wherever our kernels run; bf16 too,
+    except on CPUs with AMX, where PyTorch's SDPA multiplies bf16 on the AMX tiles (not measured against ours: no
+    such machine at hand when this was written)."""
     if dtype == torch.float32:
         return kernels.available()
     return dtype == torch.bfloat16 and not kernels.has_amx() and kernels.available()
@@ -196,13 +198,19 @@ class Attention(nn.Module):
         if last and T > 1:  # the last query sees every key (it is last in causal order): no mask needed
             q, T = q[:, :, -1:], 1
             mask, is_causal = (None if mask is None else mask[..., -1:, :]), False
-        if mask is not None and hd % 8 == 0 and not self.training and not torch.is_grad_enabled() \
-                and _prefix_kernel_for(q.dtype):
-            # new tokens over a cached prefix (a chat's next turn, a prefill chunk): engine.kernels takes the
-            # query heads that share a key/value head together; SmolLM2's 54 queries over 1094 keys ran 1.17-1.19x
-            # SDPA's speed in float32 and 1.26x in bf16, 8 queries 1.5-2x, the last block's one query ~1.7x (2-core
-            # Zen4 EPYC, interleaved runs); bf16 scores by vdpbf16ps ~2.5x SDPA (2-core Zen5 EPYC)
-            y = torch.ops.scratchchat.prefix_attention(q, k, v, plan.positions[:, -T:])  # (B, T, n_heads * hd)
+        if hd % 8 == 0 and not self.training and not torch.is_grad_enabled() and _prefix_kernel_for(q.dtype):
+            # engine.kernels' attention, the query heads that share a key/value head taken together. New tokens over
+            # a cached prefix (a chat's next turn, a prefill chunk): SmolLM2's 54 queries over 1094 keys ran
+            # 1.17-1.19x SDPA's speed in float32 and 1.26x in bf16, 8 queries 1.5-2x, the last block's one query
+            # ~1.7x (2-core Zen4 EPYC, interleaved runs); bf16 scores by vdpbf16ps ~2.5x SDPA (2-core Zen5 EPYC). A
+            # prompt from the start (a first turn; the no-cache path) too: 2-4x SDPA's causal attention at 16-512
+            # tokens, bf16 and float32, SmolLM2's and GPT-2's heads (2-core Zen4 EPYC). Query t sees the keys up
+            # to its position: the cache's positions, or without a cache its index among the keys given.
+            if plan is not None:
+                positions = plan.positions[:, -T:]
+            else:
+                positions = torch.arange(k.shape[2] - T, k.shape[2]).expand(B, T)
+            y = torch.ops.scratchchat.prefix_attention(q, k, v, positions)  # (B, T, n_heads * hd)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0,
@@ -422,7 +430,7 @@ class GPT(nn.Module):
             logits = linear_q(x, weight, None, head_int8, self.lm_head.__dict__.get("packed"))
         else:
             weight, logits = self.lm_head.weight, apply_linear(self.lm_head, x)
-        if weight.dtype != torch.float32 and not torch.is_grad_enabled():
+        if weight.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled():
             logits = refine_top_logits(logits, x, weight)
         return logits
 

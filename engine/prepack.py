@@ -17,9 +17,10 @@ the broadcast-form GEMM micro-kernel): ~12% faster than ``scratch`` at one row t
 faster than MKL's GEMM for prefill chunks up to :data:`PANEL_ROWS` rows. Where the CPU has AVX512-BF16, bf16
 weights get a third, ``dpbf16`` (:func:`engine.kernels.pack_dpbf16`: ``vdpbf16ps`` on pairs of k, 32 multiply-adds
 an instruction; on a 2-core Zen4 EPYC at 8 rows 1.3-1.9x faster than our AVX2 panels and 2.0-2.7x faster than
-PyTorch's bf16 ``F.linear``; it serves prefill chunks up to :data:`DP_ROWS` rows too). An int8 model (:mod:`engine.quant`) gets int8 panels (a quarter of the float copy's
-bytes; int8 dot-product panels where the CPU has AVX512-BF16 and the activations are bf16) for 2 or more rows, and
-for one row where they beat the row-form int8 kernel at load (see :func:`_pack_int8`).
+PyTorch's bf16 ``F.linear``; it serves prefill chunks up to :data:`DP_ROWS` rows too). An int8 model
+(:mod:`engine.quant`) gets int8 panels (a quarter of the float copy's bytes; int8 dot-product panels where the CPU
+has AVX512-BF16 and the activations are bf16) for 2 or more rows, and for one row where they beat the row-form int8
+kernel at load (see :func:`_pack_int8`).
 
 So :func:`prepack_` times each kind of projection (every layer's weights of that kind in turn, so they stream from
 memory as in a real step) at one row and at :data:`BATCH_ROWS` rows, with the plain kernels (``addmv``,

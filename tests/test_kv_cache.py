@@ -13,7 +13,9 @@ from engine.kv_cache import KVCache
 from engine.model import GPT
 from engine.sampling import GenerationConfig
 
-TOL = dict(atol=1e-5, rtol=1e-5)
+# float32 through different kernels (a full pass's attention op vs the decode op, per step): on these logits
+# (|logit| up to ~8.5) each path is within ~1.5e-5 of the same model in float64
+TOL = dict(atol=3e-5, rtol=1e-5)
 VARIANTS = [("gpt2", 4), ("gpt2", 2), ("llama", 1), ("llama", 2), ("llama", 4)]
 
 

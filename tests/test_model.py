@@ -9,8 +9,10 @@ import math
 import pytest
 import torch
 
+from engine import kernels
 from engine.config import ModelConfig
 from engine.generate import generate_tokens
+from engine.kv_cache import KVCache
 from engine.model import GPT, LayerNorm, RMSNorm, apply_rope, build_model, build_rope_cache, gelu_tanh
 from engine.sampling import GenerationConfig
 
@@ -257,6 +259,46 @@ def test_layernorm_biased_variance():
     fresh = LayerNorm(6)(x).detach()
     torch.testing.assert_close(fresh.mean(-1), torch.zeros(4), atol=1e-6, rtol=0)
     torch.testing.assert_close(fresh.var(-1, unbiased=False), torch.ones(4), atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="engine.kernels needs an AVX2/FMA CPU")
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_inference_attention_runs_our_kernel_and_equals_the_sdpa_path(family, monkeypatch):
+    """At inference every attention call (a prompt without a cache, a first prefill into a fresh cache, the last
+    position only, a chunk over a cached prefix) runs engine.kernels' prefix_attention, and the logits equal the
+    training path's (grad on: PyTorch's SDPA) to float32 noise."""
+    cfg = tiny_gpt2_config() if family == "gpt2" else llama_config(2)
+    model = GPT(cfg).eval()
+    randomize(model)
+    idx = torch.randint(0, 257, (2, 20), generator=torch.Generator().manual_seed(3))
+    sdpa = model(idx).detach()  # grad on: the SDPA path
+    calls = []
+    op = torch.ops.scratchchat.prefix_attention
+    monkeypatch.setattr(torch.ops.scratchchat, "prefix_attention", lambda *a: calls.append(a[3]) or op(*a))
+    tol = dict(atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), sdpa, **tol)
+        assert len(calls) == cfg.n_layers and torch.equal(calls[0], torch.arange(20).expand(2, 20))
+        torch.testing.assert_close(model(idx, last_only=True), sdpa[:, -1:], **tol)
+        assert torch.equal(calls[-1], torch.tensor([[19], [19]]))  # the last block: the last query over all keys
+        cache = KVCache.build(cfg, 2, 32)
+        torch.testing.assert_close(model(idx[:, :12], cache=cache), sdpa[:, :12], **tol)
+        torch.testing.assert_close(model(idx[:, 12:], cache=cache), sdpa[:, 12:], **tol)
+        assert torch.equal(calls[-1], torch.arange(12, 20).expand(2, 8))
+    assert len(calls) == 4 * cfg.n_layers
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_float64_model_runs_at_inference(family):
+    """Our kernels take float32 and bf16 weights: a float64 model (for checking numerics) runs PyTorch's ops at
+    inference instead of failing in them, and gives what it gives with grad on."""
+    cfg = tiny_gpt2_config() if family == "gpt2" else llama_config(2)
+    model = GPT(cfg).double().eval()
+    randomize(model)
+    idx = torch.randint(0, 257, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got = model(idx)
+    torch.testing.assert_close(got, model(idx).detach(), atol=1e-12, rtol=1e-12)
 
 
 def test_last_only_and_positions():
