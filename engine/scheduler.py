@@ -22,10 +22,12 @@ UTF-8-safe text (:class:`engine.generate.TextStream`).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 
 import torch
@@ -45,6 +47,19 @@ DEFAULT_MAX_QUEUE = 64
 DEFAULT_KV_MEMORY = 2 << 30  # bytes for all pools' KV caches together
 DEFAULT_MAX_CONTEXT = 4096  # tokens per row; a model's own context_length is used when smaller
 DEFAULT_PREFILL_CHUNK = 256  # tokens per prefill step while other rows are decoding
+
+# schedulers whose thread runs, stopped when the interpreter exits (see _close_at_exit)
+_running: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Stop every scheduler thread before the interpreter finalizes. A daemon thread still inside a torch op at exit
+    (a script that returns right after its last answer, while the thread finishes that request) is ended by
+    ``pthread_exit`` in the middle of C++ frames, and the process aborted ("terminate called without an active
+    exception", exit code 134) about half the time."""
+    for sched in list(_running):
+        sched.close()
 
 
 class _Active:
@@ -176,6 +191,7 @@ class Scheduler:
                 self._thread = threading.Thread(target=self._run, args=(torch.get_num_threads(),),
                                                 name="scratchchat-scheduler", daemon=True)
                 self._thread.start()
+                _running.add(self)
             self._cv.notify()
         return handle
 

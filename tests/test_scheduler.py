@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -376,3 +378,22 @@ def test_a_bad_request_fails_alone_and_the_thread_lives_on(registry):
         assert _run(sched, [Request(lm, None, [3, 4], cfg)])[0] == _reference(lm, [3, 4], cfg)
     finally:
         sched.close()
+
+
+def test_a_script_exits_cleanly_while_the_scheduler_thread_works(root):
+    """A script that returns while the scheduler thread is still generating (here: after the first token of a long
+    answer) exits with code 0: the thread is stopped at exit, not torn down inside a torch op (which aborted the
+    process about half the time)."""
+    script = f"""
+import torch
+from engine.registry import Registry
+from engine.requests import Request
+from engine.sampling import GenerationConfig
+from engine.scheduler import Scheduler
+lm = Registry({str(root)!r}, dtype=torch.float32).get("tiny-llama")
+h = Scheduler().submit(Request(lm, None, [1, 2, 3], GenerationConfig(max_new_tokens=250)))
+next(iter(h))
+"""
+    for _ in range(4):
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and "terminate called" not in r.stderr, r.stderr[-2000:]
