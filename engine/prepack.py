@@ -64,8 +64,9 @@ PANEL_ROWS = 128
 # 128 / 256 / 512 tokens ran 1.22 / 1.07 / 1.00 / 0.95x as fast as through PyTorch's bf16 F.linear (oneDNN) on the
 # 2-core Zen4 EPYC (a chat turn's new tokens are the 51-token case). Not where the CPU has AMX (see _prefill_rows).
 DP_ROWS = 128
-# Where panels win one row (their copy is made anyway), they also take 2-8 rows unless another kernel is more than
-# this much faster there: the 8-row figure alone misses that panels serve the prefill chunks too (above).
+# Where panels or dot-product panels win one row (their copy is made anyway), they also take 2-8 rows unless another
+# kernel is more than this much faster there: the 8-row figure alone misses that they serve prefill chunks too
+# (above).
 PREFILL_SHARE = 1.10
 # Where the batches run our panels or dot-product panels (every output one chain over k whatever the row count), one
 # row takes that kernel too unless our row-form kernel (``scratch``) is more than this much faster there: a request
@@ -322,8 +323,9 @@ def _pick(candidates: dict[str, list[PackedWeight]], times: dict[str, float]) ->
     many = best(BATCH_ROWS, ["plain", *(k for k in MULTI_ROW if k in candidates)])
     one = best(1, ["plain", *candidates])
     batch = f" x{BATCH_ROWS}"
-    if one == "panel" and many != "panel" and times["panel" + batch] <= PREFILL_SHARE * times[many + batch]:
-        many = "panel"  # its copy is made anyway, and it also serves prefill chunks up to PANEL_ROWS rows
+    if one in ("panel", "dpbf16") and many != one and _prefill_rows(one) > BATCH_ROWS \
+            and times[one + batch] <= PREFILL_SHARE * times[many + batch]:
+        many = one  # its copy is made anyway, and it also serves prefill chunks (PANEL_ROWS, DP_ROWS)
     if one == "scratch" and many in ("panel", "dpbf16") \
             and times.get(f"{many} x1", math.inf) <= SAME_KERNEL_SHARE * times["scratch x1"]:
         one = many  # the batches' kernel for one row too (see SAME_KERNEL_SHARE)

@@ -346,13 +346,21 @@ def test_a_slightly_faster_library_gemm_does_not_cost_batched_steps_the_one_op_s
     torch.testing.assert_close(decode_logits(model, [1, 2, 3], 3), reference, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("scratch_x8_ms, want", [(1.9, "panel[1-128 rows]"), (1.5, "panel[1 row]+scratch[2-8 rows]")])
-def test_panels_that_win_one_row_also_take_batches_unless_clearly_slower(scratch_x8_ms, want):
-    """Panels serve prefill chunks up to PANEL_ROWS rows as well; where their copy exists for one row anyway, an 8-row
-    figure a little behind another kernel's does not send prefill to the library GEMM."""
-    pws = {name: [prepack.PackedWeight(name, torch.zeros(1), torch.ones(1), ())] for name in ("scratch", "panel")}
-    times = {"plain x1": 5.0, "plain x8": 9.0, "scratch x1": 3.0, "panel x1": 2.0, "panel x8": 2.0,
-             "scratch x8": scratch_x8_ms}
+@pytest.mark.parametrize("amx", [False, True])
+@pytest.mark.parametrize("ours", ["panel", "dpbf16"])
+@pytest.mark.parametrize("other_x8_ms, clearly", [(1.9, False), (1.5, True)])
+def test_panels_that_win_one_row_also_take_batches_unless_clearly_slower(ours, other_x8_ms, clearly, amx,
+                                                                          monkeypatch):
+    """Panels (PANEL_ROWS) and dot-product panels (DP_ROWS, but on AMX CPUs) serve prefill chunks as well; where
+    their copy exists for one row anyway, an 8-row figure a little behind another kernel's does not send prefill
+    to another kernel; clearly behind (more than PREFILL_SHARE), or where they serve decode batches only, it does."""
+    monkeypatch.setattr(kernels, "has_amx", lambda: amx)
+    pws = {name: [prepack.PackedWeight(name, torch.zeros(1), torch.ones(1), ())] for name in ("scratch", ours)}
+    times = {"plain x1": 5.0, "plain x8": 9.0, "scratch x1": 3.0, f"{ours} x1": 2.0, f"{ours} x8": 2.0,
+             "scratch x8": other_x8_ms}
+    prefill = {"panel": prepack.PANEL_ROWS, "dpbf16": prepack.BATCH_ROWS if amx else prepack.DP_ROWS}[ours]
+    keeps = not clearly and prefill > prepack.BATCH_ROWS
+    want = f"{ours}[1-{prefill} rows]" if keeps else f"{ours}[1 row]+scratch[2-8 rows]"
     assert prepack._pick(pws, times)[0].label == want
 
 
