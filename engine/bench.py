@@ -7,7 +7,9 @@ session vs eight; base vs mixed adapters; llama.cpp on SmolLM2's GGUF, run in it
 never engine dependencies. The output is a Markdown table (stdout) and a JSON file; decode timings are medians of
 ``--repeats`` rounds (ours and the peer side by side in each), serving figures medians of :data:`ROUNDS` rounds
 (TTFT: :data:`TTFT_ROUNDS`, each timing a fresh session's turn 1 next to a chat's turn 10, in both orders); every
-ratio is the median of the rounds' ratios.
+ratio is the median of the rounds' ratios. Two rows put the roofline in context: the stream ceiling (the step's
+weight matrices read one at a time with no arithmetic, :func:`stream_ceiling`: what a step structured like ours can
+get from this memory) and llama.cpp against its own roofline (its GGUF's bytes a token).
 """
 
 from __future__ import annotations
