@@ -145,27 +145,38 @@ def read_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
     return nbytes / min(times)
 
 
+def _nbytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _module_bytes(module: torch.nn.Module) -> int:
+    """Bytes a decode step reads of one module's own parameters: its int8 copy (engine.quant) instead of the weight."""
+    w8 = module.__dict__.get("int8")
+    return sum(_nbytes(w8) if w8 is not None and n == "weight" else _nbytes([p])
+               for n, p in module.named_parameters(recurse=False))
+
+
+def _head_bytes(lm: LoadedModel) -> tuple[int, int]:
+    """(bytes a decode step reads of the head: its int8 copy if it has one, bytes of the float head weight)."""
+    head8 = lm.model.__dict__.get("head_int8")
+    head = lm.model.tok_emb.weight if lm.model.lm_head is None else lm.model.lm_head.weight
+    return (_nbytes(head8) if head8 is not None else _nbytes([head])), _nbytes([head])
+
+
 def step_pieces(lm: LoadedModel) -> list[int]:
     """The weight bytes of a decode step's products in the order it reads them (per block: q/k/v together, the
     output projection, gate/up together, down; then the head), each rounded up to 128 bytes: what
     :func:`stream_ceiling` streams."""
-    def nbytes(*modules: torch.nn.Module) -> int:
-        total = 0
-        for m in modules:
-            w8 = m.__dict__.get("int8")
-            total += sum(t.numel() * t.element_size() for t in w8) if w8 is not None else \
-                sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
-        return -(-total // 128) * 128
+    def rounded(n: int) -> int:
+        return -(-n // 128) * 128
 
     pieces = []
     for block in lm.model.blocks:
         a, m = block.attn, block.mlp
-        pieces += [nbytes(a.q_proj, a.k_proj, a.v_proj), nbytes(a.o_proj),
-                   nbytes(*([m.gate_proj] if m.swiglu else []), m.up_proj), nbytes(m.down_proj)]
-    head8 = lm.model.__dict__.get("head_int8")
-    head = lm.model.tok_emb.weight if lm.model.lm_head is None else lm.model.lm_head.weight
-    hb = sum(t.numel() * t.element_size() for t in head8) if head8 is not None else head.numel() * head.element_size()
-    return pieces + [-(-hb // 128) * 128]
+        gate_up = [m.gate_proj, m.up_proj] if m.swiglu else [m.up_proj]
+        pieces += [rounded(sum(map(_module_bytes, group)))
+                   for group in ([a.q_proj, a.k_proj, a.v_proj], [a.o_proj], gate_up, [m.down_proj])]
+    return pieces + [rounded(_head_bytes(lm)[0])]
 
 
 def stream_ceiling(pieces: list[int], repeats: int = 5) -> float:
@@ -187,20 +198,11 @@ def stream_ceiling(pieces: list[int], repeats: int = 5) -> float:
 def weight_bytes_per_token(lm: LoadedModel) -> int:
     """Bytes of weights one decode step reads: every parameter except the position table (one row is read); for
     an int8 projection or head, its int8 copy and scales instead of its float weight."""
-    head8 = lm.model.__dict__.get("head_int8")
-    head = lm.model.tok_emb.weight if lm.model.lm_head is None else lm.model.lm_head.weight
-    total = 0
-    if head8 is not None:  # the int8 copy is read instead of the float head
-        total = sum(t.numel() * t.element_size() for t in head8) - head.numel() * head.element_size()
+    read, stored = _head_bytes(lm)
+    total = read - stored  # an int8 head copy is read instead of the float head (tied: the embedding's weight)
     for module_name, module in lm.model.named_modules():
-        w8 = module.__dict__.get("int8")
-        for n, p in module.named_parameters(recurse=False):
-            if f"{module_name}.{n}".lstrip(".") == "pos_emb.weight":
-                continue
-            if w8 is not None and n == "weight":
-                total += sum(t.numel() * t.element_size() for t in w8)
-            else:
-                total += p.numel() * p.element_size()
+        if module_name != "pos_emb":
+            total += _module_bytes(module)
     return total
 
 
