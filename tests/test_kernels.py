@@ -687,3 +687,34 @@ def test_available_is_false_with_kernels_off_and_true_again_after(monkeypatch) -
     finally:
         kernels.available.cache_clear()  # a later call sees the restored environment, not the cached False
     assert kernels.available() is True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V", [1, 7, 16, 17, 40, 49152])
+def test_argmax_is_torch_argmax_with_ties_infinities_and_nans(dtype, V) -> None:
+    """The greedy pick: the first of equal maxima, -inf rows, and a NaN anywhere (vector part or tail) winning as
+    torch.argmax lets it; several rows and a non-contiguous view."""
+    g = _gen(11)
+    x = torch.randn(9, V, generator=g).to(dtype)
+    x[1] = float("-inf")
+    x[2, :] = 0.0
+    x[2, V // 2 :] = 3.0  # equal maxima: the first one
+    x[3, -1] = 50.0  # the maximum in the tail past the vectors
+    x[4, 0] = float("nan")
+    x[5, V // 3] = float("nan")
+    x[5, 0] = 100.0
+    x[6, -1] = float("nan")
+    x[7, : V - 1] = float("-inf")
+    x[8] = torch.arange(V, dtype=torch.float32).flip(0).to(dtype)  # the maximum first
+    torch.testing.assert_close(ops.argmax(x), torch.argmax(x, dim=-1, keepdim=True), rtol=0, atol=0)
+    wide = torch.randn(V, 3, generator=g).to(dtype).t()  # a strided view
+    torch.testing.assert_close(ops.argmax(wide), torch.argmax(wide, dim=-1, keepdim=True), rtol=0, atol=0)
+
+
+def test_argmax_errors() -> None:
+    with pytest.raises(RuntimeError, match="V > 0"):
+        ops.argmax(torch.zeros(2, 0))
+    with pytest.raises(RuntimeError, match=r"\(R, V\)"):
+        ops.argmax(torch.zeros(5))
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        ops.argmax(torch.zeros(2, 3, dtype=torch.float64))

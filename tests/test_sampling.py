@@ -190,3 +190,17 @@ def test_config_defaults_and_from_dict():
         GenerationConfig.from_dict({"tempurature": 0.7})
     with pytest.raises(Exception):
         cfg.temperature = 1.0  # frozen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_argmax_helper_is_torch_argmax(dtype) -> None:
+    """sampling.argmax (our op for float32/bf16 on the CPU, torch.argmax otherwise) picks what torch.argmax picks,
+    ties and all; greedy sampling goes through it."""
+    from engine.sampling import argmax
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 1000, generator=g).to(dtype)
+    logits[1, 10] = logits[1, 900] = logits[1].max() + 1  # a tie: the first one
+    expected = torch.argmax(logits, dim=-1, keepdim=True)
+    assert torch.equal(argmax(logits), expected)
+    assert torch.equal(sample(logits, GenerationConfig(temperature=0.0)), expected)
