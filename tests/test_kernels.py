@@ -564,6 +564,29 @@ def test_prefix_attention_matches_reference_over_ragged_positions(H, Hkv, hd, T,
         assert torch.equal(one, y[b : b + 1])
 
 
+@pytest.mark.parametrize("T", [1, 6])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_prefix_attention_over_long_ragged_histories(T, dtype) -> None:
+    """Rows whose histories span several of the values' pairing chunks (128 keys) and end mid-chunk, odd and even,
+    next to a short row: each output is the float64 reference's and a row alone gives the same bits."""
+    g, H, Hkv, hd, S = _gen(8), 9, 3, 64, 420
+    positions = torch.tensor([[300], [3], [128], [255]]) + torch.arange(T)
+    B = len(positions)
+    q = torch.randn(B, H, T, hd, generator=g).to(dtype)
+    kc = torch.randn(B, Hkv, S, hd, generator=g).to(dtype)
+    vc = torch.randn(B, Hkv, S, hd, generator=g).to(dtype)
+    y = ops.prefix_attention(q, kc, vc, positions)
+    ref = _prefix_reference(q, kc, vc, positions)
+    if dtype == torch.float32:
+        _assert_within(y, ref, 1e-5, 1e-5, "prefix attention")
+    else:
+        weights = 2.0**-8 * _prefix_reference(q, kc, vc, positions, magnitude=True)
+        _assert_within(y, ref, 1e-5 + weights, BF16_ULP, "bf16 prefix attention")
+    for b in range(B):
+        one = ops.prefix_attention(q[b : b + 1], kc[b : b + 1], vc[b : b + 1], positions[b : b + 1])
+        assert torch.equal(one, y[b : b + 1])
+
+
 def test_prefix_attention_rejects_what_it_cannot_take() -> None:
     q, kv = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 6, 8)
     pos = torch.tensor([[3, 4, 5]])

@@ -1067,10 +1067,27 @@ void prefix_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::
 // one broadcast), then scaled in float32; the softmax in float32; the weighted sum of values by vdpbf16ps too, the
 // numerators rounded to bf16 in pairs of keys (as PyTorch's SDPA rounds its probabilities for that product) and the
 // values paired once per key/value head (pair_values), the sums and the division by the denominator in float32.
-// SmolLM2's 55 queries over 1069 keys on the 2-core Zen4 EPYC: ~62% of vdpbf16ps's peak (one zmm instruction a
-// cycle a core), its two product loops at 83-92% of it; the rest is the softmax (~17%) and the unused lanes of a
-// head group's last tile (165 query rows in 11 tiles).
+// SmolLM2's 55 queries over 1069 keys on the 2-core Zen4 EPYC: ~64% of vdpbf16ps's peak (one zmm instruction a
+// cycle a core) for one layer, 54 -> 62% over 30 layers' caches since the scratch buffers are left unfilled (a
+// zero-filled std::vector<bf16> of the values' pairs took 6% of the op); its two product loops at 83-92% of it; the
+// rest is the softmax (~17%) and the unused lanes of a head group's last tile (165 query rows in 11 tiles).
 constexpr int QD = 16;
+
+// A scratch buffer left uninitialized: every element is written before it is read. (A std::vector<bf16> of n
+// elements zero-fills them one 16-bit store at a time: the values' pair buffer of SmolLM2's turn-10 chunk, 410 KB a
+// layer, took 6% of the attention.)
+template <typename T>
+struct Scratch {
+  std::unique_ptr<T[]> p;
+  int64_t n = 0;
+  T* get(int64_t m) {
+    if (m > n) {
+      p.reset(new T[m]);  // default-initialized: no fill for float or c10::BFloat16
+      n = m;
+    }
+    return p.get();
+  }
+};
 
 // e^x for the softmax numerators (x <= 0: scores minus their max) as 2^n * 2^f, n = round(x log2 e), f in
 // [-1/2, 1/2]: 2^f by its degree-5 Taylor polynomial (relative error below 6e-6, far under the half a bf16 ulp,
@@ -1132,7 +1149,7 @@ SCRATCHCHAT_AVX512 inline void dp_tile_values(const bf16* ep, const bf16* vp, in
 SCRATCHCHAT_AVX512 void dp_prefix_tile(const bf16* qd, int64_t qb, int64_t qh, int64_t qs, const bf16* kg, int64_t st,
                                        const bf16* vp, const int64_t* pos, int64_t b, int64_t g, int64_t r0, int64_t R,
                                        int64_t T, int64_t H, int64_t rep, int64_t hd, float scale, float* out,
-                                       std::vector<float>& s, std::vector<bf16>& ep) {
+                                       Scratch<float>& scores, Scratch<bf16>& pairs_buf) {
   const int64_t hd2 = hd / 2;
   alignas(64) bf16 qp[256 * 2 * QD];  // the tile's queries, (hd / 2, 16, 2), hd up to 512
   alignas(64) float buf[QD * QD];
@@ -1155,22 +1172,22 @@ SCRATCHCHAT_AVX512 void dp_prefix_tile(const bf16* qd, int64_t qb, int64_t qh, i
       for (int64_t kk = 0; kk < hd2; ++kk) std::memset(qp + (kk * QD + l) * 2, 0, 4);
     }
   }
-  s.resize(n * QD);
+  float* const s = scores.get(n * QD);
   int64_t j = 0;
   for (; j + 12 <= n; j += 12)
-    dp_tile_scores<12>(qp, kg, st, j, hd2, scale, s.data(), std::make_index_sequence<12>{});
-  for (; j < n; ++j) dp_tile_scores<1>(qp, kg, st, j, hd2, scale, s.data(), std::make_index_sequence<1>{});
+    dp_tile_scores<12>(qp, kg, st, j, hd2, scale, s, std::make_index_sequence<12>{});
+  for (; j < n; ++j) dp_tile_scores<1>(qp, kg, st, j, hd2, scale, s, std::make_index_sequence<1>{});
   // softmax down the lanes in float32; keys past a lane's position are exactly 0
   const __m512i lastv = _mm512_load_si512(last);
   __m512 m = _mm512_set1_ps(-INFINITY);
   for (j = 0; j < n; ++j) {
     const __mmask16 keep = _mm512_cmple_epi32_mask(_mm512_set1_epi32(static_cast<int32_t>(j)), lastv);
-    m = _mm512_mask_max_ps(m, keep, m, _mm512_loadu_ps(s.data() + j * QD));
+    m = _mm512_mask_max_ps(m, keep, m, _mm512_loadu_ps(s + j * QD));
   }
   // the numerators summed in float32, and rounded to bf16 for the values' product (as PyTorch's SDPA rounds its
   // probabilities for that product in bf16), in pairs of keys per lane (a zero past an odd n)
   const int64_t n2 = (n + 1) / 2;
-  ep.resize(n2 * 2 * QD);
+  bf16* const ep = pairs_buf.get(n2 * 2 * QD);
   const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                          21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);  // lane l: (key 2jj, key 2jj + 1)
   __m512 sum = _mm512_setzero_ps();
@@ -1179,21 +1196,21 @@ SCRATCHCHAT_AVX512 void dp_prefix_tile(const bf16* qd, int64_t qb, int64_t qh, i
     for (int h = 0; h < 2; ++h) {
       j = 2 * jj + h;
       const __mmask16 keep = j < n ? _mm512_cmple_epi32_mask(_mm512_set1_epi32(static_cast<int32_t>(j)), lastv) : 0;
-      const __m512 x = _mm512_maskz_sub_ps(keep, _mm512_loadu_ps(s.data() + std::min(j, n - 1) * QD), m);
+      const __m512 x = _mm512_maskz_sub_ps(keep, _mm512_loadu_ps(s + std::min(j, n - 1) * QD), m);
       ex[h] = _mm512_maskz_mov_ps(keep, exp16_softmax(x));
       sum = _mm512_add_ps(sum, ex[h]);
     }
     const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(ex[1], ex[0]);  // key 2jj's 16 lanes, then key 2jj + 1's
-    _mm512_storeu_si512(ep.data() + jj * 2 * QD, _mm512_permutexvar_epi16(pairs, both));
+    _mm512_storeu_si512(ep + jj * 2 * QD, _mm512_permutexvar_epi16(pairs, both));
   }
   alignas(64) float inv[QD];
   _mm512_store_ps(inv, _mm512_div_ps(_mm512_set1_ps(1.0f), sum));
   for (int64_t d0 = 0; d0 < hd; d0 += 16) {
     const int nf = hd - d0 >= 16 ? 16 : 8;
     if (nf == 16)
-      dp_tile_values<16>(ep.data(), vp, hd, n2, d0, buf, std::make_index_sequence<16>{});
+      dp_tile_values<16>(ep, vp, hd, n2, d0, buf, std::make_index_sequence<16>{});
     else
-      dp_tile_values<8>(ep.data(), vp, hd, n2, d0, buf, std::make_index_sequence<8>{});
+      dp_tile_values<8>(ep, vp, hd, n2, d0, buf, std::make_index_sequence<8>{});
     for (int l = 0; l < rows; ++l)
       for (int f = 0; f < nf; ++f) o[l][d0 + f] = buf[f * QD + l] * inv[l];
   }
@@ -1239,18 +1256,25 @@ void prefix_attention_dp(const at::Tensor& q, const at::Tensor& kc, const at::Te
     for (int64_t t = 0; t < T; ++t) nk[b] = std::max<int64_t>(nk[b], pos[b * T + t] + 1);
     at[b + 1] = at[b] + Hkv * ((nk[b] + 1) / 2) * 2 * hd;
   }
-  std::vector<bf16> vpairs(at[B]);
-  auto head_values = [&](int64_t b, int64_t g) { return vpairs.data() + at[b] + g * ((nk[b] + 1) / 2) * 2 * hd; };
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
+  Scratch<bf16> vpairs;
+  bf16* const vp_all = vpairs.get(at[B]);
+  auto head_values = [&](int64_t b, int64_t g) { return vp_all + at[b] + g * ((nk[b] + 1) / 2) * 2 * hd; };
+  // in chunks of keys, so that both threads share the copying (SmolLM2's three kv heads split 2:1 otherwise)
+  constexpr int64_t PAIR_CHUNK = 128;  // keys (even: a chunk starts on a pair)
+  int64_t chunks = 0;
+  for (int64_t b = 0; b < B; ++b) chunks = std::max(chunks, (nk[b] + PAIR_CHUNK - 1) / PAIR_CHUNK);
+  at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / Hkv, g = i % Hkv;
-      pair_values(vd + b * vb + g * vh, vt, nk[b], hd, head_values(b, g));
+      const int64_t b = i / (Hkv * chunks), g = i / chunks % Hkv, j0 = i % chunks * PAIR_CHUNK;
+      if (j0 < nk[b])
+        pair_values(vd + b * vb + g * vh + j0 * vt, vt, std::min(PAIR_CHUNK, nk[b] - j0), hd,
+                    head_values(b, g) + j0 * hd);
     }
   });
   float* out = y.data_ptr<float>();  // (B, T, H * hd)
   at::parallel_for(0, B * Hkv * tiles, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> s;
-    std::vector<bf16> ep;
+    Scratch<float> s;
+    Scratch<bf16> ep;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (Hkv * tiles), g = i / tiles % Hkv, r0 = i % tiles * QD;
       dp_prefix_tile(q.data_ptr<bf16>(), q.stride(0), q.stride(1), q.stride(2),
