@@ -1179,8 +1179,13 @@ SCRATCHCHAT_AVX512 void dp_prefix_tile(const bf16* qd, int64_t qb, int64_t qh, i
   for (; j < n; ++j) dp_tile_scores<1>(qp, kg, st, j, hd2, scale, s, std::make_index_sequence<1>{});
   // softmax down the lanes in float32; keys past a lane's position are exactly 0
   const __m512i lastv = _mm512_load_si512(last);
+  // keys every row of the tile attends to (a turn's new tokens all see the whole history): no masks there, the same
+  // arithmetic for those rows (a tile's unused lanes have zero queries: finite, dropped)
+  int64_t full = n;
+  for (int l = 0; l < rows; ++l) full = std::min<int64_t>(full, last[l] + 1);
   __m512 m = _mm512_set1_ps(-INFINITY);
-  for (j = 0; j < n; ++j) {
+  for (j = 0; j < full; ++j) m = _mm512_max_ps(m, _mm512_loadu_ps(s + j * QD));
+  for (; j < n; ++j) {
     const __mmask16 keep = _mm512_cmple_epi32_mask(_mm512_set1_epi32(static_cast<int32_t>(j)), lastv);
     m = _mm512_mask_max_ps(m, keep, m, _mm512_loadu_ps(s + j * QD));
   }
@@ -1191,7 +1196,16 @@ SCRATCHCHAT_AVX512 void dp_prefix_tile(const bf16* qd, int64_t qb, int64_t qh, i
   const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                          21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);  // lane l: (key 2jj, key 2jj + 1)
   __m512 sum = _mm512_setzero_ps();
-  for (int64_t jj = 0; jj < n2; ++jj) {
+  int64_t jj = 0;
+  for (; 2 * jj + 1 < full; ++jj) {
+    const __m512 e0 = exp16_softmax(_mm512_sub_ps(_mm512_loadu_ps(s + 2 * jj * QD), m));
+    sum = _mm512_add_ps(sum, e0);
+    const __m512 e1 = exp16_softmax(_mm512_sub_ps(_mm512_loadu_ps(s + (2 * jj + 1) * QD), m));
+    sum = _mm512_add_ps(sum, e1);
+    const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);
+    _mm512_storeu_si512(ep + jj * 2 * QD, _mm512_permutexvar_epi16(pairs, both));
+  }
+  for (; jj < n2; ++jj) {
     __m512 ex[2];
     for (int h = 0; h < 2; ++h) {
       j = 2 * jj + h;
