@@ -17,6 +17,7 @@ runtime:
 - the small steps of a decode layer: ``decode_attention`` (RoPE, cache write, grouped-query attention),
   ``rms_norm``, ``silu_mul``;
 - ``lora``: a decode step's per-row LoRA deltas, each row computing only its own adapter's pieces;
+- ``refine_top`` (a bf16 head's top logits recomputed in float32) and ``argmax`` (greedy picks, as torch.argmax);
 - ``decode_blocks``: every block of a decode step in one call (what :mod:`engine.decode` runs).
 
 :mod:`engine.prepack` measures the products against PyTorch's kernels at load and uses them where they win.
