@@ -1068,9 +1068,8 @@ void prefix_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::
 // numerators rounded to bf16 in pairs of keys (as PyTorch's SDPA rounds its probabilities for that product) and the
 // values paired once per key/value head (pair_values), the sums and the division by the denominator in float32.
 // SmolLM2's 55 queries over 1069 keys on the 2-core Zen4 EPYC: ~64% of vdpbf16ps's peak (one zmm instruction a
-// cycle a core) for one layer, 54 -> 62% over 30 layers' caches since the scratch buffers are left unfilled (a
-// zero-filled std::vector<bf16> of the values' pairs took 6% of the op); its two product loops at 83-92% of it; the
-// rest is the softmax (~17%) and the unused lanes of a head group's last tile (165 query rows in 11 tiles).
+// cycle a core) for one layer, ~62% over 30 layers' caches; its two product loops at 83-92% of it; the rest is the
+// softmax and the unused lanes of a head group's last tile (165 query rows in 11 tiles).
 constexpr int QD = 16;
 
 // A scratch buffer left uninitialized: every element is written before it is read. (A std::vector<bf16> of n
