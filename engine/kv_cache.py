@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine import kernels
 from engine.config import ModelConfig
 
 
@@ -118,16 +119,33 @@ class KVCache:
         n = int(src_cache.lengths[src])
         if n > self.max_seq_len:
             raise ValueError(f"row holds {n} tokens but this cache has room for {self.max_seq_len}")
-        for mine, theirs in zip(self.keys + self.values, src_cache.keys + src_cache.values, strict=True):
-            mine[dst, :, :n].copy_(theirs[src, :, :n])
+        self.copy_positions_(dst, src_cache, src, n)
         self.lengths[dst] = n
+
+    def copy_positions_(self, dst: int, src_cache: KVCache, src: int, n: int) -> None:
+        """Keys and values of positions ``[0, n)`` of row ``src`` of ``src_cache`` into row ``dst`` (lengths are
+        the caller's). One op for every layer when our kernels run (engine.kernels' ``copy_positions``: a turn's
+        cached history into its pool row is half the time of a copy per layer), else a copy per layer."""
+        if src_cache is self and src == dst:
+            return
+        mine, theirs = self.keys + self.values, src_cache.keys + src_cache.values
+        if kernels.available() and all(t.device.type == "cpu" and t.dtype == mine[0].dtype and t.stride(3) == 1
+                                       and t.stride(2) == t.shape[3] for t in mine + theirs):
+            torch.ops.scratchchat.copy_positions(mine, dst, theirs, src, n)
+            return
+        for a, b in zip(mine, theirs, strict=True):
+            a[dst, :, :n].copy_(b[src, :, :n])
 
     def extract_row(self, row: int) -> KVCache:
         """A compact batch-1 copy of one row, sized to exactly its length (for keeping a session's prefix)."""
         n = int(self.lengths[row])
-        keys = [k[row : row + 1, :, :n].clone() for k in self.keys]
-        values = [v[row : row + 1, :, :n].clone() for v in self.values]
-        return KVCache(keys, values, torch.tensor([n], dtype=torch.long))
+        k0 = self.keys[0]
+        shape = (1, k0.shape[1], n, k0.shape[3])
+        out = KVCache([torch.empty(shape, dtype=k0.dtype, device=k0.device) for _ in self.keys],
+                      [torch.empty(shape, dtype=k0.dtype, device=k0.device) for _ in self.values],
+                      torch.tensor([n], dtype=torch.long))
+        out.copy_positions_(0, self, row, n)
+        return out
 
     def plan(self, n_new: int, positions: torch.Tensor | None = None) -> AttentionPlan:
         """Work out where ``n_new`` tokens per row go and how they attend. Checks for overflow.

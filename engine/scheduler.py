@@ -339,9 +339,7 @@ class Scheduler:
         r = h.request
         n = _cached(r)
         if n > 0:  # only the reused part (copy_row_ would copy the whole stored prefix)
-            for mine, theirs in zip(pool.cache.keys + pool.cache.values, r.prefix.keys + r.prefix.values,
-                                    strict=True):
-                mine[row, :, :n].copy_(theirs[0, :, :n])
+            pool.cache.copy_positions_(row, r.prefix, 0, n)
         pool.cache.lengths[row] = n
         act.prefilled = n
         pool.prefilling.append(act)

@@ -213,6 +213,54 @@ def test_crop_reset_and_row_copies():
         cache.crop(-1)
 
 
+@pytest.mark.parametrize("kernels_on", [True, False], ids=["op", "per-layer"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_copy_positions_moves_exactly_the_given_positions(kernels_on, dtype, monkeypatch) -> None:
+    """copy_positions_ (our one-op copy, or a copy per layer without the kernels) writes positions [0, n) of the
+    source row into the destination row, for every layer's keys and values, and nothing else: the slice copy is
+    the oracle; extract_row and copy_row_ go through it."""
+    from engine import kernels
+
+    if not kernels_on:
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    cfg = build("llama", 2).config
+    g = torch.Generator().manual_seed(0)
+    src = KVCache.build(cfg, 2, 12, dtype=dtype)
+    dst = KVCache.build(cfg, 3, 16, dtype=dtype)
+    for t in src.keys + src.values + dst.keys + dst.values:
+        t.copy_(torch.randn(t.shape, generator=g))
+    expected = [t.clone() for t in dst.keys + dst.values]
+    for e, t in zip(expected, src.keys + src.values, strict=True):
+        e[2, :, :7] = t[1, :, :7]
+    dst.copy_positions_(2, src, 1, 7)
+    for got, want in zip(dst.keys + dst.values, expected, strict=True):
+        assert torch.equal(got, want)
+    src.lengths[1] = 7
+    one = src.extract_row(1)
+    assert one.max_seq_len == 7 and one.pos == 7
+    for a, b in zip(one.keys + one.values, src.keys + src.values, strict=True):
+        assert a.is_contiguous() and torch.equal(a[0], b[1, :, :7])
+    dst.copy_row_(0, one, 0)  # back into another row, and within one cache
+    dst.copy_row_(1, dst, 0)
+    assert dst.lengths.tolist() == [7, 7, 0]
+    for t, s in zip(dst.keys + dst.values, src.keys + src.values, strict=True):
+        assert torch.equal(t[1, :, :7], s[1, :, :7])
+
+
+def test_copy_positions_op_rejects_mismatched_caches() -> None:
+    from engine import kernels
+
+    if not kernels.available():
+        pytest.skip("our kernels are not built on this machine")
+    a, b = torch.zeros(2, 3, 8, 4), torch.zeros(2, 3, 8, 5)
+    with pytest.raises(RuntimeError, match="caches alike"):
+        torch.ops.scratchchat.copy_positions([a], 0, [b], 0, 4)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        torch.ops.scratchchat.copy_positions([a], 0, [torch.zeros(2, 3, 4, 4)], 0, 6)
+    with pytest.raises(RuntimeError, match="outside"):
+        torch.ops.scratchchat.copy_positions([a], 2, [a.clone()], 0, 4)
+
+
 def test_bytes_per_token():
     cfg = ModelConfig.from_name("smollm2-135m")
     assert KVCache.bytes_per_token(cfg, torch.bfloat16) == 2 * 30 * 3 * 64 * 2

@@ -1329,6 +1329,48 @@ at::Tensor prefix_attention(const at::Tensor& q, const at::Tensor& kc, const at:
   return to_bf16(y);
 }
 
+// ---- cached positions copied between caches ----
+//
+//   scratchchat::copy_positions(dst[], dst_row, src[], src_row, n): dst[i][dst_row, :, :n] = src[i][src_row, :, :n]
+//
+// A chat turn's cached history goes into its pool row (and a finished row out of it, a batch's rows move to stay
+// compact): one copy per layer's keys and values, 60 for SmolLM2, each three strided blocks, ran at half the speed
+// of one contiguous copy of the same bytes (1.4 vs 0.6 ms for SmolLM2's 1014 positions). Here every head's block of
+// every tensor is one memcpy task of a single parallel region.
+void copy_positions(const std::vector<at::Tensor>& dst, int64_t dst_row, const std::vector<at::Tensor>& src,
+                    int64_t src_row, int64_t n) {
+  TORCH_CHECK(dst.size() == src.size(), "copy_positions: ", dst.size(), " destination tensors for ", src.size(),
+              " sources");
+  TORCH_CHECK(n >= 0, "copy_positions: a negative count ", n);
+  const int64_t T = static_cast<int64_t>(dst.size());
+  if (T == 0 || n == 0) return;
+  const int64_t H = dst[0].size(1), hd = dst[0].size(3);
+  for (int64_t i = 0; i < T; ++i) {
+    const at::Tensor& d = dst[i];
+    const at::Tensor& s = src[i];
+    TORCH_CHECK(d.dim() == 4 && s.dim() == 4 && d.size(1) == H && s.size(1) == H && d.size(3) == hd &&
+                    s.size(3) == hd && d.scalar_type() == s.scalar_type() && d.device().is_cpu() &&
+                    s.device().is_cpu(),
+                "copy_positions takes (B, heads, S, head_dim) CPU caches alike, not ", d.sizes(), " and ", s.sizes());
+    TORCH_CHECK(d.stride(3) == 1 && s.stride(3) == 1 && d.stride(2) == hd && s.stride(2) == hd,
+                "copy_positions needs each head's positions contiguous");
+    TORCH_CHECK(0 <= dst_row && dst_row < d.size(0) && 0 <= src_row && src_row < s.size(0), "row ", dst_row, " / ",
+                src_row, " is outside the caches' ", d.size(0), " / ", s.size(0), " rows");
+    TORCH_CHECK(n <= d.size(2) && n <= s.size(2), n, " positions do not fit caches of ", d.size(2), " / ",
+                s.size(2));
+  }
+  const int64_t es = dst[0].element_size(), block = n * hd * es;
+  at::parallel_for(0, T * H, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const at::Tensor& d = dst[c / H];
+      const at::Tensor& s = src[c / H];
+      const int64_t h = c % H;
+      std::memcpy(static_cast<char*>(d.data_ptr()) + (dst_row * d.stride(0) + h * d.stride(1)) * es,
+                  static_cast<const char*>(s.data_ptr()) + (src_row * s.stride(0) + h * s.stride(1)) * es, block);
+    }
+  });
+}
+
 // ---- greedy decoding's argmax ----
 //
 //   scratchchat::argmax(logits (R, V) float32 or bf16) -> (R, 1) int64: torch.argmax(logits, -1, keepdim=True)
@@ -2080,6 +2122,7 @@ TORCH_LIBRARY(scratchchat, m) {
   m.def("linear_dpbf16(Tensor x, Tensor panels, int n, Tensor? bias=None, Tensor? residual=None) -> Tensor");
   m.def("refine_top(Tensor logits, Tensor x, Tensor weight, int k) -> Tensor");
   m.def("argmax(Tensor logits) -> Tensor");
+  m.def("copy_positions(Tensor(a!)[] dst, int dst_row, Tensor[] src, int src_row, int n) -> ()");
   m.def("linear_dpi8(Tensor x, Tensor panels, int n, Tensor scale, Tensor? bias=None, Tensor? residual=None) -> Tensor");
   m.def("has_avx512_bf16() -> bool", []() { return cpu_has_avx512_bf16(); });
   m.def("prefix_attention(Tensor q, Tensor k, Tensor v, Tensor positions) -> Tensor");
@@ -2112,6 +2155,7 @@ TORCH_LIBRARY_IMPL(scratchchat, CPU, m) {
   });
   m.impl("refine_top", &refine_top);
   m.impl("argmax", &argmax);
+  m.impl("copy_positions", &copy_positions);
   m.impl("prefix_attention", &prefix_attention);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
