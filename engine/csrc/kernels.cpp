@@ -1380,8 +1380,8 @@ void copy_positions(const std::vector<at::Tensor>& dst, int64_t dst_row, const s
 // maxima, and the first NaN of a row that has one (NaN counts as the largest value).
 template <typename T>
 int64_t argmax_row(const T* x, int64_t V) {
-  int64_t i = 0;
   if constexpr (std::is_same_v<T, float>) {
+    int64_t i = 0;
     __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0, nan = _mm256_setzero_ps();
     for (; i + 16 <= V; i += 16) {
       const __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
@@ -1409,12 +1409,12 @@ int64_t argmax_row(const T* x, int64_t V) {
           if (x[j] == m) return j;
       }
     }
-    i = 0;  // a NaN: the scalar scan below finds the first one
   }
+  // bf16 logits, or a float32 row with a NaN: the first NaN, else the first maximum, element by element
   int64_t best = 0;
   float m = widen(x[0]);
   if (std::isnan(m)) return 0;
-  for (i = 1; i < V; ++i) {
+  for (int64_t i = 1; i < V; ++i) {
     const float v = widen(x[i]);
     if (std::isnan(v)) return i;
     if (v > m) {
