@@ -116,6 +116,41 @@ def test_every_block_in_one_op_equals_the_python_loop_and_the_modules(cfg, dtype
         torch.testing.assert_close(a, c, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_decode_blocks_returns_a_tensor_of_its_own(cfg, monkeypatch):
+    """Inside decode_blocks each layer's intermediates reuse the tensors of the layer before (no allocation per
+    layer); what the op returns is still its own: the caller's residual stream is untouched, and a second call
+    leaves the first call's result as it was (and both equal the Python loop's)."""
+    model = frozen(cfg, torch.bfloat16)
+    prepack.prepack_(model, "auto")
+    with torch.no_grad():
+        runner = decode.DecodeRunner(model, 1)
+        with monkeypatch.context() as m:
+            python_loop(m)
+            looped = decode.DecodeRunner(model, 1)
+    assert runner.meta is not None
+    assert looped.meta is None
+
+    def step(run, x):
+        cache = KVCache.build(model.config, 1, 32, dtype=torch.bfloat16)
+        with torch.no_grad():
+            model(torch.tensor([PROMPTS[0]]), cache=cache)
+            plan = cache.plan(1)
+            plan.decode_positions = plan.positions[:, 0].contiguous()
+            plan.decode_tables = (model.rope_cos, model.rope_sin) if cfg.pos_emb == "rope" else (None, None)
+            return run(x, cache, plan)
+
+    x = torch.randn(1, cfg.d_model)
+    x_before = x.clone()
+    first = step(runner, x)
+    kept = first.clone()
+    second = step(runner, 2 * x)
+    assert torch.equal(x, x_before) and torch.equal(first, kept)
+    assert first.data_ptr() not in (second.data_ptr(), x.data_ptr())
+    torch.testing.assert_close(first, step(looped, x), rtol=0, atol=0)
+    torch.testing.assert_close(second, step(looped, 2 * x), rtol=0, atol=0)
+
+
 def test_an_in_place_change_rebuilds_the_runner(monkeypatch):
     model = frozen(LLAMA)
     prepack.prepack_(model, "auto")

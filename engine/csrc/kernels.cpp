@@ -290,9 +290,27 @@ at::Tensor as_float(const at::Tensor& t) {
   return out;
 }
 
+// Tensors a caller hands back for the outputs of its next call: decode_blocks gives each layer's intermediates the
+// tensors of the layer before, whose values are dead by then. ``result`` holds the tensor the call returns,
+// ``scratch`` its float32 products before they are rounded into x's dtype. An empty slot, or one of another shape or
+// dtype, gets a new tensor and keeps it for the next call. (An at::empty costs ~1 us inside a decode step, where the
+// allocator's state is cold after the weights went through the caches, and a SmolLM2 step made ~270 of them: 2% of
+// the step.)
+struct Reuse {
+  at::Tensor* result = nullptr;
+  at::Tensor* scratch = nullptr;
+};
+
+at::Tensor empty_in(at::Tensor* slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  if (slot && slot->defined() && slot->sizes() == sizes && slot->dtype() == options.dtype()) return *slot;
+  at::Tensor t = at::empty(sizes, options);
+  if (slot) *slot = t;
+  return t;
+}
+
 // y rounded to bf16 as `.to(at::kBFloat16)` rounds it (c10::BFloat16's round-to-nearest-even), without the dispatch
-at::Tensor to_bf16(const at::Tensor& y) {
-  at::Tensor out = at::empty(y.sizes(), y.options().dtype(at::kBFloat16));
+at::Tensor to_bf16(const at::Tensor& y, at::Tensor* slot = nullptr) {
+  at::Tensor out = empty_in(slot, y.sizes(), y.options().dtype(at::kBFloat16));
   const float* src = y.data_ptr<float>();
   bf16* dst = out.data_ptr<bf16>();
   for (int64_t i = 0, n = y.numel(); i < n; ++i) dst[i] = bf16(src[i]);
@@ -304,12 +322,16 @@ at::Tensor to_bf16(const at::Tensor& y) {
 struct Output {
   at::Tensor y, bias, residual;
   Epilogue ep;
+  at::Tensor* rounded = nullptr;  // the slot of y rounded into x's dtype (see Reuse)
 
   Output(const at::Tensor& x, int64_t N, const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& res,
-         const Tail* tail) {
+         const Tail* tail, const Reuse* reuse = nullptr) {
     const int64_t R = x.size(0);
     ep.tail = tail;
-    y = at::empty({R, N}, x.options().dtype(at::kFloat));
+    const bool y_is_result = !tail && (res || x.scalar_type() == at::kFloat);
+    if (reuse && !y_is_result) rounded = reuse->result;
+    y = empty_in(reuse ? (y_is_result ? reuse->result : reuse->scratch) : nullptr, {R, N},
+                 x.options().dtype(at::kFloat));
     if (b) {
       bias = as_float(*b);
       ep.bias = bias.data_ptr<float>();
@@ -326,18 +348,18 @@ struct Output {
   // (with a tail, y as computed: the tail has taken the values from there)
   at::Tensor result(const at::Tensor& x) const {
     if (residual.defined() || x.scalar_type() == at::kFloat || ep.tail) return y;
-    return x.scalar_type() == at::kBFloat16 ? to_bf16(y) : y.to(x.scalar_type());
+    return x.scalar_type() == at::kBFloat16 ? to_bf16(y, rounded) : y.to(x.scalar_type());
   }
 };
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                  const std::optional<at::Tensor>& residual, const Tail* tail) {
+                  const std::optional<at::Tensor>& residual, const Tail* tail, const Reuse* reuse = nullptr) {
   check_inputs(x, w, bias);
   TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16,
               "the weight must be float32 or bfloat16, not ", w.scalar_type());
   const at::Tensor xf = as_float(x), wc = w.contiguous();
   const int64_t R = x.size(0), K = x.size(1), N = w.size(0);
-  Output out(x, N, bias, residual, tail);
+  Output out(x, N, bias, residual, tail, reuse);
   if (wc.scalar_type() == at::kFloat)
     run(xf.data_ptr<float>(), R, K, wc.data_ptr<float>(), N, out.ep, out.y.data_ptr<float>());
   else
@@ -347,13 +369,13 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
 
 at::Tensor linear_i8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-                     const Tail* tail) {
+                     const Tail* tail, const Reuse* reuse = nullptr) {
   check_inputs(x, q, bias);
   TORCH_CHECK(q.scalar_type() == at::kChar, "q must be int8, not ", q.scalar_type());
   TORCH_CHECK(scale.numel() == q.size(0), "scale has ", scale.numel(), " entries, not ", q.size(0));
   const at::Tensor xf = as_float(x), qc = q.contiguous(), sf = as_float(scale);
   const int64_t R = x.size(0), K = x.size(1), N = q.size(0);
-  Output out(x, N, bias, residual, tail);
+  Output out(x, N, bias, residual, tail, reuse);
   out.ep.scale = sf.data_ptr<float>();
   run(xf.data_ptr<float>(), R, K, qc.data_ptr<int8_t>(), N, out.ep, out.y.data_ptr<float>());
   return out.result(x);
@@ -495,7 +517,7 @@ void run_panels(const float* x, int64_t R, int64_t K, const WT* wp, int64_t N, c
 
 at::Tensor linear_panel(const at::Tensor& x, const at::Tensor& wp, int64_t N, const std::optional<at::Tensor>& scale,
                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-                        const Tail* tail) {
+                        const Tail* tail, const Reuse* reuse = nullptr) {
   TORCH_CHECK(x.device().is_cpu() && wp.device().is_cpu(), "scratchchat kernels run on the CPU");
   TORCH_CHECK(x.dim() == 2, "x must be (R, K)");
   TORCH_CHECK(wp.dim() == 3 && wp.size(2) == 8 && wp.is_contiguous(), "the panels must be a contiguous (P, K, 8) tensor");
@@ -506,7 +528,7 @@ at::Tensor linear_panel(const at::Tensor& x, const at::Tensor& wp, int64_t N, co
   if (bias) TORCH_CHECK(bias->numel() == N, "bias has ", bias->numel(), " entries, not ", N);
   const at::Tensor xf = as_float(x);
   const int64_t R = x.size(0), K = x.size(1);
-  Output out(x, N, bias, residual, tail);
+  Output out(x, N, bias, residual, tail, reuse);
   at::Tensor sf;
   if (scale) {
     TORCH_CHECK(scale->numel() == N, "scale has ", scale->numel(), " entries, not ", N);
@@ -629,7 +651,7 @@ void run_dp(const bf16* x, int64_t R, int64_t ldx, int64_t K2, const WT* wp, int
 // x @ w.T through dot-product panel groups (G, K2, 64, 2) of bf16 or, with their per-feature scale, int8 weights
 at::Tensor linear_dp(const char* op, const at::Tensor& x, const at::Tensor& wp, int64_t N,
                      const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
-                     const std::optional<at::Tensor>& residual, const Tail* tail) {
+                     const std::optional<at::Tensor>& residual, const Tail* tail, const Reuse* reuse) {
   TORCH_CHECK(cpu_has_avx512_bf16(), op, " needs a CPU with AVX512-BF16");
   TORCH_CHECK(x.device().is_cpu() && wp.device().is_cpu(), "scratchchat kernels run on the CPU");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x must be a bfloat16 (R, K) tensor");
@@ -642,7 +664,7 @@ at::Tensor linear_dp(const char* op, const at::Tensor& x, const at::Tensor& wp, 
   if (bias) TORCH_CHECK(bias->numel() == N, "bias has ", bias->numel(), " entries, not ", N);
   at::Tensor xe = x.contiguous();
   if (K % 2) xe = at::constant_pad_nd(xe, {0, 1});  // an odd K: a zero pairs with the panels' zero
-  Output out(x, N, bias, residual, tail);
+  Output out(x, N, bias, residual, tail, reuse);
   at::Tensor sf;
   if (scale) {
     TORCH_CHECK(scale->numel() == N, "scale has ", scale->numel(), " entries, not ", N);
@@ -660,18 +682,18 @@ at::Tensor linear_dp(const char* op, const at::Tensor& x, const at::Tensor& wp, 
 }
 
 at::Tensor linear_dpbf16(const at::Tensor& x, const at::Tensor& wp, int64_t N, const std::optional<at::Tensor>& bias,
-                         const std::optional<at::Tensor>& residual, const Tail* tail) {
+                         const std::optional<at::Tensor>& residual, const Tail* tail, const Reuse* reuse = nullptr) {
   TORCH_CHECK(wp.scalar_type() == at::kBFloat16, "linear_dpbf16 takes bfloat16 panels, not ", wp.scalar_type());
-  return linear_dp("linear_dpbf16", x, wp, N, std::nullopt, bias, residual, tail);
+  return linear_dp("linear_dpbf16", x, wp, N, std::nullopt, bias, residual, tail, reuse);
 }
 
 // int8 weights (engine.quant's, per-feature scale) in the dot-product panel layout, each converted to bf16 exactly
 // in registers: bf16 x times the int8 weight, float32 sums, then the scale (as linear_i8 and the int8 panels)
 at::Tensor linear_dpi8(const at::Tensor& x, const at::Tensor& wp, int64_t N, const at::Tensor& scale,
                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-                       const Tail* tail) {
+                       const Tail* tail, const Reuse* reuse = nullptr) {
   TORCH_CHECK(wp.scalar_type() == at::kChar, "linear_dpi8 takes int8 panels, not ", wp.scalar_type());
-  return linear_dp("linear_dpi8", x, wp, N, scale, bias, residual, tail);
+  return linear_dp("linear_dpi8", x, wp, N, scale, bias, residual, tail, reuse);
 }
 
 // ---- the small steps of a decode layer ----
@@ -892,7 +914,7 @@ void decode_attention_impl(const at::Tensor& qkv, const at::Tensor& kc, const at
 
 at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& kc, const at::Tensor& vc,
                             const at::Tensor& positions, const std::optional<at::Tensor>& cos,
-                            const std::optional<at::Tensor>& sin, int64_t n_heads) {
+                            const std::optional<at::Tensor>& sin, int64_t n_heads, at::Tensor* slot = nullptr) {
   TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous(), "qkv must be a contiguous (B, (H + 2 Hkv) hd) tensor");
   TORCH_CHECK(kc.dim() == 4 && vc.dim() == 4 && kc.stride(3) == 1 && vc.stride(3) == 1,
               "the caches must be (B, Hkv, S, hd) with contiguous rows");
@@ -915,7 +937,7 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& kc, const a
     s = as_f32(*sin);
     TORCH_CHECK(c.dim() == 2 && c.size(1) == hd && s.sizes() == c.sizes(), "RoPE tables must be (S, hd)");
   }
-  at::Tensor y = at::empty({B, n_heads * hd}, qkv.options());
+  at::Tensor y = empty_in(slot, {B, n_heads * hd}, qkv.options());
   const float* cp = cos ? c.data_ptr<float>() : nullptr;
   const float* sp = cos ? s.data_ptr<float>() : nullptr;
   if (qkv.scalar_type() == at::kFloat)
@@ -1530,13 +1552,13 @@ void rms_norm_impl(const float* x, const T* w, float eps, int64_t R, int64_t D, 
   });
 }
 
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor* slot = nullptr) {
   TORCH_CHECK(x.size(-1) == weight.numel(), "x has ", x.size(-1), " features, the weight ", weight.numel());
   // (the float32 residual stream as it is: `.to()` is a dispatcher round trip even when it returns x)
   const at::Tensor xf = x.scalar_type() == at::kFloat && x.is_contiguous() ? x : x.to(at::kFloat).contiguous();
   const at::Tensor wc = weight.contiguous();
   const int64_t D = weight.numel(), R = xf.numel() / std::max<int64_t>(D, 1);
-  at::Tensor y = at::empty(x.sizes(), x.options().dtype(weight.scalar_type()));
+  at::Tensor y = empty_in(slot, x.sizes(), x.options().dtype(weight.scalar_type()));
   if (wc.scalar_type() == at::kFloat)
     rms_norm_impl(xf.data_ptr<float>(), wc.data_ptr<float>(), static_cast<float>(eps), R, D, y.data_ptr<float>());
   else if (wc.scalar_type() == at::kBFloat16)
@@ -1568,13 +1590,13 @@ void silu_mul_impl(const T* in, int64_t R, int64_t F, T* out) {
   });
 }
 
-at::Tensor silu_mul(const at::Tensor& gate_up) {
+at::Tensor silu_mul(const at::Tensor& gate_up, at::Tensor* slot = nullptr) {
   TORCH_CHECK(gate_up.size(-1) % 2 == 0, "gate_up must hold gate and up halves");
   const at::Tensor in = gate_up.contiguous();
   const int64_t F = in.size(-1) / 2, R = in.numel() / std::max<int64_t>(2 * F, 1);
   std::vector<int64_t> shape(in.sizes().begin(), in.sizes().end());
   shape.back() = F;
-  at::Tensor y = at::empty(shape, in.options());
+  at::Tensor y = empty_in(slot, shape, in.options());
   if (in.scalar_type() == at::kFloat)
     silu_mul_impl(in.data_ptr<float>(), R, F, y.data_ptr<float>());
   else if (in.scalar_type() == at::kBFloat16)
@@ -1875,13 +1897,13 @@ int64_t check_lora(int64_t R, int64_t K, int64_t N, const std::vector<at::Tensor
 
 // The output of y + delta: float32 with a residual (the residual stream), else y's dtype
 at::Tensor lora_output(int64_t R, int64_t N, at::ScalarType y_dtype, const std::optional<at::Tensor>& residual,
-                       at::Tensor& res) {
-  if (!residual) return at::empty({R, N}, at::TensorOptions().dtype(y_dtype));
+                       at::Tensor& res, at::Tensor* slot = nullptr) {
+  if (!residual) return empty_in(slot, {R, N}, at::TensorOptions().dtype(y_dtype));
   TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->dim() == 2 && residual->size(0) == R &&
                   residual->size(1) == N,
               "the residual must be float32 and shaped like y");
   res = residual->contiguous();
-  return at::empty({R, N}, at::TensorOptions().dtype(at::kFloat));
+  return empty_in(slot, {R, N}, at::TensorOptions().dtype(at::kFloat));
 }
 
 // f(LoraDelta<WT, YT>&) for the dtypes of the adapters' buffers and of y
@@ -1957,13 +1979,14 @@ constexpr int64_t LAYER_SLOTS = 32, LAYER_META = 12;
 enum Kind : int64_t { ROWS = 0, PANEL = 1, INT8 = 2, DPBF16 = 3, DPI8 = 4 };
 
 at::Tensor product(const std::vector<std::optional<at::Tensor>>& t, int64_t slot, int64_t kind, int64_t n,
-                   const at::Tensor& x, const std::optional<at::Tensor>& residual, const Tail* tail = nullptr) {
+                   const at::Tensor& x, const std::optional<at::Tensor>& residual, const Tail* tail,
+                   const Reuse& reuse) {
   const at::Tensor& w = *t[slot];
-  if (kind == PANEL) return linear_panel(x, w, n, t[slot + 2], t[slot + 1], residual, tail);
-  if (kind == INT8) return linear_i8(x, w, *t[slot + 2], t[slot + 1], residual, tail);
-  if (kind == DPBF16) return linear_dpbf16(x, w, n, t[slot + 1], residual, tail);
-  if (kind == DPI8) return linear_dpi8(x, w, n, *t[slot + 2], t[slot + 1], residual, tail);
-  return linear(x, w, t[slot + 1], residual, tail);
+  if (kind == PANEL) return linear_panel(x, w, n, t[slot + 2], t[slot + 1], residual, tail, &reuse);
+  if (kind == INT8) return linear_i8(x, w, *t[slot + 2], t[slot + 1], residual, tail, &reuse);
+  if (kind == DPBF16) return linear_dpbf16(x, w, n, t[slot + 1], residual, tail, &reuse);
+  if (kind == DPI8) return linear_dpi8(x, w, n, *t[slot + 2], t[slot + 1], residual, tail, &reuse);
+  return linear(x, w, t[slot + 1], residual, tail, &reuse);
 }
 
 // A batch's LoRA: each row's coefficients and each contribution's flat A and B buffers (see lora above)
@@ -1978,25 +2001,26 @@ struct Lora {
 // residual add). The delta is the product's tail: each thread adds it to the outputs it has just computed, in the
 // product's parallel region (a separate op cost two forks and a pass over y per projection, ~120 a SmolLM2 step).
 at::Tensor projection(const std::vector<std::optional<at::Tensor>>& t, int64_t slot, int64_t lora_slot, int64_t kind,
-                      int64_t n, const Lora& ad, const at::Tensor& x, const std::optional<at::Tensor>& residual) {
-  if (!ad.coef || !t[lora_slot]) return product(t, slot, kind, n, x, residual);
+                      int64_t n, const Lora& ad, const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                      const Reuse& reuse) {
+  if (!ad.coef || !t[lora_slot]) return product(t, slot, kind, n, x, residual, nullptr, reuse);
   const at::Tensor& pieces = *t[lora_slot];
   const int64_t R = x.size(0), K = x.size(1);
   const at::Tensor cc = ad.coef->contiguous();
   check_lora(R, K, n, ad.a, ad.b, pieces, cc);
   const at::Tensor xc = x.contiguous();
   at::Tensor res;
-  at::Tensor out = lora_output(R, n, x.scalar_type(), residual, res);
+  at::Tensor out = lora_output(R, n, x.scalar_type(), residual, res, reuse.result);
   with_lora_delta(xc, ad.a, ad.b, pieces, cc, n, x.scalar_type(), nullptr, res, out, [&](const auto& ld) {
     const Tail tail = [&](const float* y, int64_t n0, int64_t n1) { ld(n0, n1, y); };
-    product(t, slot, kind, n, x, std::nullopt, &tail);
+    product(t, slot, kind, n, x, std::nullopt, &tail, reuse);  // (y in the scratch slot: the tail reads it)
   });
   return out;
 }
 
 at::Tensor norm(const std::vector<std::optional<at::Tensor>>& t, int64_t slot, int64_t kind, double eps,
-                const at::Tensor& x) {
-  if (kind == 0) return rms_norm(x, *t[slot], eps);
+                const at::Tensor& x, at::Tensor* reuse) {
+  if (kind == 0) return rms_norm(x, *t[slot], eps, reuse);
   const at::Tensor& w = *t[slot];
   return at::layer_norm(x, {w.size(0)}, w, t[slot + 1], eps).to(kind == 2 ? at::kBFloat16 : at::kFloat);
 }
@@ -2014,20 +2038,23 @@ at::Tensor decode_blocks(const at::Tensor& x0, const std::vector<std::optional<a
               "decode_blocks: ", L, " layers need ", L * LAYER_SLOTS, " tensors and ", L * LAYER_META, " meta ints");
   TORCH_CHECK(x0.scalar_type() == at::kFloat && x0.dim() == 2, "x must be the (B, D) float32 residual stream");
   at::Tensor x = x0;
+  // each layer's intermediates in the tensors of the layer before (see Reuse); the last down projection's output,
+  // returned, is a tensor of this call's
+  at::Tensor h1, qkv, qkv_f, att, xo, xo_f, h2, up, up_f, act, xd, xd_f;
   for (int64_t i = 0; i < L; ++i) {
     const int64_t* m = meta.data() + i * LAYER_META;
     const int64_t b = i * LAYER_SLOTS;
     // meta: heads, norm kind (0 RMS, 1 LayerNorm -> float32, 2 LayerNorm -> bf16), swiglu, then (kind, n) for
     // qkv, o, up, down; slots: norm1 (2), qkv (3), o (3), norm2 (2), up (3), down (3), then the LoRA pieces tables
     // of qkv, o, up, down (4), 12 spare
-    at::Tensor h = norm(t, b + 0, m[1], eps, x);
-    at::Tensor q = projection(t, b + 2, b + 16, m[3], m[4], ad, h, std::nullopt);
-    at::Tensor y = decode_attention(q, kcs[i], vcs[i], positions, cos, sin, m[0]);
-    x = projection(t, b + 5, b + 17, m[5], m[6], ad, y, x);
-    h = norm(t, b + 8, m[1], eps, x);
-    at::Tensor u = projection(t, b + 10, b + 18, m[7], m[8], ad, h, std::nullopt);
-    at::Tensor a = m[2] ? silu_mul(u) : at::gelu(u, "tanh");
-    x = projection(t, b + 13, b + 19, m[9], m[10], ad, a, x);
+    at::Tensor h = norm(t, b + 0, m[1], eps, x, &h1);
+    at::Tensor q = projection(t, b + 2, b + 16, m[3], m[4], ad, h, std::nullopt, {&qkv, &qkv_f});
+    at::Tensor y = decode_attention(q, kcs[i], vcs[i], positions, cos, sin, m[0], &att);
+    x = projection(t, b + 5, b + 17, m[5], m[6], ad, y, x, {&xo, &xo_f});
+    h = norm(t, b + 8, m[1], eps, x, &h2);
+    at::Tensor u = projection(t, b + 10, b + 18, m[7], m[8], ad, h, std::nullopt, {&up, &up_f});
+    at::Tensor a = m[2] ? silu_mul(u, &act) : at::gelu(u, "tanh");
+    x = projection(t, b + 13, b + 19, m[9], m[10], ad, a, x, {&xd, &xd_f});
   }
   return x;
 }
@@ -2146,7 +2173,9 @@ TORCH_LIBRARY_IMPL(scratchchat, CPU, m) {
   m.impl("lora", &lora);
   m.impl("decode_blocks", &decode_blocks);
   m.impl("read_pieces", &read_pieces);
-  m.impl("decode_attention", &decode_attention);
+  m.impl("decode_attention", [](T qkv, T kc, T vc, T positions, OT cos, OT sin, int64_t n_heads) {
+    return decode_attention(qkv, kc, vc, positions, cos, sin, n_heads);
+  });
   m.impl("linear_dpbf16", [](T x, T panels, int64_t n, OT bias, OT residual) {
     return linear_dpbf16(x, panels, n, bias, residual, nullptr);
   });
@@ -2157,6 +2186,6 @@ TORCH_LIBRARY_IMPL(scratchchat, CPU, m) {
   m.impl("argmax", &argmax);
   m.impl("copy_positions", &copy_positions);
   m.impl("prefix_attention", &prefix_attention);
-  m.impl("rms_norm", &rms_norm);
-  m.impl("silu_mul", &silu_mul);
+  m.impl("rms_norm", [](T x, T weight, double eps) { return rms_norm(x, weight, eps); });
+  m.impl("silu_mul", [](T gate_up) { return silu_mul(gate_up); });
 }
