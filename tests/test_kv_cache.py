@@ -267,3 +267,29 @@ def test_bytes_per_token():
     small = build("llama", 2).config
     cache = KVCache.build(small, 2, 10)
     assert cache.nbytes == 2 * 10 * KVCache.bytes_per_token(small)
+
+
+def _resident_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20  # pages resident x 4 KB
+
+
+def test_a_big_cache_is_resident_only_where_written():
+    """A big CPU cache is zero pages the kernel maps as they are first written. Building a 720 MB one (the
+    scheduler's SmolLM2 pool) makes almost nothing resident (torch.zeros wrote all of it, on the first request),
+    writing a few positions makes only their pages resident, and every unwritten value reads as zero."""
+    cfg = ModelConfig(vocab_size=257, context_length=4096, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                      ffn_dim=64, norm="rmsnorm", mlp="swiglu", pos_emb="rope", bias=False, qkv_bias=False)
+    before = _resident_mb()
+    cache = KVCache.build(cfg, 8, 4096, dtype=torch.bfloat16)
+    assert cache.nbytes == 8 * 4096 * KVCache.bytes_per_token(cfg, torch.bfloat16) > 700 * 2**20
+    assert _resident_mb() - before < 16
+    for k, v in zip(cache.keys, cache.values, strict=True):
+        k[1, :, :10] = 1.5
+        v[2, :, 5:7] = -2.0
+    assert _resident_mb() - before < 64  # 30 layers x (3 + 3) heads' first pages
+    assert float(cache.keys[7][1, :, :10].float().mean()) == 1.5
+    assert float(cache.values[29][2, :, 5:7].float().sum()) == -2.0 * 3 * 2 * 64
+    assert not cache.keys[3][0].any() and not cache.keys[3][1, :, 10:].any() and not cache.values[0][7].any()
+    small = KVCache.build(cfg, 1, 16, dtype=torch.bfloat16)  # under the threshold: an ordinary zeroed tensor
+    assert not any(t.any() for t in small.keys + small.values)
