@@ -242,6 +242,30 @@ def test_linear_dpbf16_rows_do_not_depend_on_the_other_rows_and_residual_adds_th
 
 
 @needs_avx512_bf16
+@pytest.mark.parametrize("int8", [False, True])
+def test_linear_dp_many_rows_chunked_over_k_equal_each_row_alone(int8) -> None:
+    """From 8 rows the 4-row sets take a group's k pairs chunk by chunk (a ragged last chunk at K=77; up to 64 rows,
+    then sets whole, then single rows): every row still gets exactly its own one-row bits, for bf16 and int8."""
+    g = _gen(27)
+    K, N = 77, 130
+    if int8:
+        q, scale = quantize_rows(torch.randn(N, K, generator=g))
+        panels = kernels.pack_dpi8(q)
+        product = lambda x: kernels.linear_dpi8(x, panels, N, scale)  # noqa: E731
+        w64 = q.double() * scale.double()[:, None]
+    else:
+        w = torch.randn(N, K, generator=g).bfloat16()
+        panels, scale = kernels.pack_dpbf16(w), None
+        product = lambda x: kernels.linear_dpbf16(x, panels, N)  # noqa: E731
+        w64 = w.double()
+    x = torch.randn(71, K, generator=g).bfloat16()
+    alone = torch.cat([product(x[i : i + 1]) for i in range(71)])
+    _check_product(alone, x, w64, None, "rows alone")
+    for R in (8, 13, 64, 71):
+        torch.testing.assert_close(product(x[:R]), alone[:R], rtol=0, atol=0, msg=f"R={R}")
+
+
+@needs_avx512_bf16
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear_dpi8_matches_dequantized_float64_reference(with_bias) -> None:
     """int8 weights in the dot-product panel layout, each widened to bf16 exactly in registers: bf16 x times the
