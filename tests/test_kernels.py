@@ -495,11 +495,16 @@ def test_decode_attention_matches_reference_and_writes_only_each_rows_position(d
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("H,Hkv,hd", [(9, 3, 64), (4, 2, 128), (2, 1, 72)], ids=["smollm2", "hd128", "hd72"])
+@pytest.mark.parametrize(
+    "H,Hkv,hd",
+    [(9, 3, 64), (4, 2, 128), (2, 1, 72), (12, 12, 64), (16, 2, 32), (4, 1, 96)],
+    ids=["smollm2", "hd128", "hd72", "gpt2", "rep8-hd32", "hd96"],
+)
 def test_decode_attention_over_long_contexts_matches_reference(dtype, H, Hkv, hd) -> None:
-    """Contexts of whole and partial eight-key blocks (up to 291 keys), head sizes of one or two 64-feature register
-    chunks and a remainder: each row's attention is the reference's, and a row's output does not depend on the other
-    rows."""
+    """Contexts of whole and partial 8- and 16-key blocks (up to 291 keys), head sizes of one to four 32-feature
+    register chunks and a remainder, 1 to 8 query heads a kv head (bf16 on AVX512-BF16: the vdpbf16ps kernel, its
+    heads three at a time): each row's attention is the reference's, and a row's output does not depend on the
+    other rows."""
     g, S = _gen(6), 300
     positions = torch.tensor([0, 7, 63, 64, 84, 290])
     config = ModelConfig(vocab_size=16, context_length=S, d_model=H * hd, n_layers=1, n_heads=H, n_kv_heads=Hkv,

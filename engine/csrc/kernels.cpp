@@ -888,6 +888,13 @@ inline void weighted_sum(const float* w, const T* v, int64_t vt, int64_t n, int6
   }
 }
 
+// decode attention with AVX512-BF16 (defined with the prefill attention's pieces below): bf16, hd a multiple of 32
+// up to 128, up to DECODE_DP_MAX_REP query heads a kv head
+constexpr int64_t DECODE_DP_MAX_REP = 64;
+void decode_attention_dp(const bf16* q, const bf16* kd, const bf16* vd, const int64_t* pos, int64_t B, int64_t H,
+                         int64_t Hkv, int64_t hd, int64_t sb, int64_t sh, int64_t st, int64_t vb, int64_t vh,
+                         int64_t vt, bf16* out);
+
 template <typename T>
 void decode_attention_impl(const at::Tensor& qkv, const at::Tensor& kc, const at::Tensor& vc,
                            const at::Tensor& positions, const float* cos, const float* sin, int64_t table_rows,
@@ -905,8 +912,11 @@ void decode_attention_impl(const at::Tensor& qkv, const at::Tensor& kc, const at
     TORCH_CHECK(pos[b] >= 0 && pos[b] < S, "position ", pos[b], " is outside the cache's ", S, " slots");
     TORCH_CHECK(table_rows < 0 || pos[b] < table_rows, "position ", pos[b], " is past the RoPE tables");
   }
-  // 1. rotated queries (as T, widened to float32 for the dot products); keys and values into the cache
-  std::vector<float> q(B * H * hd);
+  const bool dp = std::is_same_v<T, bf16> && cpu_has_avx512_bf16() && hd % 32 == 0 && hd <= 128 &&
+                  rep <= DECODE_DP_MAX_REP;
+  // 1. rotated queries (as T; for the float32 loop widened to float32); keys and values into the cache
+  std::vector<float> q(dp ? 0 : B * H * hd);
+  std::vector<T> qt(dp ? B * H * hd : 0);
   // a few hundred elements per head: one thread (a parallel region costs more than this work)
   at::parallel_for(0, B * (H + Hkv), 64, [&](int64_t i0, int64_t i1) {
     std::vector<T> tmp(hd);
@@ -917,7 +927,8 @@ void decode_attention_impl(const at::Tensor& qkv, const at::Tensor& kc, const at
       const float* s = sin ? sin + p * hd : nullptr;
       if (h < H) {
         if (c) rope(src, c, s, hd, tmp.data()); else std::copy(src, src + hd, tmp.data());
-        for (int64_t d = 0; d < hd; ++d) q[(b * H + h) * hd + d] = widen(tmp[d]);
+        if (dp) std::copy(tmp.begin(), tmp.end(), qt.begin() + (b * H + h) * hd);
+        else for (int64_t d = 0; d < hd; ++d) q[(b * H + h) * hd + d] = widen(tmp[d]);
       } else {
         const int64_t g = h - H;
         T* kdst = kd + b * sb + g * sh + p * st;
@@ -928,6 +939,12 @@ void decode_attention_impl(const at::Tensor& qkv, const at::Tensor& kc, const at
     }
   });
   // 2. softmax(q k^T / sqrt(hd)) v over positions 0..p of each row, per query head
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (dp) {
+      decode_attention_dp(qt.data(), kd, vd, pos, B, H, Hkv, hd, sb, sh, st, vb, vh, vt, out);
+      return;
+    }
+  }
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   int64_t longest = 0;
   for (int64_t b = 0; b < B; ++b) longest = std::max(longest, pos[b] + 1);
@@ -1307,6 +1324,161 @@ SCRATCHCHAT_AVX512 void pair_values(const bf16* src, int64_t vt, int64_t n, int6
       o[2 * d + 1] = r1 ? r1[d] : bf16(0.f);
     }
   }
+}
+
+// ---- decode attention on AVX512-BF16 ----
+//
+// One query per head and row (decode), bf16 caches, hd a multiple of 32 up to 128. A task is a batch row's kv head:
+// its rep query heads read each key and value once from memory (GQA). Scores: 16 keys at a time, one vdpbf16ps per
+// 32 features and key into a register per key, then one transposing reduction for the 16 dot products; the values'
+// product in pairs of keys, (v_t[f], v_t+1[f]) interleaved in registers against the two numerators rounded to bf16
+// (as the prefill tiles and PyTorch's SDPA round them), their sum kept in float32. About a fifth of the float32
+// loop's instructions: at 8 rows the decode attention was ~20% of a SmolLM2 step.
+
+// lane j = the sum of a[j]'s 16 lanes
+SCRATCHCHAT_AVX512 inline __m512 sum_lanes16(const __m512* a) {
+  __m512 four[4];
+  for (int i = 0; i < 4; ++i) {
+    const __m512 p01 = _mm512_add_ps(_mm512_unpacklo_ps(a[4 * i], a[4 * i + 1]), _mm512_unpackhi_ps(a[4 * i], a[4 * i + 1]));
+    const __m512 p23 =
+        _mm512_add_ps(_mm512_unpacklo_ps(a[4 * i + 2], a[4 * i + 3]), _mm512_unpackhi_ps(a[4 * i + 2], a[4 * i + 3]));
+    // 128-bit lane L: the sums of lane L's four floats of a[4i], .., a[4i + 3]
+    four[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(p01), _mm512_castps_pd(p23))),
+                            _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(p01), _mm512_castps_pd(p23))));
+  }
+  // 128-bit lanes (x0 + x1, x2 + x3, y0 + y1, y2 + y3)
+  const __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(four[0], four[1], 0x88), _mm512_shuffle_f32x4(four[0], four[1], 0xDD));
+  const __m512 v = _mm512_add_ps(_mm512_shuffle_f32x4(four[2], four[3], 0x88), _mm512_shuffle_f32x4(four[2], four[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(u, v, 0x88), _mm512_shuffle_f32x4(u, v, 0xDD));
+}
+
+// s[0 .. 16) = scale * (q . k_j) for the nk <= 16 keys k_j = k + j * st (zeros past nk); q as nc registers of 32
+// features
+SCRATCHCHAT_AVX512 inline void dp_decode_scores16(const __m512bh* qv, int nc, const bf16* k, int64_t st, int nk,
+                                                  float scale, float* s) {
+  __m512 a[16];
+  for (int j = 0; j < 16; ++j) {
+    a[j] = _mm512_setzero_ps();
+    if (j < nk)
+      for (int c = 0; c < nc; ++c)
+        a[j] = _mm512_dpbf16_ps(a[j], (__m512bh)_mm512_loadu_si512(k + j * st + c * 32), qv[c]);
+  }
+  _mm512_storeu_ps(s, _mm512_mul_ps(sum_lanes16(a), _mm512_set1_ps(scale)));
+}
+
+// o[r * NC * 32 + f] = sum over the n keys t of p[r * ps + t] * v_t[f] for RH heads, v_t = v + t * vt; p holds
+// zero past n up to an even count
+template <int NC, int RH>
+SCRATCHCHAT_AVX512 void dp_decode_values(const bf16* p, int64_t ps, const bf16* v, int64_t vt, int64_t n, float* o) {
+  alignas(64) static const bf16 zeros[NC * 32] = {};
+  __m512 acc[RH][NC][2];
+  for (int r = 0; r < RH; ++r)
+    for (int c = 0; c < NC; ++c) acc[r][c][0] = acc[r][c][1] = _mm512_setzero_ps();
+  for (int64_t jj = 0; 2 * jj < n; ++jj) {
+    const bf16* v0 = v + 2 * jj * vt;
+    const bf16* v1 = 2 * jj + 1 < n ? v0 + vt : zeros;
+    __m512bh pr[RH];
+    for (int r = 0; r < RH; ++r) pr[r] = bcast_pair(p + r * ps + 2 * jj);
+    for (int c = 0; c < NC; ++c) {
+      const __m512i a = _mm512_loadu_si512(v0 + c * 32), b = _mm512_loadu_si512(v1 + c * 32);
+      // 128-bit lane L: features 8L .. 8L + 3 (lo) and 8L + 4 .. 8L + 7 (hi) of the chunk, key t's beside t + 1's
+      const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(a, b), hi = (__m512bh)_mm512_unpackhi_epi16(a, b);
+      for (int r = 0; r < RH; ++r) {
+        acc[r][c][0] = _mm512_dpbf16_ps(acc[r][c][0], lo, pr[r]);
+        acc[r][c][1] = _mm512_dpbf16_ps(acc[r][c][1], hi, pr[r]);
+      }
+    }
+  }
+  // features back in order: f -> lo lane 4L + i (i = f % 8 < 4) or hi lane 4L + i - 4, L = f / 8
+  alignas(64) static const int32_t first[16] = {0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23};
+  alignas(64) static const int32_t second[16] = {8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
+  const __m512i i0 = _mm512_load_si512(first), i1 = _mm512_load_si512(second);
+  for (int r = 0; r < RH; ++r)
+    for (int c = 0; c < NC; ++c) {
+      _mm512_storeu_ps(o + (r * NC + c) * 32, _mm512_permutex2var_ps(acc[r][c][0], i0, acc[r][c][1]));
+      _mm512_storeu_ps(o + (r * NC + c) * 32 + 16, _mm512_permutex2var_ps(acc[r][c][0], i1, acc[r][c][1]));
+    }
+}
+
+// up to RH_MAX heads at a time (their 2 NC RH accumulators in registers)
+template <int NC>
+SCRATCHCHAT_AVX512 void dp_decode_values_heads(int64_t rh, const bf16* p, int64_t ps, const bf16* v, int64_t vt,
+                                               int64_t n, float* o) {
+  switch (rh) {
+    case 1: return dp_decode_values<NC, 1>(p, ps, v, vt, n, o);
+    case 2: return dp_decode_values<NC, 2>(p, ps, v, vt, n, o);
+    default: return dp_decode_values<NC, 3>(p, ps, v, vt, n, o);
+  }
+}
+
+// one batch row's kv head: its rep heads' rotated queries q (rep x hd, bf16), n keys kh + t * st and values
+// vhp + t * vt; s (float) and p (bf16) are scratch of rep x np (np >= n, a multiple of 16); out rep x hd
+SCRATCHCHAT_AVX512 void dp_decode_unit(const bf16* q, int64_t rep, const bf16* kh, int64_t st, const bf16* vhp,
+                                       int64_t vt, int64_t n, int64_t hd, float scale, float* s, bf16* p, int64_t np,
+                                       bf16* out) {
+  const int nc = static_cast<int>(hd / 32);
+  for (int64_t t0 = 0; t0 < n; t0 += 16) {  // a block's keys stay in L1 for the group's other heads
+    const int nk = static_cast<int>(std::min<int64_t>(16, n - t0));
+    for (int64_t r = 0; r < rep; ++r) {
+      __m512bh qv[4];
+      for (int c = 0; c < nc; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(q + r * hd + c * 32);
+      dp_decode_scores16(qv, nc, kh + t0 * st, st, nk, scale, s + r * np + t0);
+    }
+  }
+  alignas(64) float inv[DECODE_DP_MAX_REP];
+  for (int64_t r = 0; r < rep; ++r) {  // numerators (zero past n, to the end of the last 16) and 1 / their sum
+    float* sr = s + r * np;
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < n; t += 16) {
+      const __mmask16 keep = n - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
+      m = _mm512_mask_max_ps(m, keep, m, _mm512_loadu_ps(sr + t));
+    }
+    const __m512 mv = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n; t += 16) {
+      const __mmask16 keep = n - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
+      const __m512 e = _mm512_maskz_mov_ps(keep, exp16_softmax(_mm512_maskz_sub_ps(keep, _mm512_loadu_ps(sr + t), mv)));
+      sum = _mm512_add_ps(sum, e);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + r * np + t), (__m256i)_mm512_cvtneps_pbh(e));
+    }
+    inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+  }
+  alignas(64) float o[3 * 4 * 32];
+  for (int64_t r0 = 0; r0 < rep; r0 += 3) {
+    const int64_t rh = std::min<int64_t>(3, rep - r0);
+    const bf16* pr = p + r0 * np;
+    switch (nc) {
+      case 1: dp_decode_values_heads<1>(rh, pr, np, vhp, vt, n, o); break;
+      case 2: dp_decode_values_heads<2>(rh, pr, np, vhp, vt, n, o); break;
+      case 3: dp_decode_values_heads<3>(rh, pr, np, vhp, vt, n, o); break;
+      default: dp_decode_values_heads<4>(rh, pr, np, vhp, vt, n, o); break;
+    }
+    for (int64_t r = 0; r < rh; ++r)
+      for (int64_t f = 0; f < hd; ++f) out[(r0 + r) * hd + f] = bf16(o[r * hd + f] * inv[r0 + r]);
+  }
+}
+
+void decode_attention_dp(const bf16* q, const bf16* kd, const bf16* vd, const int64_t* pos, int64_t B, int64_t H,
+                         int64_t Hkv, int64_t hd, int64_t sb, int64_t sh, int64_t st, int64_t vb, int64_t vh,
+                         int64_t vt, bf16* out) {
+  const int64_t rep = H / Hkv;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) longest = std::max(longest, pos[b] + 1);
+  const int64_t np = (longest + 15) / 16 * 16;
+  // threads only for enough work per task (~64k multiply-adds): short contexts run on the calling thread
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (2 * longest * hd * rep));
+  at::parallel_for(0, B * Hkv, grain, [&](int64_t i0, int64_t i1) {
+    Scratch<float> scores;
+    Scratch<bf16> numerators;
+    float* s = scores.get(rep * np);
+    bf16* p = numerators.get(rep * np);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / Hkv, g = i % Hkv;
+      dp_decode_unit(q + (b * H + g * rep) * hd, rep, kd + b * sb + g * sh, st, vd + b * vb + g * vh, vt, pos[b] + 1,
+                     hd, scale, s, p, np, out + (b * H + g * rep) * hd);
+    }
+  });
 }
 
 void prefix_attention_dp(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const int64_t* pos,
