@@ -1352,17 +1352,14 @@ SCRATCHCHAT_AVX512 inline __m512 sum_lanes16(const __m512* a) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(u, v, 0x88), _mm512_shuffle_f32x4(u, v, 0xDD));
 }
 
-// s[0 .. 16) = scale * (q . k_j) for the nk <= 16 keys k_j = k + j * st (zeros past nk); q as nc registers of 32
-// features
-SCRATCHCHAT_AVX512 inline void dp_decode_scores16(const __m512bh* qv, int nc, const bf16* k, int64_t st, int nk,
-                                                  float scale, float* s) {
+// s[0 .. 16) = scale * (q . k_j) for the 16 keys k_j = k + j * st; q as NC registers of 32 features
+template <int NC, size_t... J>
+SCRATCHCHAT_AVX512 inline void dp_decode_scores16(const __m512bh* qv, const bf16* k, int64_t st, float scale, float* s,
+                                                  std::index_sequence<J...>) {
   __m512 a[16];
-  for (int j = 0; j < 16; ++j) {
-    a[j] = _mm512_setzero_ps();
-    if (j < nk)
-      for (int c = 0; c < nc; ++c)
-        a[j] = _mm512_dpbf16_ps(a[j], (__m512bh)_mm512_loadu_si512(k + j * st + c * 32), qv[c]);
-  }
+  ((a[J] = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_loadu_si512(k + J * st), qv[0])), ...);
+  for (int c = 1; c < NC; ++c)
+    ((a[J] = _mm512_dpbf16_ps(a[J], (__m512bh)_mm512_loadu_si512(k + J * st + c * 32), qv[c])), ...);
   _mm512_storeu_ps(s, _mm512_mul_ps(sum_lanes16(a), _mm512_set1_ps(scale)));
 }
 
@@ -1411,18 +1408,26 @@ SCRATCHCHAT_AVX512 void dp_decode_values_heads(int64_t rh, const bf16* p, int64_
   }
 }
 
-// one batch row's kv head: its rep heads' rotated queries q (rep x hd, bf16), n keys kh + t * st and values
-// vhp + t * vt; s (float) and p (bf16) are scratch of rep x np (np >= n, a multiple of 16); out rep x hd
+// one batch row's kv head: its rep heads' rotated queries q (rep x hd, bf16, hd = 32 NC), n keys kh + t * st and
+// values vhp + t * vt; s (float) and p (bf16) are scratch of rep x np (np >= n, a multiple of 16); out rep x hd
+template <int NC>
 SCRATCHCHAT_AVX512 void dp_decode_unit(const bf16* q, int64_t rep, const bf16* kh, int64_t st, const bf16* vhp,
-                                       int64_t vt, int64_t n, int64_t hd, float scale, float* s, bf16* p, int64_t np,
-                                       bf16* out) {
-  const int nc = static_cast<int>(hd / 32);
+                                       int64_t vt, int64_t n, float scale, float* s, bf16* p, int64_t np, bf16* out) {
+  constexpr int64_t hd = NC * 32;
+  alignas(64) bf16 tail[16 * hd];  // the last block's keys, zeros past n (every key in the same arithmetic)
   for (int64_t t0 = 0; t0 < n; t0 += 16) {  // a block's keys stay in L1 for the group's other heads
-    const int nk = static_cast<int>(std::min<int64_t>(16, n - t0));
+    const bf16* kb = kh + t0 * st;
+    int64_t kst = st;
+    if (n - t0 < 16) {
+      std::memset(static_cast<void*>(tail), 0, sizeof(tail));
+      for (int64_t j = 0; j < n - t0; ++j) std::memcpy(static_cast<void*>(tail + j * hd), kb + j * st, hd * sizeof(bf16));
+      kb = tail;
+      kst = hd;
+    }
     for (int64_t r = 0; r < rep; ++r) {
-      __m512bh qv[4];
-      for (int c = 0; c < nc; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(q + r * hd + c * 32);
-      dp_decode_scores16(qv, nc, kh + t0 * st, st, nk, scale, s + r * np + t0);
+      __m512bh qv[NC];
+      for (int c = 0; c < NC; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(q + r * hd + c * 32);
+      dp_decode_scores16<NC>(qv, kb, kst, scale, s + r * np + t0, std::make_index_sequence<16>{});
     }
   }
   alignas(64) float inv[DECODE_DP_MAX_REP];
@@ -1443,16 +1448,10 @@ SCRATCHCHAT_AVX512 void dp_decode_unit(const bf16* q, int64_t rep, const bf16* k
     }
     inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
   }
-  alignas(64) float o[3 * 4 * 32];
+  alignas(64) float o[3 * hd];
   for (int64_t r0 = 0; r0 < rep; r0 += 3) {
     const int64_t rh = std::min<int64_t>(3, rep - r0);
-    const bf16* pr = p + r0 * np;
-    switch (nc) {
-      case 1: dp_decode_values_heads<1>(rh, pr, np, vhp, vt, n, o); break;
-      case 2: dp_decode_values_heads<2>(rh, pr, np, vhp, vt, n, o); break;
-      case 3: dp_decode_values_heads<3>(rh, pr, np, vhp, vt, n, o); break;
-      default: dp_decode_values_heads<4>(rh, pr, np, vhp, vt, n, o); break;
-    }
+    dp_decode_values_heads<NC>(rh, p + r0 * np, np, vhp, vt, n, o);
     for (int64_t r = 0; r < rh; ++r)
       for (int64_t f = 0; f < hd; ++f) out[(r0 + r) * hd + f] = bf16(o[r * hd + f] * inv[r0 + r]);
   }
@@ -1475,8 +1474,15 @@ void decode_attention_dp(const bf16* q, const bf16* kd, const bf16* vd, const in
     bf16* p = numerators.get(rep * np);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / Hkv, g = i % Hkv;
-      dp_decode_unit(q + (b * H + g * rep) * hd, rep, kd + b * sb + g * sh, st, vd + b * vb + g * vh, vt, pos[b] + 1,
-                     hd, scale, s, p, np, out + (b * H + g * rep) * hd);
+      const bf16* qg = q + (b * H + g * rep) * hd;
+      const bf16 *kg = kd + b * sb + g * sh, *vg = vd + b * vb + g * vh;
+      bf16* og = out + (b * H + g * rep) * hd;
+      switch (hd / 32) {
+        case 1: dp_decode_unit<1>(qg, rep, kg, st, vg, vt, pos[b] + 1, scale, s, p, np, og); break;
+        case 2: dp_decode_unit<2>(qg, rep, kg, st, vg, vt, pos[b] + 1, scale, s, p, np, og); break;
+        case 3: dp_decode_unit<3>(qg, rep, kg, st, vg, vt, pos[b] + 1, scale, s, p, np, og); break;
+        default: dp_decode_unit<4>(qg, rep, kg, st, vg, vt, pos[b] + 1, scale, s, p, np, og); break;
+      }
     }
   });
 }
