@@ -19,7 +19,9 @@
 //
 //   scratchchat::decode_attention(qkv, k_cache, v_cache, positions, cos?, sin?) -> (B, H * hd)
 //       one new token per row: RoPE (rotate-half) on q and k, k and v written into the cache at the row's
-//       position, causal attention over the row's cached keys (grouped-query heads), softmax in float32
+//       position, causal attention over the row's cached keys (grouped-query heads), softmax in float32 (bf16
+//       with head sizes of 32-128 on CPUs with AVX512-BF16: both products by vdpbf16ps, a kv head's query heads
+//       sharing each read, the softmax weights rounded to bf16 for the values' product as in prefix_attention)
 //   scratchchat::prefix_attention(q, k, v, positions) -> (B, T, H * hd)
 //       a prefill chunk's queries over the keys/values cached before and with them (query t of row b sees keys
 //       0 .. positions[b, t]), grouped-query heads taken together; float32 math (for bf16 inputs on CPUs with
