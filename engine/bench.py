@@ -66,18 +66,25 @@ def _prompt(lm: LoadedModel, n: int = 32) -> list[int]:
     return (ids * (n // max(len(ids), 1) + 1))[:n] if ids else list(range(1, n + 1))
 
 
-def decode_ours(lm: LoadedModel, n_new: int, repeats: int) -> float:
-    """Decode tokens/s of one request through the scheduler (batch 1, greedy, EOS ignored)."""
+def decode_ours(lm: LoadedModel, n_new: int, repeats: int) -> tuple[float, float]:
+    """Decode tokens/s of one request through the scheduler (batch 1, greedy, EOS ignored), and the read bandwidth
+    right before and right after the timed runs, after the warm-up run (the higher of the two readings: the roofline
+    peer of these runs; a reading taken before the warm-up would be seconds older than the runs it is compared to,
+    across this VM's bandwidth phases)."""
     sched = Scheduler(max_batch=1)
     try:
         cfg = GenerationConfig(max_new_tokens=n_new)
-        rates = []
-        for _ in range(repeats + 1):  # the first run warms up
+
+        def once() -> float:
             h = sched.submit(Request(lm, None, _prompt(lm), cfg))
             for _d in h:
                 pass
-            rates.append(h.result.decode_tokens_per_s)
-        return _median(rates[1:])
+            return h.result.decode_tokens_per_s
+
+        once()  # warm up
+        before = run_in_fresh_thread(read_bandwidth)
+        rates = [once() for _ in range(repeats)]
+        return _median(rates), max(before, run_in_fresh_thread(read_bandwidth))
     finally:
         sched.close()
 
@@ -121,9 +128,9 @@ def decode_side_by_side(lm: LoadedModel, hf_model: Any | None, n_new: int,
     ours, theirs, bandwidths, ceilings = [], [], [], []
     prompt, pieces = _prompt(lm), step_pieces(lm)
     for _ in range(rounds):
-        before = run_in_fresh_thread(read_bandwidth)
-        ours.append(decode_ours(lm, n_new, 1))
-        bandwidths.append(max(before, run_in_fresh_thread(read_bandwidth)))
+        rate, bandwidth = decode_ours(lm, n_new, 1)
+        ours.append(rate)
+        bandwidths.append(bandwidth)
         ceilings.append(run_in_fresh_thread(lambda: stream_ceiling(pieces)))
         if hf_model is not None:
             theirs.append(run_in_fresh_thread(lambda: decode_hf(hf_model, prompt, n_new, 1)))

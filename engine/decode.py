@@ -10,6 +10,9 @@ projections' epilogues).
 When every projection runs one of our kernels (panels, row-form or int8; the usual case once :mod:`engine.prepack`
 has measured), the whole step is one op, ``scratchchat::decode_blocks``, which runs the same kernels in the same
 order in C++ (the ~240 Python-side calls of a SmolLM2 step cost ~2 ms of ~20); otherwise the Python loop below runs.
+Where the head is one of those kernels too, GPT.forward's whole decode step is one op, ``scratchchat::decode_step``:
+the embedding, the blocks, the final norm, the head and a bf16 head's refined top logits (the forward's Python
+around the blocks cost ~0.3 ms of a ~7 ms GPT-2 step, 3-4% of its tokens/s).
 
 It computes exactly what the module path computes (the same ops on the same tensors; tests compare logits and
 tokens bit for bit, for the one-op form and the Python loop). What it resolved is keyed by every tensor it reads
@@ -178,6 +181,7 @@ class Norm:
         return self.run(x)
 
 
+REFINE_K = 8  # a bf16 head's top logits recomputed in float32 (engine.linear.refine_top_logits' default)
 SLOTS, META = 32, 12  # per layer in decode_blocks' tensors and meta (engine/csrc/kernels.cpp)
 LORA_SLOTS = {"qkv": 16, "o_proj": 17, "up": 18, "down_proj": 19}  # each the pieces table of the lora op
 
@@ -207,6 +211,9 @@ class DecodeRunner:
         # the projection modules where they are registered (a peft wrapper replaces them)
         self.modules = [(part._modules, name, m) for b in model.blocks for part in (b.attn, b.mlp)
                         for name, m in part._modules.items()]
+        self.modules += [(model._modules, name, model._modules.get(name)) for name in ("tok_emb", "pos_emb", "norm_f",
+                                                                                  "lm_head")]
+        self.head = self._head(model, keys, rows)
         self.blocks = list(model.blocks)
         self._keys = keys
         # the copies' slots as two lists, looked up by map(dict.get, ...) in C (a generator's bytecode per slot cost
@@ -242,6 +249,56 @@ class DecodeRunner:
             self.meta = None
             return
         self.eps = float(eps.pop())
+
+    def _head(self, model: nn.Module, keys: _Keys, rows: int) -> tuple | None:
+        """What :func:`decode_step` needs beyond the blocks, as GPT.forward picks it: ([token embedding, position
+        embedding or None], [final norm weight, bias, head weight or panels, bias, scale, bf16 weight to refine],
+        [norm kind, product kind, n, refine k]); None where the forward's own Python tail must run (a wrapped
+        head, a kernel decode_step cannot run, a float16 head, a final norm with another eps)."""
+        d = model.__dict__
+        keys._param(model.tok_emb, "weight")
+        if model.pos_emb is not None:
+            keys._param(model.pos_emb, "weight")
+        keys.attrs += [(d, "head_int8"), (d, "head_packed")]
+        norm = Norm(model.norm_f, keys)
+        head_int8, lm_head = d.get("head_int8"), model.lm_head
+        if lm_head is None:
+            weight, bias, w8, packed = model.tok_emb.weight, None, head_int8, d.get("head_packed")
+        elif is_plain_linear(lm_head):
+            ld = lm_head.__dict__
+            keys._param(lm_head, "weight", "bias")
+            keys.attrs += [(ld, "int8"), (ld, "packed")]
+            weight, packed = lm_head.weight, ld.get("packed")
+            bias, w8 = (None, head_int8) if head_int8 is not None else (lm_head.bias, ld.get("int8"))
+        else:
+            return None
+        prod = product(weight, bias, w8, packed, rows, [weight])
+        out_dtype = {0: model.norm_f.weight.dtype, 1: torch.float32, 2: torch.bfloat16}.get(
+            norm.spec[0] if norm.spec else -1)
+        if weight.dtype == torch.float32:
+            k = 0
+        elif weight.dtype == torch.bfloat16 and out_dtype == torch.bfloat16:
+            k = REFINE_K
+        else:
+            return None
+        if prod.spec is None or norm.spec is None:
+            return None
+        pos = model.pos_emb.weight if model.pos_emb is not None else None
+        return ([model.tok_emb.weight, pos], [norm.spec[1], norm.spec[2], *prod.spec[2:], weight],
+                [norm.spec[0], prod.spec[0], prod.spec[1], k], norm.spec[3])
+
+    def logits(self, idx: torch.Tensor, cache: object, plan: object, lora: object = None) -> torch.Tensor | None:
+        """The whole step in one op (:func:`decode_step`): ``idx`` (B,) tokens in, (B, vocab) logits out, as
+        GPT.forward computes them; None where it cannot (the forward then runs the blocks with ``__call__``)."""
+        if self.meta is None or self.head is None or self.head[3] != self.eps:
+            return None
+        pos, (cos, sin) = plan.decode_positions, plan.decode_tables
+        emb, head, head_meta, _ = self.head
+        if lora is None:
+            return ops.decode_step(idx, emb, self.tensors, self.meta, cache.keys, cache.values, pos, cos, sin, None,
+                                   [], [], self.eps, head, head_meta)
+        return ops.decode_step(idx, emb, self._lora_tensors(lora), self.meta, cache.keys, cache.values, pos, cos,
+                               sin, lora.coef_for(len(idx)), lora.a, lora.b, self.eps, head, head_meta)
 
     def _lora_tensors(self, lora: object) -> list[torch.Tensor | None]:
         """The tensors list with ``lora``'s pieces tables in each layer's LoRA slots (built once per hook)."""

@@ -19,7 +19,8 @@ runtime:
 - ``lora``: a decode step's per-row LoRA deltas, each row computing only its own adapter's pieces;
 - ``refine_top`` (a bf16 head's top logits recomputed in float32) and ``argmax`` (greedy picks, as torch.argmax);
 - ``copy_positions``: cached positions of one row into another cache's row, every layer in one parallel region;
-- ``decode_blocks``: every block of a decode step in one call (what :mod:`engine.decode` runs).
+- ``decode_blocks``: every block of a decode step in one call, and ``decode_step``: the embedding, every block, the
+  final norm and the head (what :mod:`engine.decode` runs).
 
 :mod:`engine.prepack` measures the products against PyTorch's kernels at load and uses them where they win.
 

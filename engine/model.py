@@ -381,12 +381,17 @@ class GPT(nn.Module):
         # The residual stream is kept in float32 whatever the weights' dtype: SmolLM2's activations reach ~2.5e4,
         # where a bf16 ulp is 128, and a bf16 residual stream turned its answer to "What is the capital of France?"
         # into noise. Norm outputs (the matmul inputs) and attention/MLP outputs are in the weights' dtype.
-        x = self.tok_emb(idx).float()  # (B, T, d_model)
-        dtype = self.tok_emb.weight.dtype
         runner = None
         if plan is not None and plan.decode_tables is not None and not self.training \
                 and (lora is None or hasattr(lora, "decode")):
             runner = runner_for(self, B)  # a decode step: the resolved layer loop (engine.decode)
+            if runner is not None and keep is None:
+                logits = runner.logits(idx.view(B), cache, plan, lora)  # the whole step in one op, if it can
+                if logits is not None:
+                    cache.commit(plan)
+                    return logits.view(B, 1, -1)
+        x = self.tok_emb(idx).float()  # (B, T, d_model)
+        dtype = self.tok_emb.weight.dtype
         rope = None
         if self.pos_emb is not None:
             if start is not None:  # contiguous positions: a slice instead of a gather

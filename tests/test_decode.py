@@ -6,6 +6,7 @@ or repacked weight, a peft wrapper, inference tensors or a deep copy all make it
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -106,6 +107,7 @@ def test_every_block_in_one_op_equals_the_python_loop_and_the_modules(cfg, dtype
     got = steps(model)
     runners = model._decode_runners
     assert set(runners) == {1, 3} and all(r.meta is not None for r in runners.values())
+    assert all(r.head is not None for r in runners.values())  # embedding to logits in one op (decode_step)
     with monkeypatch.context() as m:
         python_loop(m)
         model.__dict__.pop("_decode_runners")
@@ -163,6 +165,43 @@ def test_an_in_place_change_rebuilds_the_runner(monkeypatch):
     got = steps(model)
     assert model._decode_runners[1] is not before
     for a, b in zip(got, through_modules(model, monkeypatch), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_a_change_to_the_embedding_final_norm_or_head_rebuilds_the_whole_step(cfg, monkeypatch):
+    """decode_step also reads the token (and position) embedding, the final norm and the head: each is watched."""
+    for name in ["tok_emb", "norm_f"] + (["pos_emb"] if cfg.pos_emb == "learned" else []):
+        model = frozen(cfg, torch.bfloat16)
+        prepack.prepack_(model, "auto")
+        part = getattr(model, name).weight
+        steps(model)
+        before = model._decode_runners[1]
+        assert before.head is not None
+        with torch.no_grad():
+            part.add_(0.25)
+        assert not before.valid(model)
+        got = steps(model)
+        assert model._decode_runners[1] is not before
+        for a, b in zip(got, through_modules(model, monkeypatch), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_an_untied_or_wrapped_head():
+    """An untied head (SmolLM2-360M style: lm_head a Linear) runs in the one op too; one that peft wraps leaves the
+    forward's own Python tail to run it, the blocks still in one op."""
+    peft = pytest.importorskip("peft")
+    cfg = dataclasses.replace(LLAMA, tie_embeddings=False)
+    model = frozen(cfg, torch.bfloat16)
+    prepack.prepack_(model, "auto")
+    plain = steps(model)
+    assert model._decode_runners[1].head is not None
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["lm_head"]))
+    wrapped.eval()
+    with torch.no_grad():
+        runner = decode.runner_for(model, 1)
+    assert runner is not None and runner.meta is not None and runner.head is None
+    for a, b in zip(steps(model), plain, strict=True):  # the adapter's B starts at zero: the same logits
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import kernels, prepack
+from engine import decode, kernels, prepack
 from engine.config import ModelConfig
 from engine.generate import generate_tokens, generate_uncached
 from engine.kv_cache import KVCache
@@ -211,7 +211,13 @@ def test_batched_decode_rows_use_the_packed_copy_and_equal_plain(kernel, monkeyp
     monkeypatch.setattr("engine.linear.packed_linear", counting)  # the module path
     monkeypatch.setattr("engine.prepack.packed_linear", counting)  # the decode runner (engine.decode)
     torch.testing.assert_close(batched(), plain, rtol=1e-5, atol=1e-5)
-    assert any(shape[0] == 3 for shape in calls)  # the 3-row steps went through the packed kernel
+    runner = model._decode_runners[3]
+    if runner.meta is None:  # the Python layer loop: the 3-row steps went through the packed kernel
+        assert any(shape[0] == 3 for shape in calls)
+    else:  # the one-op step (decode_step): every product and the head on the packed copy's kernel
+        kind = {"scratch": 0, "panel": 1, "dpbf16": 3}[kernel]
+        assert {runner.meta[i + j] for i in range(0, len(runner.meta), decode.META) for j in (3, 5, 7, 9)} == {kind}
+        assert runner.head[2][1] == kind
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
