@@ -443,6 +443,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 nbytes = r["weight_bytes_per_token"] = weight_bytes_per_token(lm)
                 # the roofline side by side: each round's tokens/s against the bandwidth read next to it
                 r["read_bandwidth_gb_s"] = [b / 1e9 for b in bws]
+                r["ours_tok_s_rounds"] = ours
+                r["roofline_fraction_rounds"] = [o / (b / nbytes) for o, b in zip(ours, bws, strict=True)]
                 r["roofline_tok_s"] = _median(bws) / nbytes
                 r["roofline_fraction"] = _median([o / (b / nbytes) for o, b in zip(ours, bws, strict=True)])
                 # the step's products read one at a time with no arithmetic: the most that structure allows
@@ -453,6 +455,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 bandwidths += bws
                 if hf_rates:
                     r["hf_tok_s"] = _median(hf_rates)
+                    r["hf_tok_s_rounds"] = hf_rates
                     r["vs_hf"] = _median([o / h for o, h in zip(ours, hf_rates, strict=True)])
                 elif hf_error:
                     r["hf_error"] = hf_error

@@ -41,6 +41,9 @@ def test_bench_runs_every_figure_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     (bw,) = row["fp32"]["read_bandwidth_gb_s"]
     nbytes = row["fp32"]["weight_bytes_per_token"]
     assert row["fp32"]["roofline_fraction"] == pytest.approx(row["fp32"]["ours_tok_s"] / (bw * 1e9 / nbytes))
+    assert row["fp32"]["ours_tok_s_rounds"] == [row["fp32"]["ours_tok_s"]]  # each round's figures, for the README
+    assert row["fp32"]["roofline_fraction_rounds"] == [pytest.approx(row["fp32"]["roofline_fraction"])]
+    assert row["fp32"]["hf_tok_s_rounds"] == [row["fp32"]["hf_tok_s"]]
     assert bw <= res["read_bandwidth_gb_s"]  # the run's best reading, for the harsher figure next to it
     assert row["fp32"]["roofline_fraction_vs_run_max"] <= row["fp32"]["roofline_fraction"] * (1 + 1e-9)
     # the transformers peer ran on the same weights, side by side (one round here: the ratio is that round's)
