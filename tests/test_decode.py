@@ -187,22 +187,30 @@ def test_a_change_to_the_embedding_final_norm_or_head_rebuilds_the_whole_step(cf
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_an_untied_or_wrapped_head():
+def test_an_untied_or_wrapped_head(monkeypatch):
     """An untied head (SmolLM2-360M style: lm_head a Linear) runs in the one op too; one that peft wraps leaves the
-    forward's own Python tail to run it, the blocks still in one op."""
+    forward's own Python tail to run it (the adapter's delta included), the blocks still in one op."""
     peft = pytest.importorskip("peft")
     cfg = dataclasses.replace(LLAMA, tie_embeddings=False)
     model = frozen(cfg, torch.bfloat16)
     prepack.prepack_(model, "auto")
     plain = steps(model)
     assert model._decode_runners[1].head is not None
+    for a, b in zip(plain, through_modules(model, monkeypatch), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
     wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["lm_head"]))
     wrapped.eval()
     with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # B starts at zero: a nonzero delta shows whether the wrapper ran
+    with torch.no_grad():
         runner = decode.runner_for(model, 1)
     assert runner is not None and runner.meta is not None and runner.head is None
-    for a, b in zip(steps(model), plain, strict=True):  # the adapter's B starts at zero: the same logits
+    got = steps(model)
+    for a, b, c in zip(got, through_modules(model, monkeypatch), plain, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert not torch.equal(a, c)
 
 
 def test_the_per_step_check_catches_changes_without_rereading_every_slot(monkeypatch):
