@@ -223,6 +223,9 @@ class DecodeRunner:
         self.key = keys.key()
         self._watch = _watch(keys.tensors())
         self._fuse()
+        head, self.head = self.head, None
+        if head is not None and self.meta is not None and head[3] == self.eps:
+            self.head = head[:3]  # decode_step runs the blocks' one-op form, with one eps for every norm
         self._with_lora: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # hook -> its tensors list
 
     def _fuse(self) -> None:
@@ -253,8 +256,8 @@ class DecodeRunner:
     def _head(self, model: nn.Module, keys: _Keys, rows: int) -> tuple | None:
         """What :func:`decode_step` needs beyond the blocks, as GPT.forward picks it: ([token embedding, position
         embedding or None], [final norm weight, bias, head weight or panels, bias, scale, bf16 weight to refine],
-        [norm kind, product kind, n, refine k]); None where the forward's own Python tail must run (a wrapped
-        head, a kernel decode_step cannot run, a float16 head, a final norm with another eps)."""
+        [norm kind, product kind, n, refine k], the final norm's eps); None where the forward's own Python tail
+        must run (a wrapped head, a kernel decode_step cannot run, a float16 head)."""
         d = model.__dict__
         keys._param(model.tok_emb, "weight")
         if model.pos_emb is not None:
@@ -290,10 +293,10 @@ class DecodeRunner:
     def logits(self, idx: torch.Tensor, cache: object, plan: object, lora: object = None) -> torch.Tensor | None:
         """The whole step in one op (:func:`decode_step`): ``idx`` (B,) tokens in, (B, vocab) logits out, as
         GPT.forward computes them; None where it cannot (the forward then runs the blocks with ``__call__``)."""
-        if self.meta is None or self.head is None or self.head[3] != self.eps:
+        if self.head is None:
             return None
         pos, (cos, sin) = plan.decode_positions, plan.decode_tables
-        emb, head, head_meta, _ = self.head
+        emb, head, head_meta = self.head
         if lora is None:
             return ops.decode_step(idx, emb, self.tensors, self.meta, cache.keys, cache.values, pos, cos, sin, None,
                                    [], [], self.eps, head, head_meta)
