@@ -74,7 +74,11 @@ PREFILL_SHARE = 1.10
 # measure alike (SmolLM2 bf16 on a Zen4 EPYC: within ~2% in paired runs, and which one a load picked decided a greedy
 # answer at a near-tie: logits 22.36 vs 22.30 at its second token). The margin is wide because one load's short
 # measurement can straddle a swing of the VM's memory bandwidth: at 10% a bench load still picked ``scratch`` for
-# two kinds.
+# two kinds. Dot-product panels take one row wherever they take the batches, whatever the measurement: on the Zen4
+# EPYC they stream as fast as ``scratch`` from memory and run 1.5-1.6x as fast once the weights come faster (from
+# cache: SmolLM2's down_proj 21 vs 34 us, q/k/v 33 vs 46 us), which the VM's fast-bandwidth spells do; loads that
+# still picked ``scratch`` at 25% (gate_up, down_proj, the head) decoded SmolLM2 10% slower (median of 12 paired
+# runs, 25-34% in fast spells).
 SAME_KERNEL_SHARE = 1.25
 
 
@@ -313,7 +317,7 @@ def _pick(candidates: dict[str, list[PackedWeight]], times: dict[str, float]) ->
     """The fastest kernel for 2+ rows and for one row, with at most one packed copy per weight: a kernel that makes
     a copy must beat the plain one by :data:`MIN_GAIN`, and of two copying winners only the batched one is kept.
     Where the batches run our panels, one row does too unless ``scratch`` is clearly faster
-    (:data:`SAME_KERNEL_SHARE`)."""
+    (:data:`SAME_KERNEL_SHARE`); where they run dot-product panels, one row always does."""
     def best(rows: int, names: Sequence[str]) -> str:
         def cost(name: str) -> float:
             copies = name != "scratch"  # our kernels read the weight itself
@@ -326,8 +330,8 @@ def _pick(candidates: dict[str, list[PackedWeight]], times: dict[str, float]) ->
     if one in ("panel", "dpbf16") and many != one and _prefill_rows(one) > BATCH_ROWS \
             and times[one + batch] <= PREFILL_SHARE * times[many + batch]:
         many = one  # its copy is made anyway, and it also serves prefill chunks (PANEL_ROWS, DP_ROWS)
-    if one == "scratch" and many in ("panel", "dpbf16") \
-            and times.get(f"{many} x1", math.inf) <= SAME_KERNEL_SHARE * times["scratch x1"]:
+    if one == "scratch" and (many == "dpbf16" or many == "panel" and times.get(f"{many} x1", math.inf)
+                             <= SAME_KERNEL_SHARE * times["scratch x1"]):
         one = many  # the batches' kernel for one row too (see SAME_KERNEL_SHARE)
     if many == "plain" and one == "plain":
         return None
