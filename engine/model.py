@@ -315,6 +315,18 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
 
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> GPT:
+        """``Module._apply`` (``.to``, ``.bfloat16()``, ``.to_empty``...) with the RoPE angle tables kept in float32:
+        a cast of the weights rebuilds them from the config on their new device instead of rounding them to 8-bit
+        mantissas, which the attention would then widen again (the decode op: the whole table, every layer of every
+        step, ~2 MB a layer for SmolLM2; measured 0.75 ms of a 3-layer model's 1.2 ms step)."""
+        super()._apply(fn, recurse)
+        cos = self._buffers.get("rope_cos")
+        if cos is not None and cos.dtype != torch.float32:
+            fresh = build_rope_cache(self.config)
+            self.rope_cos, self.rope_sin = (t.to(cos.device) for t in fresh)
+        return self
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         # GPT-2's init (normal, std 0.02); loaders overwrite it, training from scratch starts here.
@@ -450,7 +462,5 @@ def build_model(config: ModelConfig, *, device: torch.device | str | None = None
     with torch.device(device or "cpu"):
         model = GPT(config)
     if dtype is not None:
-        model = model.to(dtype)
-        if config.pos_emb == "rope":  # keep the angle tables in float32
-            model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
+        model = model.to(dtype)  # (the RoPE angle tables stay float32: GPT._apply)
     return model

@@ -31,8 +31,6 @@ PROMPTS = ([5, 17, 42], [9, 8], [1, 2, 3, 4])
 def frozen(cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 7) -> GPT:
     torch.manual_seed(seed)
     model = GPT(cfg).to(dtype).eval()
-    if cfg.pos_emb == "rope":
-        model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)
@@ -321,8 +319,6 @@ def test_adapted_rows_equal_the_modules_exactly(cfg, dtype, pack, tmp_path, monk
         (folder / "scratchchat.json").write_text(json.dumps({"base": "tiny", "base_sha256": "abc"}))
         adapters.append(load_adapter(folder, cfg, base_name="tiny", base_sha256="abc", dtype=dtype))
     model = model.to(dtype)
-    if cfg.pos_emb == "rope":
-        model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
     hook, one = BatchLora([adapters[0], None, adapters[1]]), BatchLora([adapters[0]])
     prepack.prepack_(model, pack)
 

@@ -158,8 +158,6 @@ def test_bf16_prefill_over_a_cached_prefix_matches_the_full_pass(family, n_kv):
     """A bf16 model's next chunk over its cache (engine.kernels' prefix attention, float32 math, where this CPU runs
     it) gives the full-sequence pass's logits (PyTorch's SDPA) within bf16 rounding."""
     model = build(family, n_kv).to(torch.bfloat16)
-    if family == "llama":
-        model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
     x = ids(1, 20, seed=8)
     cache = KVCache.build(model.config, 1, 24, dtype=torch.bfloat16)
     with torch.no_grad():

@@ -313,3 +313,20 @@ def test_last_only_and_positions():
         torch.testing.assert_close(model(idx, positions=torch.arange(12)), full, atol=0, rtol=0)
     with pytest.raises(ValueError, match="exceeds context_length=64"):
         model(torch.zeros(1, 65, dtype=torch.long))
+
+
+
+@pytest.mark.parametrize("cast", ["bfloat16", "half", "meta"])
+def test_rope_tables_stay_float32_through_casts(cast):
+    """Casting the weights leaves the RoPE tables float32 and exact (rebuilt, not rounded and widened back), on the
+    model's new device."""
+    cfg = ModelConfig(vocab_size=50, context_length=40, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                      norm="rmsnorm", mlp="swiglu", pos_emb="rope", bias=False, qkv_bias=False)
+    model = GPT(cfg)
+    model = model.to("meta").bfloat16() if cast == "meta" else getattr(model, cast)()
+    assert model.tok_emb.weight.dtype != torch.float32
+    assert model.rope_cos.dtype == model.rope_sin.dtype == torch.float32
+    assert model.rope_cos.device == model.tok_emb.weight.device
+    if cast != "meta":
+        want_cos, want_sin = build_rope_cache(cfg)
+        assert torch.equal(model.rope_cos, want_cos) and torch.equal(model.rope_sin, want_sin)
