@@ -80,6 +80,12 @@ PREFILL_SHARE = 1.10
 # still picked ``scratch`` at 25% (gate_up, down_proj, the head) decoded SmolLM2 10% slower (median of 12 paired
 # runs, 25-34% in fast spells).
 SAME_KERNEL_SHARE = 1.25
+# Int8 dot-product panels take one row too unless the row-form int8 kernel measures more than this much faster: on
+# the Zen4 EPYC they ran GPT-2's and SmolLM2's shapes as fast as the row-form kernel from cache and 0-25% faster
+# from memory (down_proj 41 vs 52 us), yet a load whose short measurement favoured the row-form kernel for three
+# kinds decoded GPT-2 at 151-155 tok/s instead of 174-195 (bench runs on one day); on the Zen5 EPYC the row-form
+# kernel was 1.2x as fast (session 11) and keeps one row there.
+INT8_ROWS_SHARE = 1.15
 
 
 def default_pack() -> str:
@@ -293,9 +299,10 @@ def _pack_int8(targets: list[Target], mode: str) -> tuple[str, bool]:
     AVX512-BF16 and the activations are bf16, else int8 panels (a quarter of the float copy's bytes either way).
     Batches and chunks always run the copy (on a 2-core Zen5 EPYC the int8 dot-product panels ran SmolLM2's shapes
     2x as fast as the int8 panels at 4-64 rows; on the AVX2 EPYC the panels ran 1.3-1.9x the row-form kernel at 2-8);
-    one row runs it only where it beats the row-form int8 kernel on the copy of engine.quant, measured here (on the
-    AVX2 EPYC they were even; on the Zen5 EPYC the row-form kernel was 1.2x the dot-product panels and 1.7x the
-    panels). Returns (the copy's label, whether it serves one row too)."""
+    one row runs it unless the row-form int8 kernel on the copy of engine.quant measures faster here, the int8
+    panels by any margin, the dot-product panels by more than :data:`INT8_ROWS_SHARE` (on the AVX2 EPYC they were
+    even; on the Zen5 EPYC the row-form kernel was 1.2x the dot-product panels and 1.7x the panels). Returns (the
+    copy's label, whether it serves one row too)."""
     dp = mode != "panel" and kernels.has_avx512_bf16() and all(t.weight.dtype == torch.bfloat16 for t in targets)
     name = "dpi8" if dp else "panel"
     pws = [PackedWeight(name, (kernels.pack_dpi8 if dp else kernels.pack_panels)(t.int8[0]), t.int8[0],
@@ -304,9 +311,10 @@ def _pack_int8(targets: list[Target], mode: str) -> tuple[str, bool]:
         gen = torch.Generator().manual_seed(0)  # never the global RNG: loading a model must not move seeded sampling
         x1 = torch.randn(1, targets[0].int8[0].shape[1], generator=gen).to(targets[0].weight.dtype)
         times = _seconds({"packed": lambda i: packed_linear(x1, pws[i], targets[i].bias),
-                          "rows": lambda i: int8_linear(x1, targets[i].int8, targets[i].bias)}, len(targets))
+                          "rows": lambda i: int8_linear(x1, targets[i].int8, targets[i].bias)}, len(targets),
+                         reps=8)  # two one-row runs, ~2 ms a pass: more passes, fewer choices left to one swing
         logger.debug("int8 %s at one row %.2f ms, row-form %.2f ms", name, 1e3 * times["packed"], 1e3 * times["rows"])
-        if times["packed"] > times["rows"]:
+        if times["packed"] > (INT8_ROWS_SHARE if dp else 1.0) * times["rows"]:
             pws = [replace(p, single=False) for p in pws]
     for t, pw in zip(targets, pws, strict=True):
         t.put(pw)
