@@ -421,7 +421,8 @@ def test_int8_bf16_models_decode_through_int8_dot_product_panels(family, rows_s,
     rows_form.head_int8 = model.head_int8
     real = prepack._seconds
     times = {"packed": 1.0, "rows": rows_s}
-    monkeypatch.setattr(prepack, "_seconds", lambda runs, n: times if set(runs) == set(times) else real(runs, n))
+    monkeypatch.setattr(prepack, "_seconds", lambda runs, n, **kw: times if set(runs) == set(times)
+                        else real(runs, n, **kw))
     chosen = prepack.prepack_(model, "auto")
     one_row = rows_s * prepack.INT8_ROWS_SHARE >= 1.0  # 0.9: the row-form kernel not clearly faster
     want = "int8 dp panel" if one_row else f"int8 rows[1 row]+dp panel[2-{prepack.PANEL_ROWS} rows]"
