@@ -168,11 +168,12 @@ class Norm:
         keys.norm(module)
         if hasattr(module, "bias"):  # LayerNorm (GPT-2): float32 math, output in the weights' dtype
             b = module.bias
-            shape = (w.shape[0],)
-            wf, bf = w.float(), None if b is None else b.float()
-            self.run = lambda x: F.layer_norm(x, shape, wf, bf, eps).to(w.dtype)
             kind = {torch.float32: 1, torch.bfloat16: 2}.get(w.dtype)
-            self.spec = None if kind is None else (kind, wf, bf, eps)
+            if kind is None:  # (float16: the module's own math)
+                self.run, self.spec = module, None
+            else:  # the module's op in inference (engine.model.LayerNorm)
+                self.run = lambda x: ops.layer_norm(x, w, b, eps)
+                self.spec = (kind, w, b, eps)
         else:
             self.run = lambda x: ops.rms_norm(x, w, eps)
             self.spec = (0, w, None, eps)

@@ -15,7 +15,7 @@ runtime:
   bf16 chunk on AVX512-BF16 CPUs both products through ``vdpbf16ps``, the softmax weights rounded to bf16 for the
   values' product as PyTorch's SDPA rounds them);
 - the small steps of a decode layer: ``decode_attention`` (RoPE, cache write, grouped-query attention),
-  ``rms_norm``, ``silu_mul``;
+  ``rms_norm``, ``layer_norm``, ``silu_mul``;
 - ``lora``: a decode step's per-row LoRA deltas, each row computing only its own adapter's pieces;
 - ``refine_top`` (a bf16 head's top logits recomputed in float32) and ``argmax`` (greedy picks, as torch.argmax);
 - ``copy_positions``: cached positions of one row into another cache's row, every layer in one parallel region;

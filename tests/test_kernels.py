@@ -1,7 +1,7 @@
 """Our AVX2 decode kernels (engine/csrc/kernels.cpp via engine.kernels) against plain-torch float64 references:
 linear, linear_i8 and linear_panel (float32 / bf16 / int8 panels) over rows 1-9 and ragged K/N, the per-request
 LoRA op, decode_attention (RoPE, cache write at each row's position,
-MHA/GQA/MQA), rms_norm and silu_mul in float32 and bf16, clear errors, and SCRATCHCHAT_KERNELS=off."""
+MHA/GQA/MQA), rms_norm, layer_norm and silu_mul in float32 and bf16, clear errors, and SCRATCHCHAT_KERNELS=off."""
 
 from __future__ import annotations
 
@@ -643,6 +643,25 @@ def test_rms_norm_matches_reference_in_the_weights_dtype(x_dtype, w_dtype, shape
     y = ops.rms_norm(x, w, 1e-5)
     assert y.dtype == w_dtype and y.shape == x.shape
     _assert_within(y, ref, 1e-6, 1e-5 if w_dtype == torch.float32 else BF16_ULP, "rms_norm")
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 768), (3, 1, 64), (2, 5, 13)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_norm_matches_reference_in_the_weights_dtype(x_dtype, w_dtype, shape, bias) -> None:
+    """GPT-2's LayerNorm (biased variance) against float64, rows of every length (13: an 8-lane part and a tail),
+    residual-stream-sized values with an offset (the mean matters), output in the weights' dtype."""
+    g = _gen(8)
+    x = (3 * torch.randn(*shape, generator=g) + 5).to(x_dtype)
+    w = (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(w_dtype)
+    b = (0.1 * torch.randn(shape[-1], generator=g)).to(w_dtype) if bias else None
+    ref = F.layer_norm(x.double(), shape[-1:], w.double(), None if b is None else b.double(), 1e-5)
+    y = ops.layer_norm(x, w, b, 1e-5)
+    assert y.dtype == w_dtype and y.shape == x.shape
+    _assert_within(y, ref, 1e-5, 1e-5 if w_dtype == torch.float32 else BF16_ULP, "layer_norm")
+    with pytest.raises(RuntimeError, match="features"):
+        ops.layer_norm(x[..., :-1], w, b, 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

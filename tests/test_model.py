@@ -262,6 +262,28 @@ def test_layernorm_biased_variance():
 
 
 @pytest.mark.skipif(not kernels.available(), reason="engine.kernels needs an AVX2/FMA CPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layernorm_runs_the_decode_steps_op_in_inference_and_autograd_in_training(dtype):
+    """Inference runs scratchchat::layer_norm (what a decode step's blocks run: the same bits); with grad on,
+    F.layer_norm with its gradients. The two agree within the weights' dtype."""
+    torch.manual_seed(1)
+    ln = LayerNorm(40).to(dtype)
+    with torch.no_grad():
+        ln.weight.copy_(1 + 0.1 * torch.randn(40))
+        ln.bias.copy_(0.1 * torch.randn(40))
+    x = 3 * torch.randn(2, 3, 40) + 2  # the float32 residual stream
+    with torch.no_grad():
+        y = ln(x)
+    assert y.dtype == dtype and torch.equal(y, torch.ops.scratchchat.layer_norm(x, ln.weight, ln.bias, ln.eps))
+    xg = x.clone().requires_grad_(True)
+    yg = ln(xg)
+    yg.float().sum().backward()
+    assert xg.grad is not None and ln.weight.grad is not None and ln.bias.grad is not None
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(y.float(), yg.detach().float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="engine.kernels needs an AVX2/FMA CPU")
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_inference_attention_runs_our_kernel_and_equals_the_sdpa_path(family, monkeypatch):
     """At inference every attention call (a prompt without a cache, a first prefill into a fresh cache, the last
