@@ -82,9 +82,10 @@ PREFILL_SHARE = 1.10
 SAME_KERNEL_SHARE = 1.25
 # Int8 dot-product panels take one row too unless the row-form int8 kernel measures more than this much faster: on
 # the Zen4 EPYC they ran GPT-2's and SmolLM2's shapes as fast as the row-form kernel from cache and 0-25% faster
-# from memory (down_proj 41 vs 52 us), yet a load whose short measurement favoured the row-form kernel for three
-# kinds decoded GPT-2 at 151-155 tok/s instead of 174-195 (bench runs on one day); on the Zen5 EPYC the row-form
-# kernel was 1.2x as fast (session 11) and keeps one row there.
+# from memory (down_proj 41 vs 52 us), and GPT-2 int8 decoded at 166 tok/s with them for one row against 146 with
+# the row-form kernel (median of 16 paired rounds, 1.03-1.26x each), yet a bench load's short measurement had put
+# three kinds on the row-form kernel; on the Zen5 EPYC the row-form kernel was 1.2x as fast (session 11) and keeps
+# one row there.
 INT8_ROWS_SHARE = 1.15
 
 
