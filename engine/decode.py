@@ -171,8 +171,8 @@ class Norm:
         keys.norm(module)
         if hasattr(module, "bias"):  # LayerNorm (GPT-2): float32 math, output in the weights' dtype
             b = module.bias
-            kind = {torch.float32: 1, torch.bfloat16: 2}.get(w.dtype)
-            if kind is None:  # (float16: the module's own math)
+            kind = {torch.float32: 1, torch.bfloat16: 2}.get(w.dtype) if b is None or b.dtype == w.dtype else None
+            if kind is None:  # (float16, or a bias cast apart from its weight: the module's own math)
                 self.run, self.spec = module, None
             else:  # the module's op in inference (engine.model.LayerNorm)
                 self.run = lambda x: ops.layer_norm(x, w, b, eps)

@@ -79,6 +79,20 @@ def test_runner_equals_the_modules_exactly(cfg, dtype, quant, monkeypatch):
         assert list(generate_tokens(model, PROMPTS[0], gen)) == list(generate_uncached(model, PROMPTS[0], gen))
 
 
+def test_a_layernorm_bias_cast_apart_from_its_weight_decodes_through_the_module(monkeypatch):
+    """A bf16 LayerNorm whose bias was cast to float32 on its own: the LayerNorm op takes neither, so that norm runs
+    the module's own math in decode steps too (no error), and the steps still equal the modules exactly."""
+    model = frozen(GPT2, torch.bfloat16)
+    ln = model.blocks[0].attn_norm
+    ln.bias = torch.nn.Parameter(ln.bias.detach().float(), requires_grad=False)
+    prepack.prepack_(model, "auto")
+    reference = through_modules(model, monkeypatch)
+    got = steps(model)
+    assert used_runner(model) == {1, 3}
+    for a, b in zip(got, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def python_loop(monkeypatch_context) -> None:
     """Runners built inside this context run their Python layer loop instead of the one-op decode_blocks."""
     real = decode.DecodeRunner._fuse

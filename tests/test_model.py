@@ -337,7 +337,6 @@ def test_last_only_and_positions():
         model(torch.zeros(1, 65, dtype=torch.long))
 
 
-
 @pytest.mark.parametrize("cast", ["bfloat16", "half", "meta"])
 def test_rope_tables_stay_float32_through_casts(cast):
     """Casting the weights leaves the RoPE tables float32 and exact (rebuilt, not rounded and widened back), on the
