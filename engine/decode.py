@@ -105,7 +105,7 @@ def product(weight: torch.Tensor, bias: torch.Tensor | None, w8: Int8Weight | No
             panels = pw.packed
             return Product(lambda x, residual: ops.linear_dpbf16(x, panels, n, bias, residual),
                            (3, n, panels, bias, None))
-        if pw.kernel == "dpi8":  # int8 dot-product panels (AVX512-BF16), with their scale
+        if pw.kernel == "dpi8":  # int8 dot-product panels (AVX512-VNNI), with their scale
             panels, scale = pw.packed, pw.scale
             return Product(lambda x, residual: ops.linear_dpi8(x, panels, n, scale, bias, residual),
                            (4, n, panels, bias, scale))

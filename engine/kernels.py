@@ -9,8 +9,9 @@ runtime:
   scales) and ``linear_panel`` (a panel copy of the weight, :func:`pack_panels`: the broadcast-form GEMM
   micro-kernel, float32 / bf16 / int8, 1 to 128 rows), each with bias, scale and residual-add epilogues; on CPUs
   with AVX512-BF16, ``linear_dpbf16`` (bf16 x and a :func:`pack_dpbf16` copy: pairs of bf16 products per
-  ``vdpbf16ps``, compiled per function for AVX-512 and checked for at run time) and ``linear_dpi8`` (the same for
-  an int8 weight, :func:`pack_dpi8`, each int8 widened to bf16 exactly in registers, its scale in the epilogue);
+  ``vdpbf16ps``, compiled per function for AVX-512 and checked for at run time); on CPUs with AVX512-VNNI,
+  ``linear_dpi8`` (bf16 x and a :func:`pack_dpi8` copy of an int8 weight: quads of int8 products per ``vpdpbusd``
+  against x quantized per row to 16 bits in two byte limbs, exact integer sums, the scales in the epilogue);
 - ``prefix_attention``: a prefill chunk's queries over the cached keys before and with them (float32 math; for a
   bf16 chunk on AVX512-BF16 CPUs both products through ``vdpbf16ps``, the softmax weights rounded to bf16 for the
   values' product as PyTorch's SDPA rounds them);
@@ -132,11 +133,24 @@ def pack_dpbf16(weight: torch.Tensor) -> torch.Tensor:
     return _pack_pairs(weight)
 
 
+def has_avx512_vnni() -> bool:
+    """Whether this CPU runs :func:`linear_dpi8` (AVX512-VNNI's ``vpdpbusd``; the kernels must be available)."""
+    return bool(torch.ops.scratchchat.has_avx512_vnni())
+
+
 def pack_dpi8(q: torch.Tensor) -> torch.Tensor:
-    """:func:`pack_dpbf16`'s layout for an int8 weight (engine.quant's copy), for :func:`linear_dpi8`."""
+    """The (G, K4, 64, 4) uint8 copy of an (N, K) int8 weight (engine.quant's) for :func:`linear_dpi8`: group g
+    holds output features 64g..64g+63, and for each quad of k the four weights of every feature side by side (16
+    features are what one ``vpdpbusd`` multiplies by a row's broadcast four bytes), each stored as ``w + 128``;
+    zero weights (128) past N and K."""
     if q.dtype != torch.int8:
         raise ValueError(f"int8 dot-product panels are for int8 weights, not {q.dtype}")
-    return _pack_pairs(q)
+    n, k = q.shape
+    g, k4 = -(-n // DP_GROUP), -(-k // 4)
+    padded = q.detach().new_zeros(g * DP_GROUP, 4 * k4)
+    padded[:n, :k] = q.detach()
+    offset = (padded.view(torch.uint8) ^ 0x80)  # w + 128 as an unsigned byte
+    return offset.view(g, DP_GROUP, k4, 4).transpose(1, 2).contiguous()
 
 
 def _pack_pairs(weight: torch.Tensor) -> torch.Tensor:
@@ -159,8 +173,10 @@ def linear_dpbf16(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Ten
 def linear_dpi8(x: torch.Tensor, panels: torch.Tensor, n: int, scale: torch.Tensor, bias: torch.Tensor | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
     """``(x @ q.T) * scale (+ bias)`` for bf16 x (..., K) through :func:`pack_dpi8`'s copy of an int8 weight ``q``:
-    each int8 becomes a bf16 exactly in registers, so the products are exact and the sums float32, as in
-    :func:`linear_dpbf16`. Needs :func:`has_avx512_bf16`."""
+    each row of x is quantized to 16-bit integers (step ``max|x| / 32639``, split into two byte limbs), the sums are
+    exact integers, then scaled in float32. So a row's result does not depend on the other rows, and differs from
+    the float product only by that quantization (at most ``max|x| / 65278`` per entry of x). Output and
+    ``residual`` as :func:`linear`. Needs :func:`has_avx512_vnni`."""
     res = None if residual is None else residual.reshape(-1, n)
     y = torch.ops.scratchchat.linear_dpi8(x.reshape(-1, x.shape[-1]), panels, n, scale, bias, res)
     return y.view(*x.shape[:-1], n)

@@ -304,7 +304,7 @@ def _pack_int8(targets: list[Target], mode: str) -> tuple[str, bool]:
     panels by any margin, the dot-product panels by more than :data:`INT8_ROWS_SHARE` (on the AVX2 EPYC they were
     even; on the Zen5 EPYC the row-form kernel was 1.2x the dot-product panels and 1.7x the panels). Returns (the
     copy's label, whether it serves one row too)."""
-    dp = mode != "panel" and kernels.has_avx512_bf16() and all(t.weight.dtype == torch.bfloat16 for t in targets)
+    dp = mode != "panel" and kernels.has_avx512_vnni() and all(t.weight.dtype == torch.bfloat16 for t in targets)
     name = "dpi8" if dp else "panel"
     pws = [PackedWeight(name, (kernels.pack_dpi8 if dp else kernels.pack_panels)(t.int8[0]), t.int8[0],
                         source_key(t.sources), True, PANEL_ROWS, scale=t.int8[1].float()) for t in targets]

@@ -242,62 +242,108 @@ def test_linear_dpbf16_rows_do_not_depend_on_the_other_rows_and_residual_adds_th
 
 
 @needs_avx512_bf16
-@pytest.mark.parametrize("int8", [False, True])
-def test_linear_dp_many_rows_chunked_over_k_equal_each_row_alone(int8) -> None:
+def test_linear_dpbf16_many_rows_chunked_over_k_equal_each_row_alone() -> None:
     """From 8 rows the 4-row sets take a group's k pairs chunk by chunk (a ragged last chunk at K=77; up to 64 rows,
-    then sets whole, then single rows): every row still gets exactly its own one-row bits, for bf16 and int8."""
+    then sets whole, then single rows): every row still gets exactly its own one-row bits."""
     g = _gen(27)
     K, N = 77, 130
-    if int8:
-        q, scale = quantize_rows(torch.randn(N, K, generator=g))
-        panels = kernels.pack_dpi8(q)
-        product = lambda x: kernels.linear_dpi8(x, panels, N, scale)  # noqa: E731
-        w64 = q.double() * scale.double()[:, None]
-    else:
-        w = torch.randn(N, K, generator=g).bfloat16()
-        panels, scale = kernels.pack_dpbf16(w), None
-        product = lambda x: kernels.linear_dpbf16(x, panels, N)  # noqa: E731
-        w64 = w.double()
+    w = torch.randn(N, K, generator=g).bfloat16()
+    panels = kernels.pack_dpbf16(w)
     x = torch.randn(71, K, generator=g).bfloat16()
-    alone = torch.cat([product(x[i : i + 1]) for i in range(71)])
-    _check_product(alone, x, w64, None, "rows alone")
+    alone = torch.cat([kernels.linear_dpbf16(x[i : i + 1], panels, N) for i in range(71)])
+    _check_product(alone, x, w.double(), None, "rows alone")
     for R in (8, 13, 64, 71):
-        torch.testing.assert_close(product(x[:R]), alone[:R], rtol=0, atol=0, msg=f"R={R}")
+        torch.testing.assert_close(kernels.linear_dpbf16(x[:R], panels, N), alone[:R], rtol=0, atol=0, msg=f"R={R}")
 
 
-@needs_avx512_bf16
+AVX512_VNNI = kernels.cpu_supported() and kernels.available() and kernels.has_avx512_vnni()
+needs_avx512_vnni = pytest.mark.skipif(not AVX512_VNNI, reason="int8 dot-product panels run on AVX512-VNNI CPUs only")
+VNNI_QMAX = 32639  # 127 * 256 + 127: the activations' 16-bit grid (two signed byte limbs)
+
+
+def _dpi8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """linear_dpi8's definition in plain torch: each row of x quantized to round(x * (32639 / max|x|)) in float32
+    (half to even), the integer products summed exactly (float64 holds them), the sum rounded to float32 and scaled
+    by the row's step max|x| / 32639, then by the feature's scale, plus the bias, in x's dtype."""
+    xf = x.float()
+    top = xf.abs().amax(dim=1, keepdim=True)
+    safe = torch.where(top > 0, top, torch.ones_like(top))
+    qx = torch.round(xf * (torch.full_like(safe, VNNI_QMAX) / safe)) * (top > 0)  # (not VNNI_QMAX / safe: a reciprocal)
+    exact = qx.double() @ q.double().T
+    y = exact.float() * (top / VNNI_QMAX) * scale.float()
+    return (y if b is None else y + b.float()).to(x.dtype)
+
+
+@needs_avx512_vnni
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_dpi8_matches_dequantized_float64_reference(with_bias) -> None:
-    """int8 weights in the dot-product panel layout, each widened to bf16 exactly in registers: bf16 x times the
-    dequantized weight, over rows 1-9 and ragged K/N, within float32 accumulation and one bf16 rounding."""
+def test_linear_dpi8_is_its_definition_bit_for_bit_and_near_the_float64_product(with_bias) -> None:
+    """int8 weights in the VNNI panel layout over rows 1-9 and ragged K/N: the kernel computes exactly what its
+    definition (_dpi8_reference) does, and that lies within the activations' quantization (half a step of
+    max|x| / 32639 per entry, times |w|) and float32/bf16 rounding of bf16 x times the dequantized weight."""
     g = _gen(25)
     for K in KS:
         for N in NS:
             q, scale = quantize_rows(torch.randn(N, K, generator=g))
             panels = kernels.pack_dpi8(q)
-            assert panels.shape == (-(-N // 64), -(-K // 2), 64, 2) and panels.dtype == torch.int8
+            assert panels.shape == (-(-N // 64), -(-K // 4), 64, 4) and panels.dtype == torch.uint8
             w64 = q.double() * scale.double()[:, None]
             b = torch.randn(N, generator=g) if with_bias else None
             for R in ROWS:
                 x = torch.randn(R, K, generator=g).bfloat16()
+                x[0, 0] = 0.0  # (a zero entry quantizes to a zero limb pair)
                 y = kernels.linear_dpi8(x, panels, N, scale, b)
-                _check_product(y, x, w64, None if b is None else b.double(), f"R={R} K={K} N={N}")
+                what = f"R={R} K={K} N={N}"
+                torch.testing.assert_close(y, _dpi8_reference(x, q, scale, b), rtol=0, atol=0, msg=what)
+                x64 = x.double()
+                step = x64.abs().amax(dim=1, keepdim=True) / VNNI_QMAX
+                quantization = 0.5 * step * w64.abs().sum(dim=1)[None, :]
+                scale_bound = F.linear(x64.abs(), w64.abs(), None if b is None else b.abs().double())
+                ref = F.linear(x64, w64, None if b is None else b.double())
+                _assert_within(y, ref, quantization + 2e-6 * scale_bound + 1e-30, BF16_ULP, what)
 
 
-@needs_avx512_bf16
-def test_linear_dpi8_extremes_rows_alone_residual_and_errors() -> None:
-    """-128 and 127 (every int8 is a bf16) give exact products; a row's output does not depend on the other rows;
-    the residual adds the rounded output; bad inputs get clear errors."""
+@needs_avx512_vnni
+def test_linear_dpi8_rows_are_independent_of_each_other_and_of_the_tiling() -> None:
+    """Rows go two at a time, then one, through exact integer sums: every row gets its one-row bits at any row
+    count (1-71, the prefill chunk sizes included), whatever the other rows hold (scales 1e-3 to 1e3)."""
+    g = _gen(27)
+    K, N = 77, 130
+    q, scale = quantize_rows(torch.randn(N, K, generator=g))
+    panels = kernels.pack_dpi8(q)
+    x = (torch.randn(71, K, generator=g) * torch.logspace(-3, 3, 71)[:, None]).bfloat16()
+    alone = torch.cat([kernels.linear_dpi8(x[i : i + 1], panels, N, scale) for i in range(71)])
+    torch.testing.assert_close(alone, _dpi8_reference(x, q, scale, None), rtol=0, atol=0)
+    for R in (2, 3, 8, 13, 64, 71):
+        torch.testing.assert_close(kernels.linear_dpi8(x[:R], panels, N, scale), alone[:R], rtol=0, atol=0,
+                                   msg=f"R={R}")
+
+
+@needs_avx512_vnni
+def test_linear_dpi8_extremes_non_finite_rows_residual_and_errors() -> None:
+    """-128 and 127 weights at the longest K where the int32 sums cannot overflow give the definition's bits; a
+    zero row gives zeros (plus bias), a row holding Inf or NaN gives NaN without touching the other rows; the
+    residual adds the rounded output; bad inputs get clear errors."""
     g = _gen(26)
-    q = torch.randint(-128, 128, (45, 96), generator=g, dtype=torch.int8)
+    K = 4096
+    q = torch.randint(-128, 128, (45, K), generator=g, dtype=torch.int8)
     q[0], q[1] = -128, 127
     scale = torch.rand(45, generator=g) + 0.5
     panels = kernels.pack_dpi8(q)
-    x = torch.randn(9, 96, generator=g).bfloat16()
-    _check_product(kernels.linear_dpi8(x, panels, 45, scale), x, q.double() * scale.double()[:, None], None, "dpi8")
+    x = torch.randn(9, K, generator=g).bfloat16()
+    x[2] = x[2].abs()  # every limb pair at its largest with q[1]: the sums' extreme
+    x[2, 0] = 1.0e4
+    torch.testing.assert_close(kernels.linear_dpi8(x, panels, 45, scale), _dpi8_reference(x, q, scale, None),
+                               rtol=0, atol=0)
+    special = x[:4].clone()
+    special[1] = 0.0
+    special[2, 5] = float("inf")
+    special[3, 7] = float("nan")
+    b = torch.randn(45, generator=g)
+    y = kernels.linear_dpi8(special, panels, 45, scale, b)
+    torch.testing.assert_close(y[0], kernels.linear_dpi8(x[:1], panels, 45, scale, b)[0], rtol=0, atol=0)
+    torch.testing.assert_close(y[1], b.bfloat16(), rtol=0, atol=0)
+    assert y[2:].isnan().all()
     alone = torch.cat([kernels.linear_dpi8(x[i : i + 1], panels, 45, scale) for i in range(9)])
-    for R in range(2, 10):
-        torch.testing.assert_close(kernels.linear_dpi8(x[:R], panels, 45, scale), alone[:R], rtol=0, atol=0)
     res = torch.randn(9, 45, generator=g)
     got = kernels.linear_dpi8(x, panels, 45, scale, residual=res)
     assert got.dtype == torch.float32
@@ -306,12 +352,17 @@ def test_linear_dpi8_extremes_rows_alone_residual_and_errors() -> None:
         ops.linear_dpi8(x.float(), panels, 45, scale, None, None)
     with pytest.raises(RuntimeError, match="scale has 44 entries, not 45"):
         ops.linear_dpi8(x, panels, 45, scale[:44], None, None)
-    with pytest.raises(RuntimeError, match="takes int8 panels"):
+    with pytest.raises(RuntimeError, match="x has 4092 features but the panels take 4096"):
+        ops.linear_dpi8(x[:, :4092], panels, 45, scale, None, None)
+    with pytest.raises(RuntimeError, match="takes the uint8 panels of pack_dpi8"):
         ops.linear_dpi8(x, kernels.pack_dpbf16(q.bfloat16()), 45, scale, None, None)
     with pytest.raises(RuntimeError, match="takes bfloat16 panels"):
         ops.linear_dpbf16(x, panels, 45, None, None)
     with pytest.raises(ValueError, match="for int8 weights"):
         kernels.pack_dpi8(q.bfloat16())
+    wide = torch.zeros(1, 65540, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="at most 65536 input features"):
+        ops.linear_dpi8(wide, kernels.pack_dpi8(torch.zeros(1, 65540, dtype=torch.int8)), 1, scale[:1], None, None)
 
 
 def _lora_reference(x, y, pieces_list, coef, residual=None):

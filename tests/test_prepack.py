@@ -402,15 +402,15 @@ def test_bf16_dot_product_panels_give_the_plain_bf16_logits(family):
     assert set(prepack.prepack_(fp32, "dpbf16").values()) == {"plain"}
 
 
-@pytest.mark.skipif(not (kernels.available() and kernels.has_avx512_bf16()),
-                    reason="int8 dot-product panels run on AVX512-BF16 CPUs only")
+@pytest.mark.skipif(not (kernels.available() and kernels.has_avx512_vnni()),
+                    reason="int8 dot-product panels run on AVX512-VNNI CPUs only")
 @pytest.mark.parametrize("rows_s", [2.0, 0.9, 0.5])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_int8_bf16_models_decode_through_int8_dot_product_panels(family, rows_s, monkeypatch):
-    """A quantized bf16 model gets int8 dot-product panels (vdpbf16ps on each int8 widened to bf16 exactly): the
-    same products as the row-form int8 kernel (float32 sums in another order: within a few bf16 steps), for decode
-    steps and prefill chunks; one row runs them too unless the row-form kernel measures more than INT8_ROWS_SHARE
-    faster at load (forced here); greedy decoding with the cache equals the uncached path."""
+    """A quantized bf16 model gets int8 dot-product panels (vpdpbusd on the int8 weights and the activations
+    quantized to 16 bits): the row-form int8 kernel's products up to that quantization (within a few bf16 steps),
+    for decode steps and prefill chunks; one row runs them too unless the row-form kernel measures more than
+    INT8_ROWS_SHARE faster at load (forced here); greedy decoding with the cache equals the uncached path."""
     import copy
 
     from engine.quant import quantize_int8_
@@ -428,12 +428,26 @@ def test_int8_bf16_models_decode_through_int8_dot_product_panels(family, rows_s,
     want = "int8 dp panel" if one_row else f"int8 rows[1 row]+dp panel[2-{prepack.PANEL_ROWS} rows]"
     assert set(chosen.values()) == {want}, chosen
     pw = model.blocks[0].mlp.down_proj.packed
-    assert pw.kernel == "dpi8" and pw.packed.dtype == torch.int8 and pw.packed.shape[-2:] == (64, 2)
+    assert pw.kernel == "dpi8" and pw.packed.dtype == torch.uint8 and pw.packed.shape[-2:] == (64, 4)
     assert pw.serves(prepack.PANEL_ROWS) and (pw.for_rows(1) is pw) == one_row
     torch.testing.assert_close(decode_logits(model, [5, 17, 42], 6).float(),
                                decode_logits(rows_form, [5, 17, 42], 6).float(), rtol=0.02, atol=0.05)
     cfg = GenerationConfig(max_new_tokens=8, temperature=0.0)
     assert list(generate_tokens(model, [3, 9, 27], cfg)) == list(generate_uncached(model, [3, 9, 27], cfg))
+    if one_row:  # every row count on the same exact-integer sums: a row's logits alone == in a batch, bit for bit
+        prompts = ([5, 17, 42], [9, 8], [1, 2, 3, 4])
+        cache = KVCache.build(model.config, 3, 32, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            for row, prompt in enumerate(prompts):
+                model(torch.tensor([prompt]), cache=cache.rows(row, row + 1))
+            together = model(torch.tensor([[7], [8], [9]]), cache=cache)
+            for row, prompt in enumerate(prompts):
+                alone = KVCache.build(model.config, 1, 32, dtype=torch.bfloat16)
+                model(torch.tensor([prompt]), cache=alone)
+                torch.testing.assert_close(model(torch.tensor([[7 + row]]), cache=alone)[0], together[row],
+                                           rtol=0, atol=0)
+        runner = model._decode_runners[3]
+        assert {runner.meta[i + j] for i in range(0, len(runner.meta), decode.META) for j in (3, 5, 7, 9)} == {4}
 
 
 def _advised_for_huge_pages(address: int) -> bool:

@@ -47,6 +47,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <numeric>
 #include <optional>
@@ -573,23 +574,15 @@ bool cpu_has_avx512_bf16() {
   return has;
 }
 
-// 32 weights of a panel's pair step as bf16: stored bf16 as they are; int8 (engine.quant's copy, scaled in the
-// epilogue) converted exactly (every int8 is a bf16: 8 significant bits), 16 at a time through float32
+// 32 weights of a panel's pair step
 SCRATCHCHAT_AVX512 inline __m512bh dp_load(const bf16* p) { return (__m512bh)_mm512_loadu_si512(p); }
-
-SCRATCHCHAT_AVX512 inline __m512bh dp_load(const int8_t* p) {
-  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
-  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
-  return _mm512_cvtne2ps_pbh(hi, lo);
-}
 
 constexpr int64_t DP_PANELS = 4;  // panels of 16 features per group (engine.kernels.DP_GROUP = 64 features)
 
 // rows NR (stride ldx) times one group's four panels over k pairs [k0, k1), into out[(i * 4 + j) * 16 ...]: from
 // zero when first, else going on from the sums out holds (a chain over k stays in order however it is cut)
-template <typename WT, int NR, size_t... I>
-SCRATCHCHAT_AVX512 inline void dp_tile_impl(const bf16* x, int64_t ldx, int64_t k0, int64_t k1, const WT* wg,
+template <int NR, size_t... I>
+SCRATCHCHAT_AVX512 inline void dp_tile_impl(const bf16* x, int64_t ldx, int64_t k0, int64_t k1, const bf16* wg,
                                             float* out, bool first, std::index_sequence<I...>) {
   constexpr int NP = DP_PANELS;
   __m512 acc[sizeof...(I)];
@@ -612,17 +605,16 @@ SCRATCHCHAT_AVX512 inline void dp_tile_impl(const bf16* x, int64_t ldx, int64_t 
 // set's pass over a chunk before the next chunk: the later passes read the chunk from L1. (Set after set over the
 // whole group, each pass streams the group's weights anew, and at 8 rows the reads no longer hide under the
 // arithmetic: 8 rows cost 1.75x one row. Chunked, 6-10% less at 8 rows; 64 k pairs a chunk, or 16-row sets, lose.)
-// int8 weights are converted to bf16 once a chunk, not once a set.
 constexpr int64_t DP_KCHUNK = 16;
 constexpr int64_t DP_MAX_SETS = 16;  // 64 rows: the sets' sums (16 KB) on the stack
 
 // rows NR at a time (then one) against group g
-template <typename WT, int NR>
-SCRATCHCHAT_AVX512 void dp_block(const bf16* x, int64_t R, int64_t ldx, int64_t K2, const WT* wp, int64_t g,
+template <int NR>
+SCRATCHCHAT_AVX512 void dp_block(const bf16* x, int64_t R, int64_t ldx, int64_t K2, const bf16* wp, int64_t g,
                                  int64_t N, const Epilogue& ep, float* y) {
   constexpr int NP = DP_PANELS;
   alignas(64) float acc[NR * NP * 16];
-  const WT* w = wp + g * K2 * NP * 32;
+  const bf16* w = wp + g * K2 * NP * 32;
   auto put = [&](const float* sums, int64_t r, int rows) {
     for (int i = 0; i < rows; ++i)
       for (int j = 0; j < NP; ++j)
@@ -634,104 +626,244 @@ SCRATCHCHAT_AVX512 void dp_block(const bf16* x, int64_t R, int64_t ldx, int64_t 
     const int64_t sets = std::min(R / NR, DP_MAX_SETS);
     if (sets >= 2) {
       alignas(64) float sums[DP_MAX_SETS][NR * NP * 16];
-      alignas(64) bf16 chunk[DP_KCHUNK * NP * 32];  // int8 weights: the chunk converted once for every set
       for (int64_t k0 = 0; k0 < K2; k0 += DP_KCHUNK) {
         const int64_t n = std::min(K2 - k0, DP_KCHUNK);
-        const bf16* wc;
-        if constexpr (std::is_same_v<WT, bf16>) {
-          wc = w + k0 * NP * 32;
-        } else {
-          for (int64_t i = 0; i < n * NP; ++i)
-            _mm512_store_si512(chunk + i * 32, (__m512i)dp_load(w + (k0 * NP + i) * 32));
-          wc = chunk;
-        }
         for (int64_t s = 0; s < sets; ++s)
-          dp_tile_impl<bf16, NR>(x + s * NR * ldx + 2 * k0, ldx, 0, n, wc, sums[s], k0 == 0,
-                                 std::make_index_sequence<NR * NP>{});
+          dp_tile_impl<NR>(x + s * NR * ldx + 2 * k0, ldx, 0, n, w + k0 * NP * 32, sums[s], k0 == 0,
+                           std::make_index_sequence<NR * NP>{});
       }
       for (int64_t s = 0; s < sets; ++s) put(sums[s], s * NR, NR);
       r = sets * NR;
     }
   }
   for (; r + NR <= R; r += NR) {
-    dp_tile_impl<WT, NR>(x + r * ldx, ldx, 0, K2, w, acc, true, std::make_index_sequence<NR * NP>{});
+    dp_tile_impl<NR>(x + r * ldx, ldx, 0, K2, w, acc, true, std::make_index_sequence<NR * NP>{});
     put(acc, r, NR);
   }
   for (; r < R; ++r) {
-    dp_tile_impl<WT, 1>(x + r * ldx, ldx, 0, K2, w, acc, true, std::make_index_sequence<NP>{});
+    dp_tile_impl<1>(x + r * ldx, ldx, 0, K2, w, acc, true, std::make_index_sequence<NP>{});
     put(acc, r, 1);
   }
 }
 
-template <typename WT, int NR>
-SCRATCHCHAT_AVX512 void run_dp_with(const bf16* x, int64_t R, int64_t ldx, int64_t K2, const WT* wp, int64_t N,
+template <int NR>
+SCRATCHCHAT_AVX512 void run_dp_with(const bf16* x, int64_t R, int64_t ldx, int64_t K2, const bf16* wp, int64_t N,
                                     const Epilogue& ep, float* y) {
   const int64_t groups = (N + 63) / 64;
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, DP_PANELS * 64 * K2));
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) dp_block<WT, NR>(x, R, ldx, K2, wp, g, N, ep, y);
+    for (int64_t g = g0; g < g1; ++g) dp_block<NR>(x, R, ldx, K2, wp, g, N, ep, y);
     ep.finish(y, g0 * 64, std::min(N, g1 * 64));
   });
 }
 
 // 1 row: 1 x 4 panels (one group); 2-3 rows: 2 x 4; 4 or more: 4 x 4 (16 of the 32 zmm registers)
-template <typename WT>
-void run_dp(const bf16* x, int64_t R, int64_t ldx, int64_t K2, const WT* wp, int64_t N, const Epilogue& ep,
+void run_dp(const bf16* x, int64_t R, int64_t ldx, int64_t K2, const bf16* wp, int64_t N, const Epilogue& ep,
             float* y) {
   if (R == 1)
-    run_dp_with<WT, 1>(x, R, ldx, K2, wp, N, ep, y);
+    run_dp_with<1>(x, R, ldx, K2, wp, N, ep, y);
   else if (R < 4)
-    run_dp_with<WT, 2>(x, R, ldx, K2, wp, N, ep, y);
+    run_dp_with<2>(x, R, ldx, K2, wp, N, ep, y);
   else
-    run_dp_with<WT, 4>(x, R, ldx, K2, wp, N, ep, y);
+    run_dp_with<4>(x, R, ldx, K2, wp, N, ep, y);
 }
 
-// x @ w.T through dot-product panel groups (G, K2, 64, 2) of bf16 or, with their per-feature scale, int8 weights
-at::Tensor linear_dp(const char* op, const at::Tensor& x, const at::Tensor& wp, int64_t N,
-                     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
-                     const std::optional<at::Tensor>& residual, const Tail* tail, const Reuse* reuse) {
-  TORCH_CHECK(cpu_has_avx512_bf16(), op, " needs a CPU with AVX512-BF16");
+// x (R, K) bf16 and the checks every dot-product panel product makes of it and of the (G, Kp, 64, p) panels
+void check_dp(const char* op, const at::Tensor& x, const at::Tensor& wp, int64_t N, int64_t per,
+              const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && wp.device().is_cpu(), "scratchchat kernels run on the CPU");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x must be a bfloat16 (R, K) tensor");
-  TORCH_CHECK(wp.dim() == 4 && wp.size(2) == 64 && wp.size(3) == 2 && wp.is_contiguous(),
-              "the panels must be a contiguous (G, K2, 64, 2) tensor");
+  TORCH_CHECK(wp.dim() == 4 && wp.size(2) == 64 && wp.size(3) == per && wp.is_contiguous(),
+              "the panels must be a contiguous (G, K", per, ", 64, ", per, ") tensor");
   TORCH_CHECK(N > 0 && (N + 63) / 64 == wp.size(0), N, " output features do not fill ", wp.size(0),
               " panel groups of 64");
-  const int64_t R = x.size(0), K = x.size(1), K2 = wp.size(1);
-  TORCH_CHECK((K + 1) / 2 == K2, "x has ", K, " features but the panels take ", 2 * K2);
+  TORCH_CHECK((x.size(1) + per - 1) / per == wp.size(1), "x has ", x.size(1), " features but the panels take ",
+              per * wp.size(1));
   if (bias) TORCH_CHECK(bias->numel() == N, "bias has ", bias->numel(), " entries, not ", N);
+}
+
+// x @ w.T through the dot-product panel groups (G, K2, 64, 2) of a bf16 weight
+at::Tensor linear_dpbf16(const at::Tensor& x, const at::Tensor& wp, int64_t N, const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& residual, const Tail* tail, const Reuse* reuse = nullptr) {
+  TORCH_CHECK(cpu_has_avx512_bf16(), "linear_dpbf16 needs a CPU with AVX512-BF16");
+  TORCH_CHECK(wp.scalar_type() == at::kBFloat16, "linear_dpbf16 takes bfloat16 panels, not ", wp.scalar_type());
+  check_dp("linear_dpbf16", x, wp, N, 2, bias);
+  const int64_t R = x.size(0), K = x.size(1), K2 = wp.size(1);
   at::Tensor xe = x.contiguous();
   if (K % 2) xe = at::constant_pad_nd(xe, {0, 1});  // an odd K: a zero pairs with the panels' zero
   Output out(x, N, bias, residual, tail, reuse);
-  at::Tensor sf;
-  if (scale) {
-    TORCH_CHECK(scale->numel() == N, "scale has ", scale->numel(), " entries, not ", N);
-    sf = as_float(*scale);
-    out.ep.scale = sf.data_ptr<float>();
-  }
-  if (wp.scalar_type() == at::kBFloat16) {
-    TORCH_CHECK(!scale, "bf16 panels take no scale");
-    run_dp(xe.data_ptr<bf16>(), R, 2 * K2, K2, wp.data_ptr<bf16>(), N, out.ep, out.y.data_ptr<float>());
-  } else {
-    TORCH_CHECK(wp.scalar_type() == at::kChar && scale, "dot-product panels are bfloat16, or int8 with their scale");
-    run_dp(xe.data_ptr<bf16>(), R, 2 * K2, K2, wp.data_ptr<int8_t>(), N, out.ep, out.y.data_ptr<float>());
-  }
+  run_dp(xe.data_ptr<bf16>(), R, 2 * K2, K2, wp.data_ptr<bf16>(), N, out.ep, out.y.data_ptr<float>());
   return out.result(x);
 }
 
-at::Tensor linear_dpbf16(const at::Tensor& x, const at::Tensor& wp, int64_t N, const std::optional<at::Tensor>& bias,
-                         const std::optional<at::Tensor>& residual, const Tail* tail, const Reuse* reuse = nullptr) {
-  TORCH_CHECK(wp.scalar_type() == at::kBFloat16, "linear_dpbf16 takes bfloat16 panels, not ", wp.scalar_type());
-  return linear_dp("linear_dpbf16", x, wp, N, std::nullopt, bias, residual, tail, reuse);
+// ---- int8 weights: VNNI dot-product panels ----
+//
+// `vpdpbusd` multiplies four unsigned bytes by four signed bytes and adds the four products to an int32 lane: 64
+// multiply-adds per instruction on integers as stored, where widening each int8 weight to bf16 for `vdpbf16ps` took
+// five instructions per 32 (compute-bound at ~30 GB/s of weights on two Zen4 threads; this runs SmolLM2's shapes
+// 1.8-2.5x as fast from cache). The weight (engine.quant's int8 copy, per-feature scale) is packed (G, K4, 64, 4): group
+// g holds output features 64g..64g+63, and for each quad of k the four weights of every feature side by side, stored
+// as unsigned bytes w + 128, so one 64-byte load feeds 16 features of one vpdpbusd and a group is one sequential
+// stream. Each row of x is quantized to 16-bit integers, q = round(x * 32639 / max|x|), and split into two signed
+// byte limbs, q = 256 hi + lo (lo in [-128, 127], hi in [-128, 127]), broadcast four k at a time:
+//
+//   sum_k w q = 256 sum_k (w + 128) hi + sum_k (w + 128) lo - 128 sum_k q
+//
+// Every term is an exact integer (the int32 sums stay below 2^31 for K up to 65536), so the only rounding is the
+// activations' quantization (at most max|x| / 65278 per entry, about bf16's own rounding at max|x| / 128) and the
+// float32 scaling at the end: a row's outputs do not depend on the other rows, the tiling or the thread count
+// (batched == single, bit for bit).
+#define SCRATCHCHAT_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+bool cpu_has_avx512_vnni() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vnni");
+  return has;
 }
 
-// int8 weights (engine.quant's, per-feature scale) in the dot-product panel layout, each converted to bf16 exactly
-// in registers: bf16 x times the int8 weight, float32 sums, then the scale (as linear_i8 and the int8 panels)
+constexpr float VNNI_QMAX = 32639.0f;  // 127 * 256 + 127: the largest q whose limbs are both signed bytes
+constexpr int64_t VNNI_MAX_K = 65536;  // 255 * 128 * K4 * 4 < 2^31
+
+// The rows of x quantized (see above): limbs hi and lo (R, K4 * 4) with zeros past K, each row's step
+// max|x| / VNNI_QMAX (NaN where the row holds an Inf or NaN, so that its outputs are NaN) and sum of q.
+struct Limbs {
+  std::vector<int8_t> hi, lo;
+  std::vector<float> step;
+  std::vector<int64_t> sum;
+  int64_t ld = 0;
+};
+
+// 16 bf16 (those of mask m) as float32 bit patterns
+SCRATCHCHAT_VNNI inline __m512i widen16(const uint16_t* p, __mmask16 m) {
+  return _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16);
+}
+
+SCRATCHCHAT_VNNI void quantize_limbs(const bf16* x, int64_t R, int64_t K, int64_t K4, Limbs& l) {
+  l.ld = K4 * 4;
+  l.hi.assign(R * l.ld, 0);
+  l.lo.assign(R * l.ld, 0);
+  l.step.resize(R);
+  l.sum.resize(R);
+  for (int64_t r = 0; r < R; ++r) {
+    const uint16_t* xr = reinterpret_cast<const uint16_t*>(x + r * K);
+    __m512i top = _mm512_setzero_si512();  // |x| bit patterns: their integer max is the float max (NaN above Inf)
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 m = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
+      top = _mm512_max_epu32(top, _mm512_and_si512(widen16(xr + k, m), _mm512_set1_epi32(0x7FFFFFFF)));
+    }
+    uint32_t bits = _mm512_reduce_max_epu32(top);
+    float mx;
+    std::memcpy(&mx, &bits, 4);
+    int8_t* hi = l.hi.data() + r * l.ld;
+    int8_t* lo = l.lo.data() + r * l.ld;
+    if (!std::isfinite(mx) || mx == 0.0f) {  // zeros stay zero; an Inf or NaN makes the row's outputs NaN
+      l.step[r] = mx == 0.0f ? 0.0f : std::numeric_limits<float>::quiet_NaN();
+      l.sum[r] = 0;
+      continue;
+    }
+    l.step[r] = mx / VNNI_QMAX;
+    const __m512 inv = _mm512_set1_ps(VNNI_QMAX / mx);
+    __m512i total = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 m = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
+      const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_castsi512_ps(widen16(xr + k, m)), inv));  // nearest even
+      const __m512i low = _mm512_srai_epi32(_mm512_slli_epi32(q, 24), 24);  // the signed low byte
+      const __m512i high = _mm512_srai_epi32(_mm512_sub_epi32(q, low), 8);
+      _mm_mask_storeu_epi8(lo + k, m, _mm512_cvtepi32_epi8(low));
+      _mm_mask_storeu_epi8(hi + k, m, _mm512_cvtepi32_epi8(high));
+      total = _mm512_add_epi32(total, q);  // |q| <= 32639: no overflow for K <= 65536
+    }
+    l.sum[r] = _mm512_reduce_add_epi32(total);
+  }
+}
+
+// rows NR (limbs hi, lo with stride ld) times one group's four panels: the int32 sums of both limbs, hi's at
+// out[(i * 8 + j) * 16], lo's at out[(i * 8 + 4 + j) * 16]
+template <int NR>
+SCRATCHCHAT_VNNI inline void vnni_tile(const int8_t* hi, const int8_t* lo, int64_t ld, int64_t K4, const uint8_t* wg,
+                                       int32_t* out) {
+  constexpr int NP = DP_PANELS;
+  __m512i ah[NR][NP], al[NR][NP];
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < NP; ++j) ah[i][j] = al[i][j] = _mm512_setzero_si512();
+  for (int64_t kk = 0; kk < K4; ++kk) {
+    __m512i w[NP];
+    for (int j = 0; j < NP; ++j) w[j] = _mm512_loadu_si512(wg + (kk * NP + j) * 64);
+    for (int i = 0; i < NR; ++i) {
+      int32_t h, l;
+      std::memcpy(&h, hi + i * ld + 4 * kk, 4);
+      std::memcpy(&l, lo + i * ld + 4 * kk, 4);
+      const __m512i bh = _mm512_set1_epi32(h), bl = _mm512_set1_epi32(l);
+      for (int j = 0; j < NP; ++j) {
+        ah[i][j] = _mm512_dpbusd_epi32(ah[i][j], w[j], bh);
+        al[i][j] = _mm512_dpbusd_epi32(al[i][j], w[j], bl);
+      }
+    }
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < NP; ++j) {
+      _mm512_storeu_si512(out + (i * 2 * NP + j) * 16, ah[i][j]);
+      _mm512_storeu_si512(out + (i * 2 * NP + NP + j) * 16, al[i][j]);
+    }
+}
+
+// rows two at a time (16 accumulators), then one, against group g; each row's sums put together exactly and scaled
+template <int NR>
+SCRATCHCHAT_VNNI void vnni_rows(const Limbs& l, int64_t r, const uint8_t* w, int64_t K4, int64_t g, int64_t N,
+                                const Epilogue& ep, float* y) {
+  constexpr int NP = DP_PANELS;
+  alignas(64) int32_t sums[NR * 2 * NP * 16];
+  alignas(64) float v[NP * 16];
+  vnni_tile<NR>(l.hi.data() + r * l.ld, l.lo.data() + r * l.ld, l.ld, K4, w, sums);
+  for (int i = 0; i < NR; ++i) {
+    const int32_t* s = sums + i * 2 * NP * 16;
+    // 256 hi + lo - 128 sum q in float64, exact (below 2^40), rounded once to float32, then the row's step
+    const __m512d offset = _mm512_set1_pd(static_cast<double>(128 * l.sum[r + i]));
+    const __m256 step = _mm256_set1_ps(l.step[r + i]);
+    for (int c = 0; c < NP * 16; c += 8) {
+      const __m512d h = _mm512_cvtepi32_pd(_mm256_load_si256(reinterpret_cast<const __m256i*>(s + c)));
+      const __m512d lo = _mm512_cvtepi32_pd(_mm256_load_si256(reinterpret_cast<const __m256i*>(s + NP * 16 + c)));
+      const __m512d exact = _mm512_sub_pd(_mm512_add_pd(_mm512_mul_pd(h, _mm512_set1_pd(256.0)), lo), offset);
+      _mm256_store_ps(v + c, _mm256_mul_ps(_mm512_cvtpd_ps(exact), step));
+    }
+    for (int c = 0; c < NP * 16; c += 8) panel_store(v + c, r + i, g * NP * 16 + c, N, ep, y);
+  }
+}
+
+SCRATCHCHAT_VNNI void run_vnni(const Limbs& l, int64_t R, const uint8_t* wp, int64_t K4, int64_t N,
+                               const Epilogue& ep, float* y) {
+  const int64_t groups = (N + 63) / 64;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, DP_PANELS * 64 * K4));
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const uint8_t* w = wp + g * K4 * DP_PANELS * 64;
+      int64_t r = 0;
+      for (; r + 2 <= R; r += 2) vnni_rows<2>(l, r, w, K4, g, N, ep, y);
+      if (r < R) vnni_rows<1>(l, r, w, K4, g, N, ep, y);
+    }
+    ep.finish(y, g0 * 64, std::min(N, g1 * 64));
+  });
+}
+
+// (x @ q.T) * scale (+ bias) for bf16 x through the VNNI panels (G, K4, 64, 4) of an int8 weight q (see above)
 at::Tensor linear_dpi8(const at::Tensor& x, const at::Tensor& wp, int64_t N, const at::Tensor& scale,
                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
                        const Tail* tail, const Reuse* reuse = nullptr) {
-  TORCH_CHECK(wp.scalar_type() == at::kChar, "linear_dpi8 takes int8 panels, not ", wp.scalar_type());
-  return linear_dp("linear_dpi8", x, wp, N, scale, bias, residual, tail, reuse);
+  TORCH_CHECK(cpu_has_avx512_vnni(), "linear_dpi8 needs a CPU with AVX512-VNNI");
+  TORCH_CHECK(wp.scalar_type() == at::kByte, "linear_dpi8 takes the uint8 panels of pack_dpi8, not ",
+              wp.scalar_type());
+  check_dp("linear_dpi8", x, wp, N, 4, bias);
+  TORCH_CHECK(scale.numel() == N, "scale has ", scale.numel(), " entries, not ", N);
+  const int64_t R = x.size(0), K = x.size(1), K4 = wp.size(1);
+  TORCH_CHECK(K <= VNNI_MAX_K, "linear_dpi8 takes at most ", VNNI_MAX_K, " input features, not ", K);
+  const at::Tensor xc = x.contiguous();
+  thread_local Limbs limbs;  // reused: a decode step quantizes ~120 rows
+  quantize_limbs(xc.data_ptr<bf16>(), R, K, K4, limbs);
+  Output out(x, N, bias, residual, tail, reuse);
+  const at::Tensor sf = as_float(scale);
+  out.ep.scale = sf.data_ptr<float>();
+  run_vnni(limbs, R, wp.data_ptr<uint8_t>(), K4, N, out.ep, out.y.data_ptr<float>());
+  return out.result(x);
 }
 
 // ---- the small steps of a decode layer ----
@@ -2261,8 +2393,8 @@ at::Tensor lora(const at::Tensor& x, const at::Tensor& y, const std::vector<at::
 // loop computes): at batch 1 the ~8 Python-side op calls per layer cost ~2 ms of a ~20 ms step. Per layer,
 // LAYER_SLOTS tensors and LAYER_META ints (see engine/decode.py's DecodeRunner._fused for the layout): two norms
 // (RMSNorm weight, or LayerNorm float32 weight + bias with the output dtype in meta), four products (each our
-// row-form kernel on a float32/bf16 weight, our panel kernel, our int8 kernel, or our bf16 dot-product panels;
-// optional bias and scale), the
+// row-form kernel on a float32/bf16 weight, our panel kernel, our int8 kernel, our bf16 dot-product panels, or our
+// int8 VNNI panels; optional bias and scale), the
 // MLP kind, and, with ``coef`` (a batch's per-row LoRA coefficients), each product's low-rank pieces for the lora op.
 
 constexpr int64_t LAYER_SLOTS = 32, LAYER_META = 12;
@@ -2480,6 +2612,7 @@ TORCH_LIBRARY(scratchchat, m) {
   m.def("copy_positions(Tensor(a!)[] dst, int dst_row, Tensor[] src, int src_row, int n) -> ()");
   m.def("linear_dpi8(Tensor x, Tensor panels, int n, Tensor scale, Tensor? bias=None, Tensor? residual=None) -> Tensor");
   m.def("has_avx512_bf16() -> bool", []() { return cpu_has_avx512_bf16(); });
+  m.def("has_avx512_vnni() -> bool", []() { return cpu_has_avx512_vnni(); });
   m.def("prefix_attention(Tensor q, Tensor k, Tensor v, Tensor positions) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("layer_norm(Tensor x, Tensor weight, Tensor? bias, float eps) -> Tensor");
