@@ -365,6 +365,35 @@ def test_linear_dpi8_extremes_non_finite_rows_residual_and_errors() -> None:
         ops.linear_dpi8(wide, kernels.pack_dpi8(torch.zeros(1, 65540, dtype=torch.int8)), 1, scale[:1], None, None)
 
 
+@needs_avx512_vnni
+@pytest.mark.parametrize("R", [1, 3, 8])
+def test_dot_product_panels_give_the_same_bits_on_any_thread_count(R) -> None:
+    """Every output is one chain on one thread whichever thread takes its group (SmolLM2's 576 features: nine
+    groups, 5 and 4 on two threads, 3 each on three): 1, 2 and 3 threads give the same bits, for bf16 and int8
+    panels, with a bias and a residual."""
+    g = _gen(28)
+    K, N = 576, 576
+    w = torch.randn(N, K, generator=g)
+    q, scale = quantize_rows(w)
+    bf, i8 = kernels.pack_dpbf16(w.bfloat16()), kernels.pack_dpi8(q)
+    b = torch.randn(N, generator=g)
+    x = torch.randn(R, K, generator=g).bfloat16()
+    res = torch.randn(R, N, generator=g)
+    threads = torch.get_num_threads()
+    got = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            got.append((kernels.linear_dpbf16(x, bf, N, b), kernels.linear_dpi8(x, i8, N, scale, b, residual=res)))
+    finally:
+        torch.set_num_threads(threads)
+    for bf_y, i8_y in got[1:]:
+        torch.testing.assert_close(bf_y, got[0][0], rtol=0, atol=0)
+        torch.testing.assert_close(i8_y, got[0][1], rtol=0, atol=0)
+    _check_product(got[1][0], x, w.bfloat16().double(), b.double(), "dpbf16")
+    torch.testing.assert_close(got[1][1], res + _dpi8_reference(x, q, scale, b).float(), rtol=0, atol=0)
+
+
 def _lora_reference(x, y, pieces_list, coef, residual=None):
     """float64: y + sum over each row's pieces of coef * B^T-form products; pieces_list holds (A (r, in), Bt (r, n),
     out offset, contribution)."""
