@@ -353,18 +353,18 @@ class DecodeRunner:
         if lora is not None:
             return self._adapted(x, cache, plan, lora)
         keys, values = cache.keys, cache.values
-        attend, silu_mul, gelu = ops.decode_attention, ops.silu_mul, F.gelu
+        attend, silu_mul, gelu = ops.decode_attention, ops.silu_mul, ops.gelu_tanh
         for i, heads, norm1, qkv, o, norm2, up, down, swiglu in self.layers:
             y = attend(qkv(norm1(x)), keys[i], values[i], pos, cos, sin, heads)
             x = o(y, x)  # x + o_proj(y)
             h = up(norm2(x))
-            x = down(silu_mul(h) if swiglu else gelu(h, approximate="tanh"), x)
+            x = down(silu_mul(h) if swiglu else gelu(h), x)  # (engine.model.gelu_tanh at inference)
         return x
 
     def _adapted(self, x: torch.Tensor, cache: object, plan: object, lora: object) -> torch.Tensor:
         pos, (cos, sin) = plan.decode_positions, plan.decode_tables
         keys, values = cache.keys, cache.values
-        attend, silu_mul, gelu, delta = ops.decode_attention, ops.silu_mul, F.gelu, lora.decode
+        attend, silu_mul, gelu, delta = ops.decode_attention, ops.silu_mul, ops.gelu_tanh, lora.decode
         for (i, heads, norm1, qkv, o, norm2, up, down, swiglu), (qkv_sizes, gu_sizes) in zip(self.layers, self.sizes,
                                                                                           strict=True):
             h = norm1(x)
@@ -374,7 +374,7 @@ class DecodeRunner:
             if swiglu:
                 a = silu_mul(delta(i, "gate_up", h, up(h), sizes=gu_sizes))
             else:
-                a = gelu(delta(i, "up_proj", h, up(h)), approximate="tanh")
+                a = gelu(delta(i, "up_proj", h, up(h)))
             x = delta(i, "down_proj", a, down(a), x)
         return x
 

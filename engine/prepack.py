@@ -80,12 +80,13 @@ PREFILL_SHARE = 1.10
 # still picked ``scratch`` at 25% (gate_up, down_proj, the head) decoded SmolLM2 10% slower (median of 12 paired
 # runs, 25-34% in fast spells).
 SAME_KERNEL_SHARE = 1.25
-# Int8 dot-product panels take one row too unless the row-form int8 kernel measures more than this much faster: on
-# the Zen4 EPYC they ran GPT-2's and SmolLM2's shapes as fast as the row-form kernel from cache and 0-25% faster
-# from memory (down_proj 41 vs 52 us), and GPT-2 int8 decoded at 166 tok/s with them for one row against 146 with
-# the row-form kernel (median of 16 paired rounds, 1.03-1.26x each), yet a bench load's short measurement had put
-# three kinds on the row-form kernel; on the Zen5 EPYC the row-form kernel was 1.2x as fast (session 11) and keeps
-# one row there.
+# Int8 dot-product panels take one row too unless the row-form int8 kernel measures more than this much faster. With
+# AVX512-VNNI (vpdpbusd on the int8 weights as stored, activations quantized to 16 bits) they ran SmolLM2's shapes
+# 1.8-2.5x as fast as the earlier int8-to-bf16 panels from cache, and SmolLM2 int8 decoded at 185 tok/s with them
+# for one row against 158 with the row-form kernel (median of 8 paired rounds on the Zen4 EPYC, 1.02-1.46x each).
+# The margin keeps a short load-time measurement that straddles a swing of the VM's bandwidth from choosing the
+# row-form kernel (it had put three GPT-2 kinds on it with the earlier panels); a CPU where it is clearly faster
+# (the Zen5 EPYC was 1.2x with the earlier panels, session 11) keeps one row on it.
 INT8_ROWS_SHARE = 1.15
 
 
@@ -296,14 +297,12 @@ def choose(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None
 
 def _pack_int8(targets: list[Target], mode: str) -> tuple[str, bool]:
     """Give one kind's int8 copies (engine.quant) a packed copy for decode steps and prefill chunks up to
-    :data:`PANEL_ROWS` rows: int8 dot-product panels (:func:`engine.kernels.pack_dpi8`) where the CPU has
-    AVX512-BF16 and the activations are bf16, else int8 panels (a quarter of the float copy's bytes either way).
-    Batches and chunks always run the copy (on a 2-core Zen5 EPYC the int8 dot-product panels ran SmolLM2's shapes
-    2x as fast as the int8 panels at 4-64 rows; on the AVX2 EPYC the panels ran 1.3-1.9x the row-form kernel at 2-8);
-    one row runs it unless the row-form int8 kernel on the copy of engine.quant measures faster here, the int8
-    panels by any margin, the dot-product panels by more than :data:`INT8_ROWS_SHARE` (on the AVX2 EPYC they were
-    even; on the Zen5 EPYC the row-form kernel was 1.2x the dot-product panels and 1.7x the panels). Returns (the
-    copy's label, whether it serves one row too)."""
+    :data:`PANEL_ROWS` rows: int8 dot-product panels (:func:`engine.kernels.pack_dpi8`, ``vpdpbusd``) where the CPU
+    has AVX512-VNNI and the activations are bf16, else int8 panels (a quarter of the float copy's bytes either way).
+    Batches and chunks always run the copy (on the AVX2 EPYC the panels ran 1.3-1.9x the row-form kernel at 2-8
+    rows); one row runs it unless the row-form int8 kernel on the copy of engine.quant measures faster here, than the
+    int8 panels by any margin, than the dot-product panels by more than :data:`INT8_ROWS_SHARE`. Returns (the copy's
+    label, whether it serves one row too)."""
     dp = mode != "panel" and kernels.has_avx512_vnni() and all(t.weight.dtype == torch.bfloat16 for t in targets)
     name = "dpi8" if dp else "panel"
     pws = [PackedWeight(name, (kernels.pack_dpi8 if dp else kernels.pack_panels)(t.int8[0]), t.int8[0],

@@ -778,6 +778,57 @@ def test_silu_mul_saturates_cleanly_for_large_inputs() -> None:
     torch.testing.assert_close(y, F.silu(gate_up[:, :5]) * gate_up[:, 5:], rtol=1e-6, atol=1e-6)
 
 
+def _gelu_tanh64(x: torch.Tensor) -> torch.Tensor:
+    """0.5 x (1 + tanh(u)) in float64 as x sigmoid(2u), the same number (1 + tanh(u) = 2 sigmoid(2u)) without the
+    cancellation that makes 1 + tanh(u) exactly 0 in float64 below x ~ -6."""
+    x = x.double()
+    u = math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)
+    return x * torch.sigmoid(2 * u)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 3072), (3, 1, 64), (2, 13), (1,)])
+def test_gelu_tanh_matches_the_float64_formula(dtype, shape) -> None:
+    """GPT-2's GELU (tanh form) against float64, tails of every length, values far into both saturations (x / (1 +
+    exp(-2u)) keeps the negative side's tiny outputs accurate where 1 + tanh(u) cancels), in x's dtype."""
+    g = _gen(9)
+    x = (4 * torch.randn(*shape, generator=g)).to(dtype)
+    x.view(-1)[:1] = -12.0
+    y = ops.gelu_tanh(x)
+    assert y.dtype == dtype and y.shape == x.shape
+    # float32 rounds exp's argument -2u to ~1 ulp: a relative error of ~|2u| 2^-24 in the result (the formula's own
+    # conditioning; 20-50 ulps at x ~ -8), then a few ulps; bf16 one rounding more
+    ref, two_u = _gelu_tanh64(x), (2 * math.sqrt(2 / math.pi) * (x.double() + 0.044715 * x.double() ** 3)).abs()
+    rounding = 4e-7 if dtype == torch.float32 else BF16_ULP
+    _assert_within(y, ref, 1e-30 + (2.4e-7 * two_u + rounding) * ref.abs(), 0.0, "gelu_tanh")
+    far = torch.tensor([-100.0, -30.0, -9.0, -3.0, 0.0, 3.0, 30.0, 1e30], dtype=dtype)
+    _assert_within(ops.gelu_tanh(far), _gelu_tanh64(far), 1e-30, BF16_ULP, "saturation")
+    special = ops.gelu_tanh(torch.tensor([float("inf"), float("nan")], dtype=dtype))
+    assert special[0] == float("inf") and special[1].isnan()
+    with pytest.raises(RuntimeError, match="gelu_tanh takes float32 or bfloat16"):
+        ops.gelu_tanh(torch.ones(3, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gelu_tanh_vector_body_and_scalar_tail_agree_and_the_module_runs_the_op(dtype) -> None:
+    """Elements 0-7 take the 8-wide body, 8-14 the scalar tail: the same values give the same bits; at inference
+    engine.model.gelu_tanh is the op (what decode steps run), in training torch's GELU with its gradient."""
+    from engine.model import gelu_tanh
+
+    g = _gen(10)
+    vals = 3 * torch.randn(2, 7, generator=g)
+    x = torch.cat([vals, torch.zeros(2, 1), vals], dim=1).to(dtype)
+    y = ops.gelu_tanh(x)
+    assert torch.equal(y[:, :7], y[:, 8:])
+    with torch.no_grad():
+        assert torch.equal(gelu_tanh(x), y)
+    t = x.float().requires_grad_()
+    out = gelu_tanh(t)
+    torch.testing.assert_close(out, F.gelu(t, approximate="tanh"), rtol=0, atol=0)
+    out.sum().backward()
+    assert t.grad is not None and t.grad.abs().sum() > 0
+
+
 def test_clear_errors_for_bad_inputs() -> None:
     x = torch.randn(2, 13)
     with pytest.raises(RuntimeError, match="x has 13 features but the weight takes 14"):
