@@ -356,18 +356,26 @@ def test_adapted_rows_equal_the_modules_exactly(cfg, dtype, pack, tmp_path, monk
         torch.testing.assert_close(got[3], got[0], rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not (kernels.available() and kernels.has_avx512_bf16()),
-                    reason="bf16 dot-product panels run on AVX512-BF16 CPUs only")
+@pytest.mark.skipif(not (kernels.available() and kernels.has_avx512_bf16() and kernels.has_avx512_vnni()),
+                    reason="dot-product panels run on AVX512-BF16 (bf16) and AVX512-VNNI (int8) CPUs only")
+@pytest.mark.parametrize("quant", ["none", "int8"])
 @pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama", "gpt2"])
-def test_bf16_dot_product_panels_in_one_op_equal_the_python_loop_and_the_modules(cfg, monkeypatch):
-    """bf16 weights packed for vdpbf16ps (kind 3 of decode_blocks): the one-op step, the Python loop and the
-    modules run the same kernel on every projection, so they agree bit for bit at one row and at three."""
+def test_dot_product_panels_in_one_op_equal_the_python_loop_and_the_modules(cfg, quant, monkeypatch):
+    """bf16 weights packed for vdpbf16ps (kind 3 of decode_blocks), or int8 ones for vpdpbusd (kind 4): the one-op
+    step, the Python loop and the modules run the same kernel on every projection, so they agree bit for bit at
+    one row and at three."""
     model = frozen(cfg, torch.bfloat16)
+    if quant == "int8":
+        quantize_int8_(model)
     chosen = prepack.prepack_(model, "dpbf16")
-    assert set(chosen.values()) == {f"dpbf16[1-{prepack._prefill_rows('dpbf16')} rows]"}
+    want = "int8 dp panel" if quant == "int8" else f"dpbf16[1-{prepack._prefill_rows('dpbf16')} rows]"
+    assert set(chosen.values()) == {want}
     reference = through_modules(model, monkeypatch)
     got = steps(model)
     assert all(r.meta is not None for r in model._decode_runners.values())
+    kind = 4 if quant == "int8" else 3
+    for r in model._decode_runners.values():
+        assert {r.meta[i + j] for i in range(0, len(r.meta), decode.META) for j in (3, 5, 7, 9)} == {kind}
     with monkeypatch.context() as m:
         python_loop(m)
         model.__dict__.pop("_decode_runners")
