@@ -702,11 +702,11 @@ at::Tensor linear_dpbf16(const at::Tensor& x, const at::Tensor& wp, int64_t N, c
 // `vpdpbusd` multiplies four unsigned bytes by four signed bytes and adds the four products to an int32 lane: 64
 // multiply-adds per instruction on integers as stored, where widening each int8 weight to bf16 for `vdpbf16ps` took
 // five instructions per 32 (compute-bound at ~30 GB/s of weights on two Zen4 threads; this runs SmolLM2's shapes
-// 1.8-2.5x as fast from cache). The weight (engine.quant's int8 copy, per-feature scale) is packed (G, K4, 64, 4): group
-// g holds output features 64g..64g+63, and for each quad of k the four weights of every feature side by side, stored
-// as unsigned bytes w + 128, so one 64-byte load feeds 16 features of one vpdpbusd and a group is one sequential
-// stream. Each row of x is quantized to 16-bit integers, q = round(x * 32639 / max|x|), and split into two signed
-// byte limbs, q = 256 hi + lo (lo in [-128, 127], hi in [-128, 127]), broadcast four k at a time:
+// 1.8-2.5x as fast from cache). The weight (engine.quant's int8 copy, per-feature scale) is packed (G, K4, 64, 4):
+// group g holds output features 64g..64g+63, and for each quad of k the four weights of every feature side by side,
+// stored as unsigned bytes w + 128, so one 64-byte load feeds 16 features of one vpdpbusd and a group is one
+// sequential stream. Each row of x is quantized to 16-bit integers, q = round(x * 32639 / max|x|), and split into two
+// signed byte limbs, q = 256 hi + lo (lo in [-128, 127], hi in [-128, 127]), broadcast four k at a time:
 //
 //   sum_k w q = 256 sum_k (w + 128) hi + sum_k (w + 128) lo - 128 sum_k q
 //
@@ -767,7 +767,8 @@ SCRATCHCHAT_VNNI void quantize_limbs(const bf16* x, int64_t R, int64_t K, int64_
     __m512i total = _mm512_setzero_si512();
     for (int64_t k = 0; k < K; k += 16) {
       const __mmask16 m = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
-      const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_castsi512_ps(widen16(xr + k, m)), inv));  // nearest even
+      // rounded to nearest, ties to even (the default MXCSR)
+      const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_castsi512_ps(widen16(xr + k, m)), inv));
       const __m512i low = _mm512_srai_epi32(_mm512_slli_epi32(q, 24), 24);  // the signed low byte
       const __m512i high = _mm512_srai_epi32(_mm512_sub_epi32(q, low), 8);
       _mm_mask_storeu_epi8(lo + k, m, _mm512_cvtepi32_epi8(low));
