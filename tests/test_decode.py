@@ -61,6 +61,15 @@ def used_runner(model: GPT) -> set[int]:
     return set(model.__dict__.get("_decode_runners", {}))
 
 
+def assert_runner_steps_equal_the_modules(model: GPT, monkeypatch) -> None:
+    """The decode steps at one row and at three run the resolved runner and give the modules' logits bit for bit."""
+    reference = through_modules(model, monkeypatch)
+    got = steps(model)
+    assert used_runner(model) == {1, 3}
+    for a, b in zip(got, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("quant", ["none", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama", "gpt2"])
@@ -69,11 +78,7 @@ def test_runner_equals_the_modules_exactly(cfg, dtype, quant, monkeypatch):
     if quant == "int8":
         quantize_int8_(model)
     prepack.prepack_(model, "auto")
-    reference = through_modules(model, monkeypatch)
-    got = steps(model)
-    assert used_runner(model) == {1, 3}
-    for a, b in zip(got, reference, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_runner_steps_equal_the_modules(model, monkeypatch)
     gen = GenerationConfig(max_new_tokens=16)
     with torch.inference_mode():
         assert list(generate_tokens(model, PROMPTS[0], gen)) == list(generate_uncached(model, PROMPTS[0], gen))
@@ -86,11 +91,7 @@ def test_a_layernorm_bias_cast_apart_from_its_weight_decodes_through_the_module(
     ln = model.blocks[0].attn_norm
     ln.bias = torch.nn.Parameter(ln.bias.detach().float(), requires_grad=False)
     prepack.prepack_(model, "auto")
-    reference = through_modules(model, monkeypatch)
-    got = steps(model)
-    assert used_runner(model) == {1, 3}
-    for a, b in zip(got, reference, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_runner_steps_equal_the_modules(model, monkeypatch)
 
 
 def python_loop(monkeypatch_context) -> None:
@@ -136,7 +137,7 @@ def test_decode_blocks_returns_a_tensor_of_its_own(cfg, monkeypatch):
     layer); what the op returns is still its own: the caller's residual stream is untouched, and a second call
     leaves the first call's result as it was (and both equal the Python loop's)."""
     model = frozen(cfg, torch.bfloat16)
-    prepack.prepack_(model, "auto")
+    prepack.prepack_(model, "scratch")  # ours everywhere: the one-op step (auto may time a library GEMV faster)
     with torch.no_grad():
         runner = decode.DecodeRunner(model, 1)
         with monkeypatch.context() as m:
@@ -185,7 +186,7 @@ def test_a_change_to_the_embedding_final_norm_or_head_rebuilds_the_whole_step(cf
     """decode_step also reads the token (and position) embedding, the final norm and the head: each is watched."""
     for name in ["tok_emb", "norm_f"] + (["pos_emb"] if cfg.pos_emb == "learned" else []):
         model = frozen(cfg, torch.bfloat16)
-        prepack.prepack_(model, "auto")
+        prepack.prepack_(model, "scratch")  # ours everywhere: the one-op step (auto may time a library GEMV faster)
         part = getattr(model, name).weight
         steps(model)
         before = model._decode_runners[1]
@@ -205,7 +206,7 @@ def test_an_untied_or_wrapped_head(monkeypatch):
     peft = pytest.importorskip("peft")
     cfg = dataclasses.replace(LLAMA, tie_embeddings=False)
     model = frozen(cfg, torch.bfloat16)
-    prepack.prepack_(model, "auto")
+    prepack.prepack_(model, "scratch")  # ours everywhere: the one-op step (auto may time a library GEMV faster)
     plain = steps(model)
     assert model._decode_runners[1].head is not None
     for a, b in zip(plain, through_modules(model, monkeypatch), strict=True):

@@ -5,7 +5,7 @@ The models root is built from the `smollm2_store` fixture: the model's files are
 server runs, the tests add a tiny LoRA adapter for it and a second model (the same weights under another name,
 recorded as a finetune of smollm2-135m-instruct), so adapter switching, Compare and chat profiles have something to
 work with and new store entries are shown to appear without a restart. The test's copy of model.json makes greedy
-decoding and 64 new tokens the defaults, which keeps answers short and deterministic.
+decoding and 128 new tokens the defaults, which keeps answers short and deterministic.
 """
 
 from __future__ import annotations
@@ -41,9 +41,11 @@ def _link_model(src: Path, dst: Path, manifest_changes: dict) -> None:
 @pytest.fixture(scope="module")
 def e2e_store(smollm2_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("e2e_models")
-    # 64 new tokens: short answers, yet long enough that eight of them sent at once still overlap while the later
-    # ones are admitted (at 32 the first answers had ended before the last began streaming on a fast CPU)
-    fast = {"generation": {"temperature": 0.0, "max_new_tokens": 64}}
+    # 128 new tokens: short answers, yet long enough that eight of them sent at once still overlap while the later
+    # ones are admitted (at 32 the first answers had ended before the last began streaming on a fast CPU; at 64 the
+    # eighth page's first words once showed 0.4 s after the first page's answer had ended: its send and first
+    # render came 3.8 s after the first page's, eight pages streaming in one browser)
+    fast = {"generation": {"temperature": 0.0, "max_new_tokens": 128}}
     _link_model(smollm2_store / BASE, root / BASE, fast)
     return root
 
@@ -208,7 +210,7 @@ EIGHT_TOPICS = ["apples", "rivers", "guitars", "tigers", "bicycles", "clouds", "
 def test_eight_browser_contexts_chat_at_once(browser, server):
     """Eight sessions (one browser, eight contexts) ask eight different questions at once; each gets its own streamed
     answer with a footer, and the answers stream at the same time: the engine decodes them as one batch."""
-    questions = [f"Tell me about {topic}." for topic in EIGHT_TOPICS]  # answers run to the 64-token default
+    questions = [f"Tell me about {topic}." for topic in EIGHT_TOPICS]  # answers run to the 128-token default
     with chat_contexts(browser, server.url, len(questions)) as chats:
         t0 = time.monotonic()
         _send_all_at_once(chats, questions)
