@@ -149,7 +149,7 @@ def pack_dpi8(q: torch.Tensor) -> torch.Tensor:
     g, k4 = -(-n // DP_GROUP), -(-k // 4)
     padded = q.detach().new_zeros(g * DP_GROUP, 4 * k4)
     padded[:n, :k] = q.detach()
-    offset = (padded.view(torch.uint8) ^ 0x80)  # w + 128 as an unsigned byte
+    offset = padded.view(torch.uint8) ^ 0x80  # w + 128 as an unsigned byte
     return offset.view(g, DP_GROUP, k4, 4).transpose(1, 2).contiguous()
 
 

@@ -82,7 +82,8 @@ def build_norm(config: ModelConfig) -> nn.Module:
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """GELU(x) ~= 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), GPT-2's form (Hendrycks & Gimpel 2016). Training
     runs torch's fused kernel (and its gradient); inference our op, which decode steps run too (one op instead of
-    at::gelu's dispatch; float32 math, within a few float32 ulps of torch's)."""
+    at::gelu's dispatch; float32 math as x / (1 + exp(-2u)), which keeps the digits that 1 + tanh(u) cancels for
+    large negative x)."""
     if not torch.is_grad_enabled() and x.dtype in (torch.float32, torch.bfloat16) and kernels.available():
         return torch.ops.scratchchat.gelu_tanh(x)
     return F.gelu(x, approximate="tanh")

@@ -741,8 +741,8 @@ SCRATCHCHAT_VNNI inline __m512i widen16(const uint16_t* p, __mmask16 m) {
 
 SCRATCHCHAT_VNNI void quantize_limbs(const bf16* x, int64_t R, int64_t K, int64_t K4, Limbs& l) {
   l.ld = K4 * 4;
-  l.hi.assign(R * l.ld, 0);
-  l.lo.assign(R * l.ld, 0);
+  l.hi.resize(R * l.ld);  // every byte is written below (zeros past K): no clearing first
+  l.lo.resize(R * l.ld);
   l.step.resize(R);
   l.sum.resize(R);
   for (int64_t r = 0; r < R; ++r) {
@@ -757,7 +757,11 @@ SCRATCHCHAT_VNNI void quantize_limbs(const bf16* x, int64_t R, int64_t K, int64_
     std::memcpy(&mx, &bits, 4);
     int8_t* hi = l.hi.data() + r * l.ld;
     int8_t* lo = l.lo.data() + r * l.ld;
+    std::memset(hi + K, 0, l.ld - K);  // the panels' zero weights past K meet zero limbs
+    std::memset(lo + K, 0, l.ld - K);
     if (!std::isfinite(mx) || mx == 0.0f) {  // zeros stay zero; an Inf or NaN makes the row's outputs NaN
+      std::memset(hi, 0, K);
+      std::memset(lo, 0, K);
       l.step[r] = mx == 0.0f ? 0.0f : std::numeric_limits<float>::quiet_NaN();
       l.sum[r] = 0;
       continue;
